@@ -1,0 +1,265 @@
+"""Reading volumes and the one transform chain shared by preprocessing, training, validation and inference.
+
+Arrays are channel-first ``(C, D, H, W)``: after ``Orientationd("SPL")`` axis D runs inferior→superior,
+H anterior→posterior and W right→left, which is how SimpleITK/numpy users see an axial scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import CacheDataset, Dataset, ImageReader, NibabelReader
+from monai.transforms import (
+    ClipIntensityPercentilesd,
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapLabelValued,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandRotated,
+    Resize,
+    Resized,
+    ScaleIntensityRanged,
+    SpatialPadd,
+)
+from monai.transforms.spatial.functional import resize
+from scipy import ndimage
+
+ORIENTATION = "SPL"  # array axes (D, H, W) = inferior→superior, anterior→posterior, right→left
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+
+
+class InputError(Exception):
+    """A user's mistake (bad file, bad argument): reported as one line, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepParams:
+    """How raw volumes become network input; stored in the manifest and in every checkpoint."""
+
+    modality: str = "ct"  # "ct": HU window to [0, 1]; "mr": percentile clip then z-score
+    window: tuple[float, float] = (-1000.0, 1000.0)  # HU
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    inplane: int = 256  # largest in-plane size after downsampling, voxels
+    body_threshold_hu: float = -500.0  # CT body mask: tissue is denser than this
+    body_fraction: float = 0.05  # MR body mask: differs from the border by this share of the range
+    crop_margin: int = 4  # voxels kept around the body's bounding box
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PrepParams:
+        """Rebuild from a manifest/checkpoint dict (lists become tuples)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields})
+
+
+def volume_suffix(path: Path) -> str | None:
+    """The recognised volume extension of ``path`` (``.nii.gz`` …) or None."""
+    name = path.name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), None)
+
+
+def case_name(path: Path) -> str:
+    """File name without its volume extension."""
+    suffix = volume_suffix(path) or path.suffix
+    return path.name[: len(path.name) - len(suffix)]
+
+
+class SimpleITKReader(ImageReader):
+    """MONAI reader for NRRD/MHA/MHD via SimpleITK: array in (i, j, k) index order, RAS affine."""
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        names = [filename] if isinstance(filename, str | Path) else filename
+        return all(str(n).lower().endswith(SITK_SUFFIXES) for n in names)
+
+    def read(self, data: Sequence[str] | str, **kwargs) -> sitk.Image:
+        return sitk.ReadImage(str(data if isinstance(data, str | Path) else data[0]))
+
+    def get_data(self, img: sitk.Image) -> tuple[np.ndarray, dict]:
+        # SimpleITK gives (k, j, i); MONAI and nibabel work in (i, j, k) with the affine's columns.
+        array = sitk.GetArrayFromImage(img).transpose(tuple(reversed(range(img.GetDimension()))))
+        ndim = img.GetDimension()
+        direction = np.asarray(img.GetDirection()).reshape(ndim, ndim)
+        affine = np.eye(4)
+        affine[:ndim, :ndim] = direction * np.asarray(img.GetSpacing())
+        affine[:ndim, 3] = img.GetOrigin()
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # ITK is LPS, MONAI/nibabel RAS
+        meta = {
+            "affine": affine,
+            "original_affine": affine.copy(),
+            "spatial_shape": np.asarray(array.shape[:3]),
+            "original_channel_dim": float("nan") if array.ndim == ndim else -1,
+        }
+        return array, meta
+
+
+def readers() -> list[ImageReader]:
+    """NIfTI through nibabel, everything else through SimpleITK."""
+    return [NibabelReader(), SimpleITKReader()]
+
+
+class BodyMask:
+    """``select_fn`` for ``CropForegroundd``: largest connected component of a thresholded body, (C,D,H,W)→bool."""
+
+    def __init__(self, params: PrepParams) -> None:
+        self.params = params
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        x = np.asarray(image[0].detach().cpu(), dtype=np.float32)
+        if self.params.modality == "ct":
+            mask = x > self.params.body_threshold_hu
+        else:
+            # MR has no absolute scale: background is what the volume's border holds.
+            border = np.concatenate([x[[0, -1]].ravel(), x[:, [0, -1]].ravel(), x[:, :, [0, -1]].ravel()])
+            lo, hi = np.percentile(x, [0.5, 99.5])
+            mask = np.abs(x - np.median(border)) > self.params.body_fraction * max(hi - lo, 1e-6)
+        labels, n = ndimage.label(mask)
+        if n > 1:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            mask = labels == sizes.argmax()
+        if not mask.any():  # nothing body-like: keep the whole volume rather than crop to nothing
+            mask[:] = True
+        return torch.from_numpy(mask)[None].expand_as(image)
+
+
+class InplaneResize(Resize):
+    """Downsample (C, D, H, W) so that max(H, W) <= ``max_size``, keeping D and the aspect ratio; invertible."""
+
+    def __init__(self, max_size: int, **kwargs) -> None:
+        super().__init__(spatial_size=-1, **kwargs)
+        self.max_size = max_size
+
+    def target_size(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """Output (D, H, W) for an input spatial ``shape``."""
+        d, h, w = shape
+        scale = min(1.0, self.max_size / max(h, w))
+        return d, max(1, round(h * scale)), max(1, round(w * scale))
+
+    def __call__(self, img: torch.Tensor, mode=None, align_corners=None, anti_aliasing=None,
+                 anti_aliasing_sigma=None, dtype=None, lazy=None) -> torch.Tensor:
+        size = self.target_size(img.shape[1:])
+        return resize(
+            img, size, mode or self.mode,
+            self.align_corners if align_corners is None else align_corners,
+            dtype or self.dtype or img.dtype, 3,
+            self.anti_aliasing if anti_aliasing is None else anti_aliasing,
+            self.anti_aliasing_sigma if anti_aliasing_sigma is None else anti_aliasing_sigma,
+            False, self.get_transform_info(),
+        )
+
+
+class InplaneResized(Resized):
+    """Dictionary version of ``InplaneResize``; images get anti-aliased trilinear, labels nearest."""
+
+    def __init__(self, keys: Sequence[str], max_size: int, mode: Sequence[str], anti_aliasing: Sequence[bool],
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, spatial_size=-1, mode=mode, anti_aliasing=anti_aliasing,
+                         allow_missing_keys=allow_missing_keys)
+        self.resizer = InplaneResize(max_size)
+
+
+def intensity_transforms(params: PrepParams) -> list[MapTransform]:
+    """CT: clip to the HU window and scale to [0, 1]; MR: percentile clip then z-score."""
+    if params.modality == "ct":
+        lo, hi = params.window
+        return [ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+    lo, hi = params.percentiles
+    return [ClipIntensityPercentilesd("image", lower=lo, upper=hi), NormalizeIntensityd("image")]
+
+
+def load_transforms(keys: Sequence[str]) -> list[MapTransform]:
+    """Read files as stored: ``(1, X, Y, Z)`` MetaTensors carrying the file's RAS affine."""
+    return [LoadImaged(keys, reader=readers(), image_only=True, dtype=None),
+            EnsureChannelFirstd(keys, channel_dim="no_channel")]
+
+
+def prepare_transforms(params: PrepParams, with_label: bool) -> Compose:
+    """Loaded volume → prepared (C, D, H, W): reorient, downsample in-plane, crop to the body, normalize.
+
+    Used by ``preprocess.py`` (image and label) and by ``infer.py`` (image only), whose ``Invertd``
+    walks this same chain backwards to put the prediction on the input's grid.
+    """
+    keys = ["image", "label"] if with_label else ["image"]
+    return Compose([
+        EnsureTyped("image", dtype=torch.float32),
+        Orientationd(keys, axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        InplaneResized(keys, params.inplane, mode=["trilinear", "nearest-exact"][: len(keys)],
+                       anti_aliasing=[True, False][: len(keys)]),
+        CropForegroundd(keys, source_key="image", select_fn=BodyMask(params), margin=params.crop_margin,
+                        allow_smaller=True),
+        *intensity_transforms(params),
+    ])
+
+
+def label_mapping(label_values: Sequence[int]) -> list[MapTransform]:
+    """Map stored label values (e.g. 0/255) to class indices 0..K-1, when they differ."""
+    values = [int(v) for v in label_values]
+    if values == list(range(len(values))):
+        return []
+    return [MapLabelValued("label", orig_labels=values, target_labels=list(range(len(values))))]
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+    """Random part of the training chain."""
+
+    roi: tuple[int, int, int] = (48, 96, 96)
+    pos: float = 1.0
+    neg: float = 1.0
+    num_samples: int = 4
+    rotate_degrees: float = 15.0  # small random in-plane rotation, on top of 90° turns
+
+
+def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: AugmentParams | None = None) -> Compose:
+    """Chain over *prepared* files for ``"train"`` or ``"val"``; both share the deterministic prefix.
+
+    ``"train"`` pads to the ROI and adds ``RandCropByPosNegLabeld`` plus 90° turns, small rotations and flips.
+    """
+    aug = aug or AugmentParams()
+    keys = ["image", "label"]
+    xforms: list = [
+        *load_transforms(keys),
+        EnsureTyped("image", dtype=torch.float32),
+        *label_mapping(label_values),
+        EnsureTyped("label", dtype=torch.uint8),
+    ]
+    if mode == "train":
+        xforms += [
+            SpatialPadd(keys, spatial_size=aug.roi),  # volumes smaller than the ROI
+            RandCropByPosNegLabeld(keys, "label", spatial_size=aug.roi, pos=aug.pos, neg=aug.neg,
+                                   num_samples=aug.num_samples),
+            RandRotate90d(keys, prob=0.5, spatial_axes=(1, 2)),
+            RandRotated(keys, range_z=np.deg2rad(aug.rotate_degrees), prob=0.5, mode=["bilinear", "nearest"],
+                        padding_mode="zeros"),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            EnsureTyped(keys, track_meta=False),
+        ]
+    elif mode == "val":
+        xforms += [EnsureTyped(keys, track_meta=False)]
+    else:
+        raise ValueError(f"mode must be 'train' or 'val', not {mode!r}")
+    return Compose(xforms)
+
+
+def make_dataset(items: list[dict], mode: str, label_values: Sequence[int], aug: AugmentParams,
+                 cache_rate: float = 1.0, num_workers: int = 0) -> Dataset:
+    """``CacheDataset`` over prepared ``{"image", "label"}`` items: the deterministic prefix is cached once."""
+    xforms = get_transforms(mode, label_values, aug)
+    if cache_rate <= 0:
+        return Dataset(items, xforms)
+    return CacheDataset(items, xforms, cache_rate=cache_rate, num_workers=num_workers or None, progress=False)

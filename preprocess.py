@@ -1,0 +1,394 @@
+"""Find image/label pairs, reorient, downsample in-plane, crop to the body, normalize; write data/prep + manifest.
+
+    python preprocess.py data/raw data/prep [--synthetic 12] [--modality auto|ct|mr] [--inplane 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import random
+import re
+import sys
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose
+from nibabel.filebasedimages import ImageFileError
+from scipy import ndimage
+from tqdm import tqdm
+
+from dataset import (
+    NIFTI_SUFFIXES,
+    InputError,
+    PrepParams,
+    case_name,
+    load_transforms,
+    prepare_transforms,
+    volume_suffix,
+)
+
+MANIFEST_VERSION = 1
+LABEL_SUFFIXES = ("_seg", "_mask", "_label")
+READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, zlib.error, ImageFileError)
+log = logging.getLogger("preprocess")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One image, with its label when there is one."""
+
+    name: str
+    image: Path
+    label: Path | None
+
+
+# ---------------------------------------------------------------- 1. finding pairs
+
+
+def find_cases(root: Path) -> tuple[list[Case], list[Case]]:
+    """(labelled, unlabelled) cases under ``root``: MSD ``imagesTr/labelsTr`` or flat ``<case>`` + ``<case>_seg``."""
+    if not root.is_dir():
+        raise InputError(f"{root}: input folder does not exist")
+    if (root / "imagesTr").is_dir():
+        return _find_msd(root)
+    return _find_flat(root)
+
+
+def _volumes(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and volume_suffix(p) and not p.name.startswith("."))
+
+
+def _find_msd(root: Path) -> tuple[list[Case], list[Case]]:
+    labels_dir = root / "labelsTr"
+    images = {case_name(p): p for p in _volumes(root / "imagesTr")}
+    labels = {case_name(p): p for p in _volumes(labels_dir)} if labels_dir.is_dir() else {}
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        raise InputError(f"{labels[orphans[0]]}: label has no image in {root / 'imagesTr'}")
+    labelled = [Case(n, images[n], labels[n]) for n in sorted(images) if n in labels]
+    unlabelled = [Case(n, images[n], None) for n in sorted(images) if n not in labels]
+    if (root / "imagesTs").is_dir():
+        unlabelled += [Case(case_name(p), p, None) for p in _volumes(root / "imagesTs")]
+    return labelled, unlabelled
+
+
+def _find_flat(root: Path) -> tuple[list[Case], list[Case]]:
+    images: dict[str, Path] = {}
+    labels: dict[str, Path] = {}
+    for path in _volumes(root):
+        name = case_name(path)
+        base = next((name[: -len(s)] for s in LABEL_SUFFIXES if name.endswith(s)), None)
+        if base is None:
+            images[name] = path
+        else:
+            labels[base] = path
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        raise InputError(f"{labels[orphans[0]]}: label has no image named {orphans[0]}.* beside it")
+    labelled = [Case(n, images[n], labels[n]) for n in sorted(images) if n in labels]
+    unlabelled = [Case(n, images[n], None) for n in sorted(images) if n not in labels]
+    return labelled, unlabelled
+
+
+# ---------------------------------------------------------------- 2. reading and checking
+
+
+def load_raw(case: Case) -> dict:
+    """``{"image": (1, X, Y, Z), "label": (1, X, Y, Z)}`` MetaTensors as stored, after the checks on their content."""
+    keys = ["image", "label"] if case.label else ["image"]
+    data: dict = {"image": str(case.image)}
+    if case.label:
+        data["label"] = str(case.label)
+    out = {}
+    for key in keys:  # one at a time, so that an error names the file that caused it
+        try:
+            out.update(Compose(load_transforms([key]))({key: data[key]}))
+        except READ_ERRORS as exc:
+            raise InputError(f"{data[key]}: cannot read volume ({_first_line(exc)})") from None
+        if out[key].ndim != 4:
+            raise InputError(f"{data[key]}: expected a 3D volume, got shape {tuple(out[key].shape[1:])}")
+    if not torch.isfinite(out["image"]).all():
+        raise InputError(f"{case.image}: image contains NaN or Inf intensities")
+    if case.label:
+        check_geometry(case, out["image"], out["label"])
+        values = torch.unique(out["label"])
+        if not torch.equal(values, values.round()) or values.min() < 0:
+            raise InputError(f"{case.label}: label values are not non-negative integers ({values[:5].tolist()}…)")
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def check_geometry(case: Case, image: torch.Tensor, label: torch.Tensor, atol_mm: float = 1e-3) -> None:
+    """Image and label must share shape and affine (spacing, origin, direction) within ``atol_mm``."""
+    if image.shape[1:] != label.shape[1:]:
+        raise InputError(f"{case.label}: shape {tuple(label.shape[1:])} differs from image shape "
+                         f"{tuple(image.shape[1:])} (case {case.name})")
+    a, b = np.asarray(image.affine), np.asarray(label.affine)
+    if not np.allclose(a, b, atol=atol_mm, rtol=0):
+        raise InputError(f"{case.label}: affine differs from the image's by up to {np.abs(a - b).max():.4g} mm "
+                         f"(case {case.name})")
+
+
+def detect_modality(image: torch.Tensor) -> str:
+    """"ct" when intensities look like Hounsfield units (air near -1000), else "mr"."""
+    return "ct" if float(image.min()) < -500 else "mr"
+
+
+# ---------------------------------------------------------------- 3. one case
+
+
+def prepare_case(case: Case, params: PrepParams, out_dir: Path) -> dict:
+    """Preprocess one case into ``out_dir`` and return its manifest record (JSON-ready)."""
+    raw = load_raw(case)
+    image = raw["image"]
+    if detect_modality(image) != params.modality:
+        log.warning("%s: intensities look like %s, processing as %s", case.image, detect_modality(image),
+                    params.modality)
+    keys = list(raw)
+    prepared = prepare_transforms(params, with_label=case.label is not None)(raw)
+    crop = _crop_box(prepared["image"])
+    record: dict = {
+        "name": case.name,
+        "image": str(case.image),
+        "label": str(case.label) if case.label else None,
+        "original_shape": list(image.shape[1:]),
+        "original_affine": np.asarray(image.affine, dtype=float).round(6).tolist(),
+        "original_spacing": np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0).round(6).tolist(),
+        "inplane_factor": _inplane_factor(prepared["image"]),
+        "crop_box": crop,
+        "prepared_shape": list(prepared["image"].shape[1:]),
+        "prepared_image": f"{case.name}_image.nii.gz",
+    }
+    if "label" in keys:
+        values = sorted(int(v) for v in torch.unique(raw["label"]))
+        record.update(prepared_label=f"{case.name}_label.nii.gz", label_values=values,
+                      foreground_voxels=int((prepared["label"] > 0).sum()))
+        if values == [0]:
+            log.warning("%s: empty mask (no foreground)", case.label)
+        write_nifti(prepared["label"], out_dir / record["prepared_label"], np.uint8 if max(values) < 256 else np.int16)
+    write_nifti(prepared["image"], out_dir / record["prepared_image"], np.float32)
+    return record
+
+
+def _crop_box(prepared: torch.Tensor) -> list[list[int]]:
+    """[[start, end], …] per spatial axis of the crop, in the reoriented, resized grid."""
+    op = next(o for o in prepared.applied_operations if o["class"] == "CropForeground")
+    cropped, shape = op["extra_info"]["cropped"], op["orig_size"]  # cropped: [before0, after0, before1, …]
+    return [[int(cropped[2 * i]), int(shape[i] - cropped[2 * i + 1])] for i in range(3)]
+
+
+def _inplane_factor(prepared: torch.Tensor) -> list[float]:
+    """Resampling factor per (D, H, W) axis: original voxels per prepared voxel."""
+    op = next(o for o in prepared.applied_operations if o["class"] == "InplaneResize")
+    before = op["orig_size"]
+    after = next(o for o in prepared.applied_operations if o["class"] == "CropForeground")["orig_size"]
+    return [round(b / a, 6) for b, a in zip(before, after)]
+
+
+def write_nifti(volume: torch.Tensor, path: Path, dtype: type) -> None:
+    """Write a (1, D, H, W) MetaTensor with its affine as NIfTI, atomically (temporary file, then rename)."""
+    array = np.asarray(volume[0].detach().cpu()).astype(dtype)
+    img = nib.Nifti1Image(array, np.asarray(volume.affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    suffix = next(s for s in NIFTI_SUFFIXES if path.name.endswith(s))
+    tmp = path.with_name(f".{path.name[: -len(suffix)]}.partial{suffix}")
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- 4. synthetic data
+
+
+def make_synthetic(folder: Path, n: int, seed: int = 0, shape: tuple[int, int, int] = (32, 512, 512)) -> list[Path]:
+    """Write ``n`` CT-like volumes (int16 HU, ``(D, H, W)`` = ``shape``) with blob-shaped targets as flat pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        image, label = synthetic_volume(rng, shape)
+        # Stored as (x, y, z) = (W, H, D) with an LPS-like affine, the way DICOM converters write CT.
+        spacing = (0.78, 0.78, 2.5)
+        affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+        affine[:3, 3] = [spacing[0] * shape[2] / 2, spacing[1] * shape[1] / 2, -spacing[2] * shape[0] / 2]
+        for array, path in ((image, folder / f"synth_{i:03d}.nii.gz"), (label, folder / f"synth_{i:03d}_seg.nii.gz")):
+            vol = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 1, 0)))
+            write_nifti(MetaTensor(vol[None], affine=torch.as_tensor(affine)), path, array.dtype.type)
+            written.append(path)
+    return written
+
+
+def _ellipsoid(grid: tuple[np.ndarray, ...], center, radii) -> np.ndarray:
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii))
+
+
+def synthetic_volume(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One (D, H, W) int16 CT-like image in HU (air, body, organs, spine, 1-3 bright blobs) and its uint8 label."""
+    d, h, w = shape
+    grid = np.ogrid[:d, :h, :w]
+    z, y, x = (g.astype(np.float32) for g in grid)
+    cy, cx = h / 2 + rng.uniform(-0.03, 0.03) * h, w / 2 + rng.uniform(-0.03, 0.03) * w
+    ry, rx = h * rng.uniform(0.28, 0.34), w * rng.uniform(0.38, 0.44)
+    body = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1
+    image = np.full(shape, -1000.0, np.float32)
+    image[np.broadcast_to(body, shape)] = 40.0
+    organs = [  # (centre offset as fraction of the radii, radii as fraction, HU): liver, kidneys, spine
+        ((0.0, -0.45, -0.35), (0.9, 0.45, 0.35), 60.0),
+        ((0.0, 0.35, 0.45), (0.4, 0.15, 0.12), 30.0),
+        ((0.0, 0.35, -0.45), (0.4, 0.15, 0.12), 30.0),
+        ((0.0, 0.75, 0.0), (3.0, 0.12, 0.08), 500.0),
+    ]
+    for (oz, oy, ox), (az, ay, ax), hu in organs:
+        inside = _ellipsoid((z, y, x), (d / 2 + oz * d, cy + oy * ry, cx + ox * rx), (az * d, ay * ry, ax * rx)) < 1
+        image[inside & body] = hu
+    label = np.zeros(shape, np.uint8)
+    for _ in range(rng.integers(1, 4)):
+        label |= _blob(rng, (z, y, x), (d, h, w), (cy, cx, ry, rx))
+    image[label > 0] = 130.0 + rng.normal(0, 5)
+    image += rng.normal(0, 12, shape).astype(np.float32)
+    image = ndimage.gaussian_filter(image, sigma=(0, 0.7, 0.7))  # scanner blur, in-plane
+    return np.clip(image, -1024, 3071).astype(np.int16), label
+
+
+def _blob(rng: np.random.Generator, grid, shape, body) -> np.ndarray:
+    """A lumpy ellipsoid of random size inside the body's inner part."""
+    d, h, w = shape
+    cy, cx, ry, rx = body
+    angle, frac = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 0.4))
+    center = (rng.uniform(0.25, 0.75) * d, cy + frac * ry * np.sin(angle), cx + frac * rx * np.cos(angle))
+    radii = (rng.uniform(1.5, 4.0) * max(1.0, d / 16), rng.uniform(0.025, 0.06) * h, rng.uniform(0.025, 0.06) * w)
+    dist = _ellipsoid(grid, center, radii)
+    z, y, x = grid
+    lumps = 0.25 * np.sin(3 * np.arctan2(y - center[1], x - center[2]) + rng.uniform(0, 6)) * np.cos(
+        (z - center[0]) / radii[0] + rng.uniform(0, 6))
+    return (dist < 1 + lumps).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- 5. the whole folder
+
+
+def split_cases(names: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Seeded train/validation split: ``{name: "train" | "val"}``, at least one of each when there are two cases."""
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n_val = min(len(order) - 1, max(1, round(val_fraction * len(order)))) if len(order) > 1 else 0
+    return {n: ("val" if i < n_val else "train") for i, n in enumerate(order)}
+
+
+def run(config: argparse.Namespace) -> dict:
+    """Preprocess ``config.input`` into ``config.output``; returns the manifest."""
+    src, dst = Path(config.input), Path(config.output)
+    if config.synthetic:
+        make_synthetic(src, config.synthetic, config.seed, tuple(config.synthetic_shape))
+    labelled, unlabelled = find_cases(src)
+    if not labelled:
+        raise InputError(f"{src}: no image/label pairs found (MSD imagesTr/labelsTr or <case> + <case>_seg)")
+    for case in unlabelled:
+        log.warning("%s: no label; prepared for inference only", case.image)
+    modality = config.modality if config.modality != "auto" else detect_modality(load_raw(labelled[0])["image"])
+    params = PrepParams(modality=modality, window=tuple(config.window), inplane=config.inplane)
+    dst.mkdir(parents=True, exist_ok=True)
+    records = process_all(labelled + unlabelled, params, dst, config.workers)
+    splits = split_cases([c.name for c in labelled], config.val_fraction, config.seed)
+    for r in records:
+        r["split"] = splits.get(r["name"], "none")
+    if all(r.get("label_values") == [0] for r in records if r["label"]):
+        raise InputError(f"{src}: every mask is empty; there is nothing to learn")
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "source": str(src),
+        "params": dataclasses.asdict(params),
+        "label_values": sorted({v for r in records for v in r.get("label_values", [])}),
+        "split": {"seed": config.seed, "val_fraction": config.val_fraction},
+        "cases": sorted(records, key=lambda r: r["name"]),
+    }
+    write_json(manifest, dst / "dataset.json")
+    return manifest
+
+
+def process_all(cases: list[Case], params: PrepParams, dst: Path, workers: int) -> list[dict]:
+    """Run ``prepare_case`` over ``cases``, in ``workers`` processes, with a progress bar."""
+    bar = tqdm(total=len(cases), desc="preprocess", unit="case", disable=None)
+    records = []
+    try:
+        if workers <= 1 or len(cases) == 1:
+            for case in cases:
+                records.append(prepare_case(case, params, dst))
+                bar.update()
+            return records
+        # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(prepare_case, case, params, dst) for case in cases]
+            for future in as_completed(futures):
+                records.append(future.result())
+                bar.update()
+        return records
+    finally:
+        bar.close()
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """Write JSON atomically."""
+    tmp = path.with_name(f".{path.name}.partial")
+    text = json.dumps(obj, indent=1)
+    # One line per innermost list (shapes, affine rows, boxes) keeps the manifest readable.
+    text = re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\s+", " ", m.group(0)), text)
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("input", help="folder of raw image/label pairs (never modified, except by --synthetic)")
+    p.add_argument("output", help="folder for prepared volumes and dataset.json")
+    p.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto")
+    p.add_argument("--window", type=float, nargs=2, default=[-1000.0, 1000.0], metavar=("LO", "HI"),
+                   help="CT intensity window, HU")
+    p.add_argument("--inplane", type=int, default=256, help="largest in-plane size after downsampling, voxels")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="first write N synthetic CT volumes with labels into INPUT")
+    p.add_argument("--synthetic-shape", type=int, nargs=3, default=[32, 512, 512], metavar=("D", "H", "W"))
+    args = p.parse_args(argv)
+    if args.inplane < 8 or not 0 <= args.val_fraction < 1 or args.workers < 1 or args.synthetic < 0:
+        p.error("need --inplane >= 8, 0 <= --val-fraction < 1, --workers >= 1, --synthetic >= 0")
+    if args.window[0] >= args.window[1]:
+        p.error("--window LO must be below HI")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        manifest = run(config)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n = {s: sum(c["split"] == s for c in manifest["cases"]) for s in ("train", "val", "none")}
+    log.info("prepared %d cases into %s (train %d, val %d, unlabelled %d), labels %s", len(manifest["cases"]),
+             config.output, n["train"], n["val"], n["none"], manifest["label_values"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
