@@ -7,9 +7,12 @@ H anterior→posterior and W right→left, which is how SimpleITK/numpy users se
 from __future__ import annotations
 
 import dataclasses
+import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -35,12 +38,17 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.transforms.spatial.functional import resize
+from monai.utils import get_equivalent_dtype
+from nibabel.filebasedimages import ImageFileError
 from scipy import ndimage
 
 ORIENTATION = "SPL"  # array axes (D, H, W) = inferior→superior, anterior→posterior, right→left
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+
+
+READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, zlib.error, ImageFileError)
 
 
 class InputError(Exception):
@@ -106,6 +114,23 @@ class SimpleITKReader(ImageReader):
         return array, meta
 
 
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, header: nib.Nifti1Header | None = None) -> None:
+    """Write ``array`` with ``affine`` as NIfTI atomically (temporary file, then rename); ``header`` keeps codes."""
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64), header=header)
+    if header is None:
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+    img.header.set_data_dtype(array.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    suffix = next(s for s in NIFTI_SUFFIXES if path.name.endswith(s))
+    tmp = path.with_name(f".{path.name[: -len(suffix)]}.partial{suffix}")
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def readers() -> list[ImageReader]:
     """NIfTI through nibabel, everything else through SimpleITK."""
     return [NibabelReader(), SimpleITKReader()]
@@ -152,18 +177,39 @@ class InplaneResize(Resize):
     def __call__(self, img: torch.Tensor, mode=None, align_corners=None, anti_aliasing=None,
                  anti_aliasing_sigma=None, dtype=None, lazy=None) -> torch.Tensor:
         size = self.target_size(img.shape[1:])
-        return resize(
-            img, size, mode or self.mode,
+        mode = mode or self.mode
+        out = resize(
+            img, size, "nearest" if mode == "label" else mode,
             self.align_corners if align_corners is None else align_corners,
-            dtype or self.dtype or img.dtype, 3,
+            get_equivalent_dtype(dtype or self.dtype or img.dtype, torch.Tensor), 3,
             self.anti_aliasing if anti_aliasing is None else anti_aliasing,
             self.anti_aliasing_sigma if anti_aliasing_sigma is None else anti_aliasing_sigma,
             False, self.get_transform_info(),
         )
+        if mode == "label" and tuple(size) != tuple(img.shape[1:]):
+            out.copy_(majority_resize(img, size))
+        return out
+
+
+def majority_resize(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Label map (1, D, H, W) → (1, *size): each output voxel takes the value covering most of its box.
+
+    Nearest-neighbour would pick one corner voxel and shift the mask by half an input voxel; box
+    averaging each value's indicator keeps it centred. One value at a time keeps memory at O(output).
+    """
+    x = torch.as_tensor(label)[None]
+    best_share = torch.full((1, 1, *size), -1.0)
+    best_value = torch.zeros((1, 1, *size), dtype=x.dtype)
+    for value in torch.unique(x):
+        share = torch.nn.functional.interpolate((x == value).float(), size=tuple(size), mode="area")
+        better = share > best_share
+        best_share = torch.where(better, share, best_share)
+        best_value[better] = value
+    return best_value[0]
 
 
 class InplaneResized(Resized):
-    """Dictionary version of ``InplaneResize``; images get anti-aliased trilinear, labels nearest."""
+    """Dictionary version of ``InplaneResize``; images get anti-aliased trilinear, labels a majority vote."""
 
     def __init__(self, keys: Sequence[str], max_size: int, mode: Sequence[str], anti_aliasing: Sequence[bool],
                  allow_missing_keys: bool = False) -> None:
@@ -187,6 +233,20 @@ def load_transforms(keys: Sequence[str]) -> list[MapTransform]:
             EnsureChannelFirstd(keys, channel_dim="no_channel")]
 
 
+def read_volume(path: str | Path) -> torch.Tensor:
+    """One file as a (1, X, Y, Z) MetaTensor; unreadable or non-3D files raise ``InputError`` naming the file."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        volume = Compose(load_transforms(["image"]))({"image": str(path)})["image"]
+    except READ_ERRORS as exc:
+        lines = str(exc).strip().splitlines()
+        raise InputError(f"{path}: cannot read volume ({lines[-1] if lines else type(exc).__name__})") from None
+    if volume.ndim != 4:
+        raise InputError(f"{path}: expected a 3D volume, got shape {tuple(volume.shape[1:])}")
+    return volume
+
+
 def prepare_transforms(params: PrepParams, with_label: bool) -> Compose:
     """Loaded volume → prepared (C, D, H, W): reorient, downsample in-plane, crop to the body, normalize.
 
@@ -197,7 +257,7 @@ def prepare_transforms(params: PrepParams, with_label: bool) -> Compose:
     return Compose([
         EnsureTyped("image", dtype=torch.float32),
         Orientationd(keys, axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        InplaneResized(keys, params.inplane, mode=["trilinear", "nearest-exact"][: len(keys)],
+        InplaneResized(keys, params.inplane, mode=["trilinear", "label"][: len(keys)],
                        anti_aliasing=[True, False][: len(keys)]),
         CropForegroundd(keys, source_key="image", select_fn=BodyMask(params), margin=params.crop_margin,
                         allow_smaller=True),

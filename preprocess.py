@@ -14,32 +14,26 @@ import os
 import random
 import re
 import sys
-import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Compose
-from nibabel.filebasedimages import ImageFileError
 from scipy import ndimage
 from tqdm import tqdm
 
 from dataset import (
-    NIFTI_SUFFIXES,
     InputError,
     PrepParams,
     case_name,
-    load_transforms,
     prepare_transforms,
+    read_volume,
     volume_suffix,
+    write_nifti,
 )
 
 MANIFEST_VERSION = 1
 LABEL_SUFFIXES = ("_seg", "_mask", "_label")
-READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, zlib.error, ImageFileError)
 log = logging.getLogger("preprocess")
 
 
@@ -105,18 +99,9 @@ def _find_flat(root: Path) -> tuple[list[Case], list[Case]]:
 
 def load_raw(case: Case) -> dict:
     """``{"image": (1, X, Y, Z), "label": (1, X, Y, Z)}`` MetaTensors as stored, after the checks on their content."""
-    keys = ["image", "label"] if case.label else ["image"]
-    data: dict = {"image": str(case.image)}
+    out = {"image": read_volume(case.image)}
     if case.label:
-        data["label"] = str(case.label)
-    out = {}
-    for key in keys:  # one at a time, so that an error names the file that caused it
-        try:
-            out.update(Compose(load_transforms([key]))({key: data[key]}))
-        except READ_ERRORS as exc:
-            raise InputError(f"{data[key]}: cannot read volume ({_first_line(exc)})") from None
-        if out[key].ndim != 4:
-            raise InputError(f"{data[key]}: expected a 3D volume, got shape {tuple(out[key].shape[1:])}")
+        out["label"] = read_volume(case.label)
     if not torch.isfinite(out["image"]).all():
         raise InputError(f"{case.image}: image contains NaN or Inf intensities")
     if case.label:
@@ -125,11 +110,6 @@ def load_raw(case: Case) -> dict:
         if not torch.equal(values, values.round()) or values.min() < 0:
             raise InputError(f"{case.label}: label values are not non-negative integers ({values[:5].tolist()}…)")
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
 
 
 def check_geometry(case: Case, image: torch.Tensor, label: torch.Tensor, atol_mm: float = 1e-3) -> None:
@@ -179,9 +159,14 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path) -> dict:
                       foreground_voxels=int((prepared["label"] > 0).sum()))
         if values == [0]:
             log.warning("%s: empty mask (no foreground)", case.label)
-        write_nifti(prepared["label"], out_dir / record["prepared_label"], np.uint8 if max(values) < 256 else np.int16)
-    write_nifti(prepared["image"], out_dir / record["prepared_image"], np.float32)
+        _write(prepared["label"], out_dir / record["prepared_label"], np.uint8 if max(values) < 256 else np.int16)
+    _write(prepared["image"], out_dir / record["prepared_image"], np.float32)
     return record
+
+
+def _write(volume: torch.Tensor, path: Path, dtype: type) -> None:
+    """Write a (1, D, H, W) MetaTensor with its affine."""
+    write_nifti(np.asarray(volume[0].detach().cpu()).astype(dtype), np.asarray(volume.affine), path)
 
 
 def _crop_box(prepared: torch.Tensor) -> list[list[int]]:
@@ -199,21 +184,6 @@ def _inplane_factor(prepared: torch.Tensor) -> list[float]:
     return [round(b / a, 6) for b, a in zip(before, after)]
 
 
-def write_nifti(volume: torch.Tensor, path: Path, dtype: type) -> None:
-    """Write a (1, D, H, W) MetaTensor with its affine as NIfTI, atomically (temporary file, then rename)."""
-    array = np.asarray(volume[0].detach().cpu()).astype(dtype)
-    img = nib.Nifti1Image(array, np.asarray(volume.affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    suffix = next(s for s in NIFTI_SUFFIXES if path.name.endswith(s))
-    tmp = path.with_name(f".{path.name[: -len(suffix)]}.partial{suffix}")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- 4. synthetic data
 
 
@@ -229,8 +199,7 @@ def make_synthetic(folder: Path, n: int, seed: int = 0, shape: tuple[int, int, i
         affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
         affine[:3, 3] = [spacing[0] * shape[2] / 2, spacing[1] * shape[1] / 2, -spacing[2] * shape[0] / 2]
         for array, path in ((image, folder / f"synth_{i:03d}.nii.gz"), (label, folder / f"synth_{i:03d}_seg.nii.gz")):
-            vol = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 1, 0)))
-            write_nifti(MetaTensor(vol[None], affine=torch.as_tensor(affine)), path, array.dtype.type)
+            write_nifti(np.ascontiguousarray(array.transpose(2, 1, 0)), affine, path)
             written.append(path)
     return written
 

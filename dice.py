@@ -1,0 +1,43 @@
+"""The Dice coefficient, binary and per class, for torch tensors (B, C, D, H, W) and numpy arrays.
+
+Convention: when prediction and truth are both empty the Dice is 1.0 (nothing to find, nothing found);
+when exactly one is empty it is 0.0. This is ``monai.metrics.DiceMetric(ignore_empty=False)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+Array = torch.Tensor | np.ndarray
+
+
+def _as_bool(x: Array) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x).bool()
+
+
+def dice_binary(pred: Array, truth: Array) -> torch.Tensor:
+    """Dice per item of two binary masks (B, C, *spatial) → (B, C); any shape works, the first two dims are kept."""
+    p, t = _as_bool(pred), _as_bool(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction shape {tuple(p.shape)} differs from truth shape {tuple(t.shape)}")
+    dims = tuple(range(2, p.ndim))
+    inter = (p & t).sum(dims, dtype=torch.float64)
+    total = p.sum(dims, dtype=torch.float64) + t.sum(dims, dtype=torch.float64)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+def dice_per_class(pred: Array, truth: Array, labels: Sequence[int]) -> torch.Tensor:
+    """Dice for each label of two label maps (B, 1, *spatial) → (B, len(labels))."""
+    p, t = torch.as_tensor(np.asarray(pred) if isinstance(pred, np.ndarray) else pred), torch.as_tensor(
+        np.asarray(truth) if isinstance(truth, np.ndarray) else truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction shape {tuple(p.shape)} differs from truth shape {tuple(t.shape)}")
+    return torch.cat([dice_binary(p == v, t == v) for v in labels], dim=1)
+
+
+def mean_foreground_dice(pred: Array, truth: Array, labels: Sequence[int]) -> float:
+    """Mean Dice over the foreground labels (every label but the first, background) and over the batch."""
+    return float(dice_per_class(pred, truth, list(labels)[1:]).mean())

@@ -1,0 +1,185 @@
+"""Segment volumes with a trained checkpoint; masks are written on each input's own grid.
+
+    python infer.py volume.nii.gz [more.nii.gz | folder ...] [--checkpoint output/best.pt] [--out output]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, Invertd
+
+from dataset import InputError, PrepParams, case_name, prepare_transforms, read_volume, volume_suffix, write_nifti
+from model import build_model, load_checkpoint
+
+log = logging.getLogger("infer")
+
+
+# ---------------------------------------------------------------- prediction on the prepared grid
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on CUDA when asked; never on the CPU (no native bf16 on common CPUs: many times slower)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], overlap: float = 0.75,
+                   sw_batch_size: int = 4, amp: bool = False) -> torch.Tensor:
+    """Gaussian-weighted sliding-window logits (B, K, D, H, W) for an image (B, C, D, H, W) on the model's device."""
+    device = next(model.parameters()).device
+    with autocast(device, amp):
+        logits = sliding_window_inference(image.to(device), tuple(roi), sw_batch_size, model, overlap=overlap,
+                                          mode="gaussian")
+    return logits.float()
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Sigmoid for one output channel (binary), softmax otherwise; same shape (B, K, D, H, W)."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def to_classes(probs: torch.Tensor) -> torch.Tensor:
+    """Class indices (B, 1, D, H, W) from probabilities (B, K, D, H, W): threshold 0.5 or argmax."""
+    if probs.shape[1] == 1:
+        return (probs > 0.5).to(torch.uint8)
+    return probs.argmax(dim=1, keepdim=True).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- back to the input's grid
+
+
+def invert_to_original(probs: torch.Tensor, image: MetaTensor, chain: Compose) -> torch.Tensor:
+    """Map probabilities (K, D, H, W) on the prepared grid back to the input's (K, X, Y, Z) grid.
+
+    ``Invertd`` undoes ``chain`` (crop → pad with zeros, in-plane downsampling → trilinear upsampling,
+    reorientation → the file's axis order) using the operations recorded on ``image``.
+    """
+    pred = MetaTensor(probs.detach().cpu(), meta=dict(image.meta))
+    pred.applied_operations = list(image.applied_operations)
+    inverter = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=False, to_tensor=True)
+    return torch.as_tensor(inverter({"pred": pred, "image": image})["pred"])
+
+
+def segment_file(path: Path, model: torch.nn.Module, ckpt: dict, roi: Sequence[int], overlap: float,
+                 sw_batch_size: int, amp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Mask (X, Y, Z) in label values on the file's own grid, and the file's affine (4, 4)."""
+    raw = read_volume(path)
+    if not torch.isfinite(raw).all():
+        raise InputError(f"{path}: image contains NaN or Inf intensities")
+    chain = prepare_transforms(PrepParams.from_dict(ckpt["prep_params"]), with_label=False)
+    prepared = chain({"image": raw})["image"]
+    probs = probabilities(predict_logits(model, prepared[None], roi, overlap, sw_batch_size, amp))[0]
+    classes = to_classes(invert_to_original(probs, prepared, chain)[None])[0, 0]
+    values = np.asarray(ckpt["label_values"])
+    mask = values[classes.numpy()].astype(np.uint8 if values.max() < 256 else np.int16)
+    return mask, np.asarray(raw.affine, dtype=np.float64)
+
+
+def save_mask(mask: np.ndarray, affine: np.ndarray, source: Path, out_dir: Path) -> Path:
+    """Write ``<stem>_mask.nii.gz``; NIfTI inputs lend their header so that the mask overlays them exactly."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{case_name(source)}_mask.nii.gz"
+    header = None
+    if volume_suffix(source) in (".nii", ".nii.gz"):
+        ref = nib.load(str(source))
+        header, affine = ref.header.copy(), ref.affine
+    write_nifti(mask, affine, out, header=header)
+    return out
+
+
+def volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
+    """Foreground volume in mL (voxel count × voxel volume in mm³ / 1000)."""
+    return float((mask > 0).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def expand_inputs(items: Sequence[str]) -> list[Path]:
+    """Files as given, folders as the volumes they hold (not masks written by this tool)."""
+    paths: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if volume_suffix(p) and not case_name(p).endswith("_mask"))
+            if not found:
+                raise InputError(f"{item}: folder holds no volumes")
+            paths += found
+        elif not item.is_file():
+            raise InputError(f"{item}: no such file")
+        elif not volume_suffix(item):
+            raise InputError(f"{item}: unsupported file type (use .nii.gz, .nii, .nrrd, .mha or .mhd)")
+        else:
+            paths.append(item)
+    return paths
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="volumes (.nii.gz, .nii, .nrrd, .mha) or folders of them")
+    p.add_argument("--checkpoint", default="output/best.pt")
+    p.add_argument("--out", default="output", help="folder for <input stem>_mask.nii.gz")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--roi", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                   help="sliding-window size (default: the checkpoint's)")
+    p.add_argument("--overlap", type=float, default=None, help="window overlap (default: the checkpoint's, 0.75)")
+    p.add_argument("--sw-batch-size", type=int, default=4)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    args = p.parse_args(argv)
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        p.error("--overlap must be in [0, 1)")
+    if args.sw_batch_size < 1 or (args.roi and min(args.roi) < 1):
+        p.error("--sw-batch-size and --roi must be positive")
+    return args
+
+
+def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
+    """Segment every input; returns (mask path, foreground mL) per input."""
+    paths = expand_inputs(config.inputs)
+    device = resolve_device(config.device)
+    ckpt = load_checkpoint(Path(config.checkpoint))
+    model = build_model(ckpt["model_args"])
+    model.load_state_dict(ckpt["model_state"])
+    model.to(device).eval()
+    roi = config.roi or ckpt["inference"]["roi"]
+    overlap = ckpt["inference"]["overlap"] if config.overlap is None else config.overlap
+    results = []
+    for path in paths:
+        mask, affine = segment_file(path, model, ckpt, roi, overlap, config.sw_batch_size, config.amp)
+        out = save_mask(mask, affine, path, Path(config.out))
+        results.append((out, volume_ml(mask, affine)))
+        log.info("%s: %.2f mL segmented → %s", path, results[-1][1], out)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run(config)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

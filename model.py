@@ -1,0 +1,92 @@
+"""The MONAI 3D UNet, built from a plain dict of arguments that travels in every checkpoint."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import UNet
+
+from dataset import InputError
+
+# A serious residual UNet on a GPU (about 4.8 M parameters) that still trains on a CPU in minutes.
+DEFAULT_MODEL_ARGS: dict[str, Any] = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [16, 32, 64, 128, 256],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 2,
+    "norm": "instance",
+    "dropout": 0.0,
+}
+
+
+def model_args(**overrides: Any) -> dict[str, Any]:
+    """Defaults updated with ``overrides`` (``None`` values ignored), as JSON-ready lists and numbers."""
+    args = dict(DEFAULT_MODEL_ARGS)
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    args["channels"], args["strides"] = [int(c) for c in args["channels"]], [int(s) for s in args["strides"]]
+    if len(args["strides"]) != len(args["channels"]) - 1:
+        raise InputError(f"model: need one stride fewer than channels, got {args['channels']} and {args['strides']}")
+    return args
+
+
+def build_model(args: dict[str, Any]) -> torch.nn.Module:
+    """A MONAI ``UNet`` mapping (B, in_channels, D, H, W) to logits (B, out_channels, D, H, W)."""
+    unknown = set(args) - set(DEFAULT_MODEL_ARGS)
+    if unknown:
+        raise ValueError(f"unknown model arguments: {sorted(unknown)}")
+    a = {**DEFAULT_MODEL_ARGS, **args}
+    return UNet(
+        spatial_dims=3,
+        in_channels=a["in_channels"],
+        out_channels=a["out_channels"],
+        channels=tuple(a["channels"]),
+        strides=tuple(a["strides"]),
+        num_res_units=a["num_res_units"],
+        norm=a["norm"],
+        dropout=a["dropout"],
+    )
+
+
+def divisor(args: dict[str, Any]) -> int:
+    """Input sizes must be multiples of this (the product of the strides) to come back the same size."""
+    out = 1
+    for s in args["strides"]:
+        out *= int(s)
+    return out
+
+
+CHECKPOINT_FORMAT = "monai-seg-pipeline/checkpoint"
+CHECKPOINT_VERSION = 1
+REQUIRED_KEYS = ("format", "version", "model_state", "model_args", "prep_params", "label_values", "inference",
+                 "epoch", "best_dice")
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint atomically: a temporary file beside it, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **ckpt}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with ``weights_only=True`` (no code runs) and check it is one of ours; else ``InputError``."""
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found (train first, or pass --checkpoint)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable checkpoint ({str(exc).strip().splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a checkpoint of this pipeline")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing or ckpt["version"] != CHECKPOINT_VERSION:
+        raise InputError(f"{path}: checkpoint version {ckpt.get('version')} or keys {missing} not supported")
+    return ckpt

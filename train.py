@@ -1,0 +1,374 @@
+"""Train the UNet on data/prep; best and last checkpoints, a Dice plot, metrics and TensorBoard logs in output/.
+
+    python train.py --epochs 200 --device cuda [--data data/prep] [--output output] [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from monai.data import DataLoader
+from monai.losses import DiceCELoss, DiceLoss
+from monai.utils import set_determinism
+from torch.utils.tensorboard import SummaryWriter
+
+from dataset import AugmentParams, InputError, make_dataset
+from dice import mean_foreground_dice
+from infer import autocast, predict_logits, probabilities, resolve_device, to_classes
+from model import build_model, load_checkpoint, model_args, save_checkpoint
+
+MANIFEST_VERSION = 1
+log = logging.getLogger("train")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run was asked to do; stored in the checkpoint."""
+
+    data: str = "data/prep"
+    output: str = "output"
+    epochs: int = 200
+    device: str = "auto"
+    batch_size: int = 2
+    num_samples: int = 4
+    roi: tuple[int, int, int] = (48, 96, 96)
+    pos: float = 1.0
+    neg: float = 1.0
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    pos_weight: float = 3.0
+    val_every: int = 1
+    overlap: float = 0.75
+    sw_batch_size: int = 4
+    patience: int = 0
+    amp: bool | None = None
+    seed: int = 0
+    resume: bool = False
+    cache_rate: float = 1.0
+    num_workers: int = 0
+    channels: tuple[int, ...] | None = None
+    strides: tuple[int, ...] | None = None
+    num_res_units: int | None = None
+    norm: str | None = None
+    dropout: float | None = None
+
+
+# ---------------------------------------------------------------- 1. data
+
+
+def load_manifest(data_dir: Path) -> dict[str, Any]:
+    """The manifest written by preprocess.py, checked for version and content."""
+    path = data_dir / "dataset.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no manifest (run preprocess.py first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise InputError(f"{path}: manifest version {manifest.get('version') if isinstance(manifest, dict) else '?'}"
+                         f" is not {MANIFEST_VERSION}; run preprocess.py again")
+    return manifest
+
+
+def split_items(manifest: dict[str, Any], data_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train, val) lists of ``{"image", "label", "name"}`` with paths to the prepared files."""
+    items: dict[str, list[dict]] = {"train": [], "val": []}
+    for case in manifest["cases"]:
+        if case.get("split") in items:
+            item = {"image": str(data_dir / case["prepared_image"]), "label": str(data_dir / case["prepared_label"]),
+                    "name": case["name"]}
+            for key in ("image", "label"):
+                if not Path(item[key]).is_file():
+                    raise InputError(f"{item[key]}: listed in the manifest but missing; run preprocess.py again")
+            items[case["split"]].append(item)
+    if not items["train"] or not items["val"]:
+        raise InputError(f"{data_dir}: need at least one training and one validation case, got "
+                         f"{len(items['train'])} and {len(items['val'])}")
+    return items["train"], items["val"]
+
+
+# ---------------------------------------------------------------- 2. loss
+
+
+class BinaryDiceBCELoss(torch.nn.Module):
+    """Dice loss on sigmoid plus ``BCEWithLogitsLoss(pos_weight)``; logits (B, 1, …), target (B, 1, …) in {0, 1}."""
+
+    def __init__(self, dice_weight: float, bce_weight: float, pos_weight: float) -> None:
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True)
+        self.bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]))
+        self.dice_weight, self.bce_weight = dice_weight, bce_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.float()
+        return self.dice_weight * self.dice(logits, target) + self.bce_weight * self.bce(logits, target)
+
+
+def make_loss(n_classes: int, cfg: TrainConfig) -> torch.nn.Module:
+    """Binary: Dice + weighted BCE on one logit channel; multi-class: Dice + cross-entropy on softmax."""
+    if n_classes == 2:
+        return BinaryDiceBCELoss(cfg.dice_weight, cfg.bce_weight, cfg.pos_weight)
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.dice_weight, lambda_ce=cfg.bce_weight)
+
+
+# ---------------------------------------------------------------- 3. one epoch
+
+
+def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device, amp: bool) -> float:
+    """One pass over the training crops; mean loss, synchronised once at the end."""
+    model.train()
+    total, steps = torch.zeros((), device=device), 0
+    for batch in loader:
+        image = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            loss = loss_fn(model(image), label)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.detach()
+        steps += 1
+    return float(total) / max(steps, 1)
+
+
+def validate(model, loader, label_values: list[int], cfg: TrainConfig, device: torch.device, amp: bool) -> float:
+    """Mean foreground Dice (dice.py) over whole validation volumes, sliding window as in inference."""
+    model.eval()
+    scores = []
+    for batch in loader:
+        logits = predict_logits(model, batch["image"], cfg.roi, cfg.overlap, cfg.sw_batch_size, amp)
+        pred = to_classes(probabilities(logits)).cpu()
+        scores.append(mean_foreground_dice(pred, batch["label"], range(len(label_values))))
+    return sum(scores) / len(scores)
+
+
+# ---------------------------------------------------------------- 4. outputs
+
+
+def write_metrics(history: list[dict], path: Path) -> None:
+    """``metrics.csv``: epoch, train_loss, val_dice, lr, seconds; written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["epoch", "train_loss", "val_dice", "lr", "seconds"])
+    writer.writeheader()
+    writer.writerows({k: ("" if row[k] is None else row[k]) for k in writer.fieldnames} for row in history)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def plot_dice(history: list[dict], path: Path) -> None:
+    """``dice.png``: validation Dice (y) against epoch (x), best epoch marked; written atomically."""
+    rows = [r for r in history if r["val_dice"] is not None]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([r["epoch"] for r in rows], [r["val_dice"] for r in rows], marker=".", label="validation Dice")
+    if rows:
+        best = max(rows, key=lambda r: r["val_dice"])
+        ax.scatter([best["epoch"]], [best["val_dice"]], color="red", zorder=3,
+                   label=f"best {best['val_dice']:.3f} (epoch {best['epoch']})")
+    ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    tmp = path.with_name(f".{path.stem}.partial.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- 5. the run
+
+
+def make_checkpoint(model, cfg: TrainConfig, manifest: dict, margs: dict, epoch: int, best: dict,
+                    history: list[dict]) -> dict[str, Any]:
+    """What inference needs (weights, model args, preprocessing, labels, window) plus the run's record."""
+    return {
+        "model_state": model.state_dict(),
+        "model_args": margs,
+        "prep_params": manifest["params"],
+        "label_values": manifest["label_values"],
+        "inference": {"roi": list(cfg.roi), "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size},
+        "epoch": epoch,
+        "best_dice": best["dice"],
+        "best_epoch": best["epoch"],
+        "history": history,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
+    }
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training; returns ``{"best_dice", "best_epoch", "epochs_run"}``."""
+    # 1. data and model
+    data_dir, out_dir = Path(cfg.data), Path(cfg.output)
+    device = resolve_device(cfg.device)
+    amp = device.type == "cuda" if cfg.amp is None else cfg.amp and device.type == "cuda"
+    manifest = load_manifest(data_dir)
+    train_items, val_items = split_items(manifest, data_dir)
+    label_values = manifest["label_values"]
+    n_classes = len(label_values)
+    if n_classes < 2:
+        raise InputError(f"{data_dir}: labels hold only {label_values}; nothing to segment")
+    margs = model_args(out_channels=1 if n_classes == 2 else n_classes, channels=cfg.channels,
+                       strides=cfg.strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_determinism(cfg.seed)
+    model = build_model(margs).to(device)
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no loss scaling
+    loss_fn = make_loss(n_classes, cfg).to(device)
+
+    # 2. resume
+    start, best, history = 1, {"dice": -1.0, "epoch": 0}, []
+    if cfg.resume:
+        start, best, history = resume_from(out_dir / "last.pt", model, optimizer, scheduler, scaler, margs)
+
+    # 3. datasets: the deterministic prefix is cached once
+    aug = AugmentParams(roi=cfg.roi, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
+    train_ds = make_dataset(train_items, "train", label_values, aug, cfg.cache_rate)
+    val_ds = make_dataset(val_items, "val", label_values, aug, cfg.cache_rate)
+    val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start)
+
+    # 4. epochs
+    stale = 0
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        # Seeding per epoch makes a resumed run draw the same crops as an uninterrupted one.
+        train_ds.transform.set_random_state(seed=cfg.seed + epoch)
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        lr = optimizer.param_groups[0]["lr"]
+        loss = train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp)
+        scheduler.step()
+        dice = None
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            dice = validate(model, val_loader, label_values, cfg, device, amp)
+        history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_dice": None if dice is None else
+                        round(dice, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
+        improved = dice is not None and dice > best["dice"]
+        if improved:
+            best = {"dice": dice, "epoch": epoch}
+            stale = 0
+        elif dice is not None:
+            stale += 1
+        ckpt = make_checkpoint(model, cfg, manifest, margs, epoch, best, history)
+        if improved:
+            save_checkpoint(ckpt, out_dir / "best.pt")
+        save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict()}, out_dir / "last.pt")
+        write_metrics(history, out_dir / "metrics.csv")
+        plot_dice(history, out_dir / "dice.png")
+        log_epoch(writer, history[-1], best)
+        if cfg.patience and stale >= cfg.patience:
+            log.info("early stop: no better validation Dice for %d validations", stale)
+            break
+    writer.close()
+    return {"best_dice": best["dice"], "best_epoch": best["epoch"], "epochs_run": len(history)}
+
+
+def resume_from(path: Path, model, optimizer, scheduler, scaler, margs: dict) -> tuple[int, dict, list[dict]]:
+    """Restore model/optimizer/scheduler/scaler from ``last.pt``; returns (next epoch, best, history)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["model_args"] != margs:
+        raise InputError(f"{path}: was trained with model {ckpt['model_args']}, not {margs}")
+    if "optimizer" not in ckpt:
+        raise InputError(f"{path}: holds no optimizer state; resume from last.pt")
+    model.load_state_dict(ckpt["model_state"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    log.info("resuming after epoch %d (best Dice %.4f at epoch %d)", ckpt["epoch"], ckpt["best_dice"],
+             ckpt["best_epoch"])
+    return ckpt["epoch"] + 1, {"dice": ckpt["best_dice"], "epoch": ckpt["best_epoch"]}, list(ckpt["history"])
+
+
+def log_epoch(writer: SummaryWriter, row: dict, best: dict) -> None:
+    """One log line and the TensorBoard scalars for an epoch."""
+    writer.add_scalar("train/loss", row["train_loss"], row["epoch"])
+    writer.add_scalar("train/lr", row["lr"], row["epoch"])
+    dice = "" if row["val_dice"] is None else f"  val Dice {row['val_dice']:.4f}"
+    if row["val_dice"] is not None:
+        writer.add_scalar("val/dice", row["val_dice"], row["epoch"])
+    writer.flush()
+    log.info("epoch %3d  loss %.4f%s  best %.4f (epoch %d)  %.1fs", row["epoch"], row["train_loss"], dice,
+             best["dice"], best["epoch"], row["seconds"])
+
+
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=d.data, help="prepared folder with dataset.json")
+    p.add_argument("--output", default=d.output, help="where checkpoints, plots and logs go")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="volumes per step")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, help="crops per volume per step")
+    p.add_argument("--roi", type=int, nargs=3, default=list(d.roi), metavar=("D", "H", "W"),
+                   help="training crop and sliding window")
+    p.add_argument("--pos", type=float, default=d.pos, help="weight of crops centred on foreground")
+    p.add_argument("--neg", type=float, default=d.neg, help="weight of crops centred on background")
+    p.add_argument("--optimizer", choices=["adamw", "adam"], default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr, help="initial learning rate (cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--dice-weight", type=float, default=d.dice_weight)
+    p.add_argument("--bce-weight", type=float, default=d.bce_weight, help="BCE (binary) or CE (multi-class) weight")
+    p.add_argument("--pos-weight", type=float, default=d.pos_weight, help="BCE pos_weight for binary targets")
+    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in validation")
+    p.add_argument("--sw-batch-size", type=int, default=d.sw_batch_size)
+    p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CUDA only)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    p.add_argument("--cache-rate", type=float, default=d.cache_rate, help="share of volumes cached in memory")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
+    p.add_argument("--channels", type=int, nargs="+", default=None, help="UNet channels per level")
+    p.add_argument("--strides", type=int, nargs="+", default=None, help="UNet strides (one fewer than channels)")
+    p.add_argument("--num-res-units", type=int, default=None)
+    p.add_argument("--norm", default=None, help="instance | batch")
+    p.add_argument("--dropout", type=float, default=None)
+    a = p.parse_args(argv)
+    if a.epochs < 1 or a.batch_size < 1 or a.num_samples < 1 or a.val_every < 1 or min(a.roi) < 1:
+        p.error("--epochs, --batch-size, --num-samples, --val-every and --roi must be at least 1")
+    if a.lr <= 0 or not 0 <= a.overlap < 1 or not 0 <= a.cache_rate <= 1 or a.patience < 0:
+        p.error("need --lr > 0, 0 <= --overlap < 1, 0 <= --cache-rate <= 1, --patience >= 0")
+    a.roi = tuple(a.roi)
+    a.channels = tuple(a.channels) if a.channels else None
+    a.strides = tuple(a.strides) if a.strides else None
+    return TrainConfig(**vars(a))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = train(cfg)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("best validation Dice %.4f at epoch %d", result["best_dice"], result["best_epoch"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
