@@ -46,6 +46,7 @@ ORIENTATION = "SPL"  # array axes (D, H, W) = inferior→superior, anterior→po
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+LABEL_SUFFIXES = ("_seg", "_mask", "_label")  # <case>_seg.nii.gz is the label of <case>.nii.gz
 
 
 READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, zlib.error, ImageFileError)
@@ -131,9 +132,16 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, header: nib.N
         tmp.unlink(missing_ok=True)
 
 
-def readers() -> list[ImageReader]:
-    """NIfTI through nibabel, everything else through SimpleITK."""
-    return [NibabelReader(), SimpleITKReader()]
+def reader_for(path: str | Path) -> ImageReader:
+    """NIfTI through nibabel, NRRD/MHA/MHD through SimpleITK.
+
+    Chosen by suffix here because ``LoadImage`` given a list of readers tries each in turn until one
+    does not fail, so SimpleITK would read NIfTI files too (and differently).
+    """
+    suffix = volume_suffix(Path(path))
+    if suffix is None:
+        raise InputError(f"{path}: unsupported file type (use {', '.join(VOLUME_SUFFIXES)})")
+    return NibabelReader() if suffix in NIFTI_SUFFIXES else SimpleITKReader()
 
 
 class BodyMask:
@@ -227,9 +235,9 @@ def intensity_transforms(params: PrepParams) -> list[MapTransform]:
     return [ClipIntensityPercentilesd("image", lower=lo, upper=hi), NormalizeIntensityd("image")]
 
 
-def load_transforms(keys: Sequence[str]) -> list[MapTransform]:
-    """Read files as stored: ``(1, X, Y, Z)`` MetaTensors carrying the file's RAS affine."""
-    return [LoadImaged(keys, reader=readers(), image_only=True, dtype=None),
+def load_transforms(keys: Sequence[str], reader: ImageReader | None = None) -> list[MapTransform]:
+    """Read files as stored (NIfTI unless ``reader``): ``(1, X, Y, Z)`` MetaTensors with the file's RAS affine."""
+    return [LoadImaged(keys, reader=reader or NibabelReader(), image_only=True, dtype=None),
             EnsureChannelFirstd(keys, channel_dim="no_channel")]
 
 
@@ -238,7 +246,7 @@ def read_volume(path: str | Path) -> torch.Tensor:
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file")
     try:
-        volume = Compose(load_transforms(["image"]))({"image": str(path)})["image"]
+        volume = Compose(load_transforms(["image"], reader_for(path)))({"image": str(path)})["image"]
     except READ_ERRORS as exc:
         lines = str(exc).strip().splitlines()
         raise InputError(f"{path}: cannot read volume ({lines[-1] if lines else type(exc).__name__})") from None
@@ -307,6 +315,7 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
                         padding_mode="zeros"),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
             RandFlipd(keys, prob=0.5, spatial_axis=2),
+            EnsureTyped("label", dtype=torch.uint8),  # rotation resampled it as float
             EnsureTyped(keys, track_meta=False),
         ]
     elif mode == "val":

@@ -18,7 +18,16 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
-from dataset import InputError, PrepParams, case_name, prepare_transforms, read_volume, volume_suffix, write_nifti
+from dataset import (
+    LABEL_SUFFIXES,
+    InputError,
+    PrepParams,
+    case_name,
+    prepare_transforms,
+    read_volume,
+    volume_suffix,
+    write_nifti,
+)
 from model import build_model, load_checkpoint
 
 log = logging.getLogger("infer")
@@ -106,11 +115,11 @@ def volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:
-    """Files as given, folders as the volumes they hold (not masks written by this tool)."""
+    """Files as given, folders as the images they hold (not ``_seg``/``_mask``/``_label`` files)."""
     paths: list[Path] = []
     for item in map(Path, items):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if volume_suffix(p) and not case_name(p).endswith("_mask"))
+            found = sorted(p for p in item.iterdir() if volume_suffix(p) and not case_name(p).endswith(LABEL_SUFFIXES))
             if not found:
                 raise InputError(f"{item}: folder holds no volumes")
             paths += found

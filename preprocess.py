@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -23,6 +24,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dataset import (
+    LABEL_SUFFIXES,
     InputError,
     PrepParams,
     case_name,
@@ -33,7 +35,6 @@ from dataset import (
 )
 
 MANIFEST_VERSION = 1
-LABEL_SUFFIXES = ("_seg", "_mask", "_label")
 log = logging.getLogger("preprocess")
 
 
@@ -273,13 +274,21 @@ def run(config: argparse.Namespace) -> dict:
         log.warning("%s: no label; prepared for inference only", case.image)
     modality = config.modality if config.modality != "auto" else detect_modality(load_raw(labelled[0])["image"])
     params = PrepParams(modality=modality, window=tuple(config.window), inplane=config.inplane)
-    dst.mkdir(parents=True, exist_ok=True)
-    records = process_all(labelled + unlabelled, params, dst, config.workers)
+    # Cases are written into a staging folder and moved into place only when all succeeded,
+    # so that an error leaves no half-prepared dataset behind.
+    stage = dst / ".staging"
+    stage.mkdir(parents=True, exist_ok=True)
+    try:
+        records = process_all(labelled + unlabelled, params, stage, config.workers)
+        if all(r.get("label_values") == [0] for r in records if r["label"]):
+            raise InputError(f"{src}: every mask is empty; there is nothing to learn")
+        for path in sorted(stage.iterdir()):
+            os.replace(path, dst / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     splits = split_cases([c.name for c in labelled], config.val_fraction, config.seed)
     for r in records:
         r["split"] = splits.get(r["name"], "none")
-    if all(r.get("label_values") == [0] for r in records if r["label"]):
-        raise InputError(f"{src}: every mask is empty; there is nothing to learn")
     manifest = {
         "version": MANIFEST_VERSION,
         "source": str(src),

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -232,14 +233,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = build_model(margs).to(device)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no loss scaling
     loss_fn = make_loss(n_classes, cfg).to(device)
 
     # 2. resume
     start, best, history = 1, {"dice": -1.0, "epoch": 0}, []
     if cfg.resume:
-        start, best, history = resume_from(out_dir / "last.pt", model, optimizer, scheduler, scaler, margs)
+        start, best, history = resume_from(out_dir / "last.pt", model, optimizer, scaler, margs)
 
     # 3. datasets: the deterministic prefix is cached once
     aug = AugmentParams(roi=cfg.roi, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
@@ -257,9 +257,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-        lr = optimizer.param_groups[0]["lr"]
+        lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         loss = train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp)
-        scheduler.step()
         dice = None
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             dice = validate(model, val_loader, label_values, cfg, device, amp)
@@ -274,8 +275,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt = make_checkpoint(model, cfg, manifest, margs, epoch, best, history)
         if improved:
             save_checkpoint(ckpt, out_dir / "best.pt")
-        save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict()}, out_dir / "last.pt")
+        save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+                        out_dir / "last.pt")
         write_metrics(history, out_dir / "metrics.csv")
         plot_dice(history, out_dir / "dice.png")
         log_epoch(writer, history[-1], best)
@@ -286,8 +287,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return {"best_dice": best["dice"], "best_epoch": best["epoch"], "epochs_run": len(history)}
 
 
-def resume_from(path: Path, model, optimizer, scheduler, scaler, margs: dict) -> tuple[int, dict, list[dict]]:
-    """Restore model/optimizer/scheduler/scaler from ``last.pt``; returns (next epoch, best, history)."""
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """Cosine decay from ``base`` at epoch 1 towards 0 after ``epochs``; a function of the epoch, so that a
+    resumed run (even one given more epochs) needs no scheduler state."""
+    return base * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+def resume_from(path: Path, model, optimizer, scaler, margs: dict) -> tuple[int, dict, list[dict]]:
+    """Restore model/optimizer/scaler from ``last.pt``; returns (next epoch, best, history)."""
     ckpt = load_checkpoint(path)
     if ckpt["model_args"] != margs:
         raise InputError(f"{path}: was trained with model {ckpt['model_args']}, not {margs}")
@@ -295,7 +302,6 @@ def resume_from(path: Path, model, optimizer, scheduler, scaler, margs: dict) ->
         raise InputError(f"{path}: holds no optimizer state; resume from last.pt")
     model.load_state_dict(ckpt["model_state"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     log.info("resuming after epoch %d (best Dice %.4f at epoch %d)", ckpt["epoch"], ckpt["best_dice"],
              ckpt["best_epoch"])

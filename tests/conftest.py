@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny synthetic CT cases, prepared once, trained once (CPU, seconds)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import preprocess  # noqa: E402
+import train  # noqa: E402
+
+# 320×320 in-plane so that the downsampling to 256 really happens; depth 8 so that crops are padded.
+SYNTH_SHAPE = ["8", "320", "320"]
+TINY_NET = ["--channels", "4", "8", "16", "--strides", "2", "2", "--num-res-units", "1", "--roi", "8", "64", "64",
+            "--num-samples", "2", "--batch-size", "2", "--device", "cpu"]
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """md5 of every file under ``folder``, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory) -> Path:
+    """Four synthetic CT pairs, written once."""
+    folder = tmp_path_factory.mktemp("raw")
+    preprocess.make_synthetic(folder, 4, seed=1, shape=tuple(int(s) for s in SYNTH_SHAPE))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prep_dir(raw_dir, tmp_path_factory) -> Path:
+    """``raw_dir`` through preprocess.py (two worker processes)."""
+    out = tmp_path_factory.mktemp("prep")
+    assert preprocess.main([str(raw_dir), str(out), "--workers", "2", "--val-fraction", "0.25"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(prep_dir, tmp_path_factory) -> Path:
+    """Output folder of a 2-epoch training run on ``prep_dir``."""
+    out = tmp_path_factory.mktemp("output")
+    assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "2", *TINY_NET]) == 0
+    return out
+
+
+@pytest.fixture()
+def raw_copy(raw_dir, tmp_path) -> Path:
+    """A private copy of the raw cases that a test may alter."""
+    dst = tmp_path / "raw"
+    shutil.copytree(raw_dir, dst)
+    return dst

@@ -1,0 +1,61 @@
+"""dice.py: hand-computed cases, the empty-mask convention, and agreement with MONAI's DiceMetric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+
+from dice import dice_binary, dice_per_class, mean_foreground_dice
+
+
+def test_hand_computed():
+    pred = torch.zeros(1, 1, 2, 3, 3, dtype=torch.bool)
+    truth = torch.zeros_like(pred)
+    pred[..., 0, :2, :] = True  # 6 voxels
+    truth[..., 0, 1:, :] = True  # 6 voxels, 3 shared
+    assert dice_binary(pred, truth).item() == pytest.approx(2 * 3 / 12)
+
+
+def test_empty_conventions():
+    empty, full = np.zeros((1, 1, 4, 4, 4), bool), np.ones((1, 1, 4, 4, 4), bool)
+    assert dice_binary(empty, empty).item() == 1.0  # nothing to find, nothing found
+    assert dice_binary(full, empty).item() == 0.0
+    assert dice_binary(empty, full).item() == 0.0
+    assert dice_binary(full, full).item() == 1.0
+
+
+def test_numpy_and_torch_agree():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 1, 5, 6, 7)) > 0.5, rng.random((2, 1, 5, 6, 7)) > 0.5
+    assert torch.allclose(dice_binary(a, b), dice_binary(torch.from_numpy(a), torch.from_numpy(b)))
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="shape"):
+        dice_binary(np.zeros((1, 1, 2, 2, 2)), np.zeros((1, 1, 2, 2, 3)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binary_matches_monai(seed):
+    rng = np.random.default_rng(seed)
+    pred = torch.from_numpy(rng.random((3, 1, 8, 9, 10)) > rng.uniform(0.2, 0.9))
+    truth = torch.from_numpy(rng.random((3, 1, 8, 9, 10)) > rng.uniform(0.2, 0.9))
+    truth[2] = False  # an empty truth on one item
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    expected = metric(pred.float(), truth.float())
+    assert torch.allclose(dice_binary(pred, truth), expected.double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_per_class_matches_monai(seed):
+    rng = np.random.default_rng(seed)
+    pred = torch.from_numpy(rng.integers(0, 4, (2, 1, 6, 7, 8)))
+    truth = torch.from_numpy(rng.integers(0, 4, (2, 1, 6, 7, 8)))
+    truth[truth == 3] = 0  # label 3 absent from the truth: the empty-truth convention per class
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    expected = metric(one_hot(pred, 4), one_hot(truth, 4))
+    assert torch.allclose(dice_per_class(pred, truth, range(4)), expected.double(), atol=1e-6)
+    assert mean_foreground_dice(pred, truth, range(4)) == pytest.approx(float(expected[:, 1:].mean()), abs=1e-6)

@@ -1,0 +1,191 @@
+"""End to end, in-process: preprocess → train 2 epochs → infer, then resume; and the user errors on the way."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import SYNTH_SHAPE, TINY_NET, checksums
+from matplotlib.image import imread
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import infer
+import preprocess
+import train
+from model import load_checkpoint
+
+
+def test_manifest_describes_every_case(raw_dir, prep_dir):
+    manifest = json.loads((prep_dir / "dataset.json").read_text())
+    assert manifest["version"] == preprocess.MANIFEST_VERSION
+    assert manifest["params"]["modality"] == "ct"  # detected from HU intensities
+    assert manifest["label_values"] == [0, 1]
+    cases = manifest["cases"]
+    assert [c["name"] for c in cases] == [f"synth_{i:03d}" for i in range(4)]
+    assert sorted(c["split"] for c in cases) == ["train", "train", "train", "val"]
+    depth, side = int(SYNTH_SHAPE[0]), int(SYNTH_SHAPE[1])
+    for c in cases:
+        assert c["original_shape"] == [side, side, depth]  # stored (x, y, z)
+        assert c["original_spacing"] == pytest.approx([0.78, 0.78, 2.5])
+        assert c["inplane_factor"] == pytest.approx([1.0, side / 256, side / 256])
+        box = np.asarray(c["crop_box"])
+        assert (box[:, 0] >= 0).all() and (box[:, 1] <= [depth, 256, 256]).all()
+        assert (box[1:, 1] - box[1:, 0] < 256).all(), "the air around the body was not cropped"
+        assert c["prepared_shape"] == (box[:, 1] - box[:, 0]).tolist()
+        image, label = nib.load(prep_dir / c["prepared_image"]), nib.load(prep_dir / c["prepared_label"])
+        assert image.shape == label.shape == tuple(c["prepared_shape"])
+        assert np.allclose(image.affine, label.affine)
+        assert nib.aff2axcodes(image.affine) == ("S", "P", "L")
+        # in-plane spacing grows by the factor, depth spacing is kept
+        assert np.linalg.norm(image.affine[:3, :3], axis=0) == pytest.approx([2.5, 0.78 * side / 256,
+                                                                              0.78 * side / 256], rel=1e-4)
+        assert set(np.unique(np.asarray(label.dataobj))) == {0, 1}
+        assert c["foreground_voxels"] == int((np.asarray(label.dataobj) > 0).sum()) > 0
+
+
+def test_preprocess_is_deterministic_and_leaves_input_alone(raw_dir, prep_dir, tmp_path):
+    before = checksums(raw_dir)
+    assert preprocess.main([str(raw_dir), str(tmp_path / "again"), "--workers", "1", "--val-fraction", "0.25"]) == 0
+    assert checksums(raw_dir) == before
+    assert checksums(tmp_path / "again") == checksums(prep_dir)
+
+
+def test_training_writes_checkpoints_plot_metrics_and_tensorboard(trained):
+    best, last = load_checkpoint(trained / "best.pt"), load_checkpoint(trained / "last.pt")
+    for ckpt in (best, last):
+        assert ckpt["label_values"] == [0, 1]
+        assert ckpt["prep_params"]["inplane"] == 256
+        assert ckpt["inference"] == {"roi": [8, 64, 64], "overlap": 0.75, "sw_batch_size": 4}
+        assert ckpt["model_args"]["channels"] == [4, 8, 16]
+    assert last["epoch"] == 2 and "optimizer" in last and "optimizer" not in best
+    rows = list(csv.DictReader((trained / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    dices = [float(r["val_dice"]) for r in rows]
+    assert all(0.0 <= d <= 1.0 for d in dices)
+    assert best["best_dice"] == pytest.approx(max(dices), abs=1e-6) and best["epoch"] == best["best_epoch"]
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # cosine decay
+    picture = imread(trained / "dice.png")
+    assert picture.shape[:2] == (400, 600) and picture.std() > 0
+    events = EventAccumulator(str(trained / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/dice")] == [1, 2]
+    assert [e.value for e in events.Scalars("val/dice")] == pytest.approx(dices, abs=1e-5)
+
+
+def test_resume_continues_from_the_saved_epoch(trained, prep_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    first = list(csv.DictReader((out / "metrics.csv").open()))
+    assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "3", "--resume", *TINY_NET]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert rows[:2] == first
+    last = load_checkpoint(out / "last.pt")
+    assert last["epoch"] == 3 and len(last["history"]) == 3
+    before = load_checkpoint(trained / "last.pt")["model_state"]
+    assert any(not torch.equal(before[k], last["model_state"][k]) for k in before)
+
+
+def test_infer_writes_a_mask_on_the_input_grid(trained, raw_dir, tmp_path, capsys):
+    source = raw_dir / "synth_000.nii.gz"
+    assert infer.main([str(source), "--checkpoint", str(trained / "best.pt"), "--out", str(tmp_path)]) == 0
+    mask, image = nib.load(tmp_path / "synth_000_mask.nii.gz"), nib.load(source)
+    assert mask.shape == image.shape
+    assert np.array_equal(mask.affine, image.affine)
+    assert nib.aff2axcodes(mask.affine) == nib.aff2axcodes(image.affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    assert mask.get_data_dtype() == np.uint8
+
+
+def test_infer_takes_a_folder(trained, raw_dir, tmp_path):
+    results = infer.run(infer.parse_args([str(raw_dir), "--checkpoint", str(trained / "best.pt"),
+                                          "--out", str(tmp_path)]))
+    # the four images, not the four _seg masks beside them
+    assert sorted(p.name for p, _ in results) == [f"synth_{i:03d}_mask.nii.gz" for i in range(4)]
+    assert all(ml >= 0 for _, ml in results)
+
+
+def test_volume_in_ml_uses_the_voxel_size():
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[:5, :4] = 1  # 200 voxels
+    assert infer.volume_ml(mask, np.diag([0.5, 2.0, 3.0, 1.0])) == pytest.approx(200 * 3.0 / 1000)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_image_and_label_geometry_disagree_exit_2(raw_copy, tmp_path, capsys):
+    label = nib.load(raw_copy / "synth_002_seg.nii.gz")
+    shifted = label.affine.copy()
+    shifted[:3, 3] += 5.0  # 5 mm off
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), shifted), raw_copy / "synth_002_seg.nii.gz")
+    before = checksums(raw_copy)
+    assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 2
+    line = _one_line_error(capsys)
+    assert "synth_002" in line and "affine" in line
+    assert checksums(raw_copy) == before
+    assert not (tmp_path / "prep" / "dataset.json").exists()
+
+
+def test_image_and_label_shape_disagree_exit_2(raw_copy, tmp_path, capsys):
+    label = nib.load(raw_copy / "synth_001_seg.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, :-1], label.affine), raw_copy / "synth_001_seg.nii.gz")
+    assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 2
+    assert "synth_001" in _one_line_error(capsys)
+
+
+def test_label_without_image_is_an_error(raw_copy, tmp_path, capsys):
+    (raw_copy / "synth_003.nii.gz").unlink()
+    assert preprocess.main([str(raw_copy), str(tmp_path / "prep")]) == 2
+    assert "synth_003_seg.nii.gz" in _one_line_error(capsys)
+
+
+def test_msd_layout_is_found(raw_dir, tmp_path):
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (tmp_path / sub).mkdir()
+    for i in range(3):
+        shutil.copy(raw_dir / f"synth_{i:03d}.nii.gz", tmp_path / "imagesTr" / f"c{i}.nii.gz")
+        shutil.copy(raw_dir / f"synth_{i:03d}_seg.nii.gz", tmp_path / "labelsTr" / f"c{i}.nii.gz")
+    shutil.copy(raw_dir / "synth_003.nii.gz", tmp_path / "imagesTs" / "t0.nii.gz")
+    labelled, unlabelled = preprocess.find_cases(tmp_path)
+    assert [(c.name, c.label.parent.name) for c in labelled] == [("c0", "labelsTr"), ("c1", "labelsTr"),
+                                                                ("c2", "labelsTr")]
+    assert [(c.name, c.label) for c in unlabelled] == [("t0", None)]
+
+
+def test_missing_input_and_bad_checkpoint_exit_2(trained, raw_dir, tmp_path, capsys):
+    assert infer.main([str(tmp_path / "nope.nii.gz"), "--checkpoint", str(trained / "best.pt")]) == 2
+    assert "nope.nii.gz" in _one_line_error(capsys)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert infer.main([str(raw_dir / "synth_000.nii.gz"), "--checkpoint", str(bad), "--out", str(tmp_path)]) == 2
+    assert "bad.pt" in _one_line_error(capsys)
+    assert not list(tmp_path.glob("*_mask.nii.gz"))
+
+
+def test_nan_image_exit_2(raw_copy, tmp_path, capsys):
+    image = nib.load(raw_copy / "synth_000.nii.gz")
+    data = np.asarray(image.dataobj).astype(np.float32)
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), raw_copy / "synth_000.nii.gz")
+    assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 2
+    assert "synth_000.nii.gz" in _one_line_error(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+def test_cuda_without_gpu_exit_2(prep_dir, tmp_path, capsys):
+    assert train.main(["--data", str(prep_dir), "--output", str(tmp_path), "--device", "cuda", "--epochs", "1"]) == 2
+    assert "cuda" in _one_line_error(capsys).lower()
+
+
+def test_missing_manifest_exit_2(tmp_path, capsys):
+    assert train.main(["--data", str(tmp_path), "--output", str(tmp_path / "o"), "--epochs", "1"]) == 2
+    assert "dataset.json" in _one_line_error(capsys)

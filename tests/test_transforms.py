@@ -1,0 +1,81 @@
+"""dataset.py: shapes out of the train/val chains, in-plane downsampling, label handling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from dataset import AugmentParams, InplaneResize, get_transforms, label_mapping, majority_resize, make_dataset
+
+
+def _items(prep_dir, split):
+    manifest = json.loads((prep_dir / "dataset.json").read_text())
+    return [{"image": str(prep_dir / c["prepared_image"]), "label": str(prep_dir / c["prepared_label"])}
+            for c in manifest["cases"] if c["split"] == split], manifest
+
+
+def test_train_chain_gives_roi_crops_padded_to_the_roi(prep_dir):
+    items, _ = _items(prep_dir, "train")
+    aug = AugmentParams(roi=(16, 64, 64), num_samples=3)  # depth 16 > the volumes' 8: padded
+    samples = get_transforms("train", (0, 1), aug)(items[0])
+    assert len(samples) == 3
+    for s in samples:
+        assert s["image"].shape == (1, 16, 64, 64) and s["image"].dtype == torch.float32
+        assert s["label"].shape == (1, 16, 64, 64) and s["label"].dtype == torch.uint8
+        assert set(s["label"].unique().tolist()) <= {0, 1}
+
+
+def test_positive_crops_hold_foreground(prep_dir):
+    items, _ = _items(prep_dir, "train")
+    xforms = get_transforms("train", (0, 1), AugmentParams(roi=(8, 32, 32), pos=1, neg=0, num_samples=4))
+    xforms.set_random_state(seed=0)
+    assert all(s["label"].sum() > 0 for s in xforms(items[0]))
+
+
+def test_val_chain_keeps_the_whole_volume(prep_dir):
+    items, manifest = _items(prep_dir, "val")
+    case = next(c for c in manifest["cases"] if c["split"] == "val")
+    out = get_transforms("val", (0, 1))(items[0])
+    assert out["image"].shape == (1, *case["prepared_shape"]) == out["label"].shape
+
+
+def test_cache_dataset_caches_the_deterministic_prefix(prep_dir):
+    items, _ = _items(prep_dir, "train")
+    ds = make_dataset(items, "train", (0, 1), AugmentParams(roi=(8, 32, 32), num_samples=2))
+    assert len(ds._cache) == len(items)  # cached once, before the random crops
+    assert len(ds[0]) == 2
+
+
+def test_label_values_are_mapped_to_class_indices():
+    assert label_mapping([0, 1, 2]) == []
+    (mapper,) = label_mapping([0, 255])
+    assert mapper({"label": torch.tensor([[0, 255, 255]])})["label"].tolist() == [[0, 1, 1]]
+
+
+@pytest.mark.parametrize("shape, expected", [((30, 512, 512), (30, 256, 256)), ((9, 200, 180), (9, 200, 180)),
+                                             ((4, 600, 300), (4, 256, 128)), ((1, 765, 572), (1, 256, 191))])
+def test_inplane_size_keeps_depth_and_aspect(shape, expected):
+    assert InplaneResize(256).target_size(shape) == expected
+
+
+def test_majority_resize_keeps_label_values_and_centre():
+    label = torch.zeros(1, 1, 64, 64, dtype=torch.uint8)
+    label[0, 0, 20:44, 10:30] = 7  # an even-sized box: its centre must not move when halved
+    small = majority_resize(label, (1, 32, 32))
+    assert set(small.unique().tolist()) == {0, 7}
+    ys, xs = np.nonzero(small[0, 0].numpy())
+    assert ((ys.mean() + 0.5) * 2 - 0.5, (xs.mean() + 0.5) * 2 - 0.5) == pytest.approx((31.5, 19.5))
+
+
+def test_inplane_resize_updates_the_affine_and_inverts():
+    img = MetaTensor(torch.rand(1, 4, 300, 300), affine=torch.diag(torch.tensor([2.5, 0.7, 0.7, 1.0])))
+    resizer = InplaneResize(256)
+    small = resizer(img)
+    assert small.shape == (1, 4, 256, 256)
+    assert small.affine.diagonal()[:3].tolist() == pytest.approx([2.5, 0.7 * 300 / 256, 0.7 * 300 / 256])
+    back = resizer.inverse(small)
+    assert back.shape == img.shape and torch.allclose(back.affine, img.affine)
