@@ -235,9 +235,9 @@ def intensity_transforms(params: PrepParams) -> list[MapTransform]:
     return [ClipIntensityPercentilesd("image", lower=lo, upper=hi), NormalizeIntensityd("image")]
 
 
-def load_transforms(keys: Sequence[str], reader: ImageReader | None = None) -> list[MapTransform]:
-    """Read files as stored (NIfTI unless ``reader``): ``(1, X, Y, Z)`` MetaTensors with the file's RAS affine."""
-    return [LoadImaged(keys, reader=reader or NibabelReader(), image_only=True, dtype=None),
+def load_transforms(keys: Sequence[str], reader: ImageReader | None = None, dtype=None) -> list[MapTransform]:
+    """Read files (NIfTI unless ``reader``) as ``(1, X, Y, Z)`` MetaTensors with the file's RAS affine."""
+    return [LoadImaged(keys, reader=reader or NibabelReader(), image_only=True, dtype=dtype),
             EnsureChannelFirstd(keys, channel_dim="no_channel")]
 
 
@@ -246,7 +246,8 @@ def read_volume(path: str | Path) -> torch.Tensor:
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file")
     try:
-        volume = Compose(load_transforms(["image"], reader_for(path)))({"image": str(path)})["image"]
+        # float32 also turns big-endian files (which torch cannot hold) into native order; labels stay exact.
+        volume = Compose(load_transforms(["image"], reader_for(path), np.float32))({"image": str(path)})["image"]
     except READ_ERRORS as exc:
         lines = str(exc).strip().splitlines()
         raise InputError(f"{path}: cannot read volume ({lines[-1] if lines else type(exc).__name__})") from None

@@ -125,8 +125,12 @@ def check_geometry(case: Case, image: torch.Tensor, label: torch.Tensor, atol_mm
 
 
 def detect_modality(image: torch.Tensor) -> str:
-    """"ct" when intensities look like Hounsfield units (air near -1000), else "mr"."""
-    return "ct" if float(image.min()) < -500 else "mr"
+    """"ct" when intensities look like Hounsfield units (the 0.5th percentile is air, below -500), else "mr".
+
+    A percentile, not the minimum: interpolated MR can hold a few large negative values.
+    """
+    sample = image.flatten()[:: max(1, image.numel() // 1_000_000)].float()  # quantile() limits its input size
+    return "ct" if float(torch.quantile(sample, 0.005)) < -500 else "mr"
 
 
 # ---------------------------------------------------------------- 3. one case

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
+from conftest import checksums
 
 import infer
+import preprocess
 from dataset import PrepParams, prepare_transforms, read_volume, write_nifti
 from dice import dice_binary
 
@@ -57,3 +63,29 @@ def test_nrrd_reads_like_the_same_nifti(tmp_path):
     assert a.shape == b.shape == (1, 11, 9, 7)
     assert torch.equal(a.as_tensor().float(), b.as_tensor().float())
     assert torch.allclose(a.affine.double(), b.affine.double(), atol=1e-5)
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "tiny").is_dir(), reason="../shared/data/tiny is absent")
+def test_real_mri_in_other_orientations_and_big_endian(tmp_path):
+    """MONAI's test MRIs (big-endian, not canonical) go through preprocessing and back unchanged."""
+    src = SHARED / "tiny"
+    before = checksums(src)
+    assert preprocess.main([str(src), str(tmp_path / "prep"), "--workers", "1"]) == 0
+    assert checksums(src) == before
+    manifest = json.loads((tmp_path / "prep" / "dataset.json").read_text())
+    assert manifest["params"]["modality"] == "mr" and len(manifest["cases"]) == 2
+    params = PrepParams.from_dict(manifest["params"])
+    chain = prepare_transforms(params, with_label=False)
+    for case in manifest["cases"]:
+        label = read_volume(case["label"])
+        image = chain({"image": read_volume(case["image"])})["image"]
+        prepared = nib.load(tmp_path / "prep" / case["prepared_label"])
+        assert nib.aff2axcodes(prepared.affine) == ("S", "P", "L")
+        assert np.allclose(prepared.affine, image.affine.numpy(), atol=1e-4)
+        onehot = torch.from_numpy(np.asarray(prepared.dataobj) > 0).float()[None]
+        restored = infer.to_classes(infer.invert_to_original(onehot, image, chain)[None])[0]
+        assert restored.shape == label.shape
+        assert dice_binary(restored[None], label[None] > 0).item() >= 0.98

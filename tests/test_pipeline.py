@@ -189,3 +189,13 @@ def test_cuda_without_gpu_exit_2(prep_dir, tmp_path, capsys):
 def test_missing_manifest_exit_2(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path), "--output", str(tmp_path / "o"), "--epochs", "1"]) == 2
     assert "dataset.json" in _one_line_error(capsys)
+
+
+def test_modality_detection_uses_air_not_outliers():
+    rng = np.random.default_rng(0)
+    ct = torch.from_numpy(rng.normal(40, 20, (8, 32, 32)).astype(np.float32))
+    ct[:, :6] = -1000  # air around the body
+    mr = torch.from_numpy(rng.uniform(0, 1000, (8, 32, 32)).astype(np.float32))
+    mr[0, 0, :3] = -610  # a few interpolation undershoots, as in real MR files
+    assert preprocess.detect_modality(ct[None]) == "ct"
+    assert preprocess.detect_modality(mr[None]) == "mr"
