@@ -36,9 +36,15 @@ log = logging.getLogger("infer")
 # ---------------------------------------------------------------- prediction on the prepared grid
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU has it (no loss scaling needed), else fp16."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+
+
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """bf16 autocast on CUDA when asked; never on the CPU (no native bf16 on common CPUs: many times slower)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    """Mixed precision on CUDA when asked; never on the CPU (no native bf16 on common CPUs: many times slower)."""
+    on = enabled and device.type == "cuda"
+    return torch.autocast(device.type, dtype=amp_dtype(device) if on else torch.bfloat16, enabled=on)
 
 
 @torch.inference_mode()

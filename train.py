@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dataset import AugmentParams, InputError, make_dataset
 from dice import mean_foreground_dice
-from infer import autocast, predict_logits, probabilities, resolve_device, to_classes
+from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
 from model import build_model, load_checkpoint, model_args, save_checkpoint
 
 MANIFEST_VERSION = 1
@@ -233,7 +233,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = build_model(margs).to(device)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no loss scaling
+    # Loss scaling only for fp16; bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
     loss_fn = make_loss(n_classes, cfg).to(device)
 
     # 2. resume
@@ -343,7 +344,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in validation")
     p.add_argument("--sw-batch-size", type=int, default=d.sw_batch_size)
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CUDA only)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision, bf16 or fp16 (CUDA only)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--cache-rate", type=float, default=d.cache_rate, help="share of volumes cached in memory")

@@ -9,6 +9,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from conftest import SYNTH_SHAPE, TINY_NET, checksums
 from matplotlib.image import imread
@@ -17,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import infer
 import preprocess
 import train
+from dataset import read_volume
 from model import load_checkpoint
 
 
@@ -199,3 +201,23 @@ def test_modality_detection_uses_air_not_outliers():
     mr[0, 0, :3] = -610  # a few interpolation undershoots, as in real MR files
     assert preprocess.detect_modality(ct[None]) == "ct"
     assert preprocess.detect_modality(mr[None]) == "mr"
+
+
+def test_same_seed_same_weights(prep_dir, tmp_path):
+    for name in ("a", "b"):
+        assert train.main(["--data", str(prep_dir), "--output", str(tmp_path / name), "--epochs", "1",
+                           "--seed", "7", *TINY_NET]) == 0
+    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model_state"] for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_infer_on_nrrd_writes_nifti_on_its_grid(trained, raw_dir, tmp_path):
+    image = sitk.ReadImage(str(raw_dir / "synth_002.nii.gz"))
+    sitk.WriteImage(image, str(tmp_path / "scan.nrrd"))
+    assert infer.main([str(tmp_path / "scan.nrrd"), "--checkpoint", str(trained / "best.pt"),
+                       "--out", str(tmp_path / "out")]) == 0
+    mask = nib.load(tmp_path / "out" / "scan_mask.nii.gz")
+    source = read_volume(tmp_path / "scan.nrrd")
+    assert mask.shape == tuple(source.shape[1:])
+    assert np.allclose(mask.affine, source.affine.numpy(), atol=1e-4)
+    assert np.allclose(mask.affine, nib.load(raw_dir / "synth_002.nii.gz").affine, atol=1e-4)
