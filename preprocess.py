@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import Compose, CropForegroundd
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -144,7 +145,12 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path) -> dict:
         log.warning("%s: intensities look like %s, processing as %s", case.image, detect_modality(image),
                     params.modality)
     keys = list(raw)
-    prepared = prepare_transforms(params, with_label=case.label is not None)(raw)
+    chain = prepare_transforms(params, with_label=case.label is not None)
+    # Run in two parts so that label voxels cut away by the body crop can be counted.
+    crop_at = next(i for i, t in enumerate(chain.transforms) if isinstance(t, CropForegroundd))
+    resized = Compose(chain.transforms[:crop_at])(raw)
+    label_before_crop = int((resized["label"] > 0).sum()) if "label" in keys else 0
+    prepared = Compose(chain.transforms[crop_at:])(resized)
     crop = _crop_box(prepared["image"])
     record: dict = {
         "name": case.name,
@@ -160,8 +166,12 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path) -> dict:
     }
     if "label" in keys:
         values = sorted(int(v) for v in torch.unique(raw["label"]))
+        foreground = int((prepared["label"] > 0).sum())
         record.update(prepared_label=f"{case.name}_label.nii.gz", label_values=values,
-                      foreground_voxels=int((prepared["label"] > 0).sum()))
+                      foreground_voxels=foreground, foreground_voxels_outside_crop=label_before_crop - foreground)
+        if label_before_crop > foreground:
+            log.warning("%s: %d foreground voxels lie outside the body crop and are lost", case.label,
+                        label_before_crop - foreground)
         if values == [0]:
             log.warning("%s: empty mask (no foreground)", case.label)
         _write(prepared["label"], out_dir / record["prepared_label"], np.uint8 if max(values) < 256 else np.int16)

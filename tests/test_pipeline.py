@@ -48,6 +48,7 @@ def test_manifest_describes_every_case(raw_dir, prep_dir):
                                                                               0.78 * side / 256], rel=1e-4)
         assert set(np.unique(np.asarray(label.dataobj))) == {0, 1}
         assert c["foreground_voxels"] == int((np.asarray(label.dataobj) > 0).sum()) > 0
+        assert c["foreground_voxels_outside_crop"] == 0  # the targets lie inside the body
 
 
 def test_preprocess_is_deterministic_and_leaves_input_alone(raw_dir, prep_dir, tmp_path):
@@ -221,3 +222,14 @@ def test_infer_on_nrrd_writes_nifti_on_its_grid(trained, raw_dir, tmp_path):
     assert mask.shape == tuple(source.shape[1:])
     assert np.allclose(mask.affine, source.affine.numpy(), atol=1e-4)
     assert np.allclose(mask.affine, nib.load(raw_dir / "synth_002.nii.gz").affine, atol=1e-4)
+
+
+def test_label_outside_the_body_crop_is_counted(raw_copy, tmp_path):
+    label = nib.load(raw_copy / "synth_003_seg.nii.gz")
+    data = np.asarray(label.dataobj).copy()
+    data[:12, :12, :] = 1  # a corner of air: outside the body, so the crop cuts it away
+    nib.save(nib.Nifti1Image(data, label.affine), raw_copy / "synth_003_seg.nii.gz")
+    assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 0
+    cases = json.loads((tmp_path / "prep" / "dataset.json").read_text())["cases"]
+    lost = {c["name"]: c["foreground_voxels_outside_crop"] for c in cases}
+    assert lost["synth_003"] > 0 and lost["synth_000"] == 0
