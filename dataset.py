@@ -6,11 +6,13 @@ H anterior→posterior and W right→left, which is how SimpleITK/numpy users se
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import nibabel as nib
 import numpy as np
@@ -49,11 +51,24 @@ VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 LABEL_SUFFIXES = ("_seg", "_mask", "_label")  # <case>_seg.nii.gz is the label of <case>.nii.gz
 
 
-READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, zlib.error, ImageFileError)
+READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, MemoryError, zlib.error, ImageFileError)
+
+
+MAX_VOXELS = 2**31  # a header declaring more is corrupt or not meant for this pipeline
 
 
 class InputError(Exception):
     """A user's mistake (bad file, bad argument): reported as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with documented defaults shown; a bad argument raises ``InputError`` (one line, exit 2)."""
+
+    def __init__(self, description: str | None) -> None:
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"{self.prog}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +260,11 @@ def read_volume(path: str | Path) -> torch.Tensor:
     """One file as a (1, X, Y, Z) MetaTensor; unreadable or non-3D files raise ``InputError`` naming the file."""
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied")
+    declared = _declared_voxels(Path(path))
+    if declared > MAX_VOXELS:
+        raise InputError(f"{path}: header declares {declared} voxels, more than {MAX_VOXELS}; the file is corrupt")
     try:
         # float32 also turns big-endian files (which torch cannot hold) into native order; labels stay exact.
         volume = Compose(load_transforms(["image"], reader_for(path), np.float32))({"image": str(path)})["image"]
@@ -253,7 +273,27 @@ def read_volume(path: str | Path) -> torch.Tensor:
         raise InputError(f"{path}: cannot read volume ({lines[-1] if lines else type(exc).__name__})") from None
     if volume.ndim != 4:
         raise InputError(f"{path}: expected a 3D volume, got shape {tuple(volume.shape[1:])}")
+    if sorted(volume.shape[1:])[-2] < 4:
+        raise InputError(f"{path}: volume of shape {tuple(volume.shape[1:])} is too small (need 4 voxels on 2 axes)")
     return volume
+
+
+def _declared_voxels(path: Path) -> int:
+    """Voxel count a NIfTI header declares (0 when not NIfTI or unreadable: the full read reports that)."""
+    if volume_suffix(path) not in NIFTI_SUFFIXES:
+        return 0
+    try:
+        return int(np.prod(nib.load(str(path)).shape, dtype=np.float64))
+    except READ_ERRORS:
+        return 0
+
+
+def check_image(volume: torch.Tensor, path: str | Path) -> None:
+    """An image must hold finite, non-constant intensities."""
+    if not torch.isfinite(volume).all():
+        raise InputError(f"{path}: image contains NaN or Inf intensities")
+    if volume.min() == volume.max():
+        raise InputError(f"{path}: image is constant ({float(volume.min())}); nothing to segment")
 
 
 def prepare_transforms(params: PrepParams, with_label: bool) -> Compose:

@@ -20,6 +20,7 @@ from monai.transforms import Compose, Invertd
 
 from dataset import (
     LABEL_SUFFIXES,
+    ArgumentParser,
     InputError,
     PrepParams,
     case_name,
@@ -28,7 +29,7 @@ from dataset import (
     volume_suffix,
     write_nifti,
 )
-from model import build_model, load_checkpoint
+from model import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger("infer")
 
@@ -103,13 +104,18 @@ def segment_file(path: Path, model: torch.nn.Module, ckpt: dict, roi: Sequence[i
 def save_mask(mask: np.ndarray, affine: np.ndarray, source: Path, out_dir: Path) -> Path:
     """Write ``<stem>_mask.nii.gz``; NIfTI inputs lend their header so that the mask overlays them exactly."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{case_name(source)}_mask.nii.gz"
+    out = mask_path(source, out_dir)
     header = None
     if volume_suffix(source) in (".nii", ".nii.gz"):
         ref = nib.load(str(source))
         header, affine = ref.header.copy(), ref.affine
     write_nifti(mask, affine, out, header=header)
     return out
+
+
+def mask_path(source: Path, out_dir: Path) -> Path:
+    """``out_dir/<input stem>_mask.nii.gz``: a file name only, so it cannot point outside ``out_dir``."""
+    return out_dir / f"{Path(case_name(source)).name}_mask.nii.gz"
 
 
 def volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
@@ -148,7 +154,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("inputs", nargs="+", help="volumes (.nii.gz, .nii, .nrrd, .mha) or folders of them")
     p.add_argument("--checkpoint", default="output/best.pt")
     p.add_argument("--out", default="output", help="folder for <input stem>_mask.nii.gz")
@@ -157,7 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sliding-window size (default: the checkpoint's)")
     p.add_argument("--overlap", type=float, default=None, help="window overlap (default: the checkpoint's, 0.75)")
     p.add_argument("--sw-batch-size", type=int, default=4)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
+    p.add_argument("--overwrite", action="store_true", help="replace masks that exist already")
     args = p.parse_args(argv)
     if args.overlap is not None and not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
@@ -170,26 +177,30 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
     """Segment every input; returns (mask path, foreground mL) per input."""
     paths = expand_inputs(config.inputs)
     device = resolve_device(config.device)
+    out_dir = Path(config.out)
+    targets = [mask_path(p, out_dir) for p in paths]
+    existing = [t for t in targets if t.exists()]
+    if existing and not config.overwrite:
+        raise InputError(f"{existing[0]}: mask exists already (pass --overwrite to replace it)")
+    if len(set(targets)) < len(targets):
+        raise InputError(f"{out_dir}: two inputs would write the same mask name; segment them separately")
     ckpt = load_checkpoint(Path(config.checkpoint))
-    model = build_model(ckpt["model_args"])
-    model.load_state_dict(ckpt["model_state"])
-    model.to(device).eval()
+    model = model_from_checkpoint(ckpt, Path(config.checkpoint)).to(device).eval()
     roi = config.roi or ckpt["inference"]["roi"]
     overlap = ckpt["inference"]["overlap"] if config.overlap is None else config.overlap
     results = []
     for path in paths:
         mask, affine = segment_file(path, model, ckpt, roi, overlap, config.sw_batch_size, config.amp)
-        out = save_mask(mask, affine, path, Path(config.out))
+        out = save_mask(mask, affine, path, out_dir)
         results.append((out, volume_ml(mask, affine)))
         log.info("%s: %.2f mL segmented → %s", path, results[-1][1], out)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        run(config)
+        run(parse_args(argv))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ def build_model(args: dict[str, Any]) -> torch.nn.Module:
     """A MONAI ``UNet`` mapping (B, in_channels, D, H, W) to logits (B, out_channels, D, H, W)."""
     unknown = set(args) - set(DEFAULT_MODEL_ARGS)
     if unknown:
-        raise ValueError(f"unknown model arguments: {sorted(unknown)}")
+        raise InputError(f"model: unknown arguments {sorted(unknown)}")
     a = {**DEFAULT_MODEL_ARGS, **args}
     return UNet(
         spatial_dims=3,
@@ -50,6 +50,17 @@ def build_model(args: dict[str, Any]) -> torch.nn.Module:
         norm=a["norm"],
         dropout=a["dropout"],
     )
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: Path) -> torch.nn.Module:
+    """The network a checkpoint describes, with its weights; a mismatch is an ``InputError`` naming ``path``."""
+    try:
+        model = build_model(ckpt["model_args"])
+        model.load_state_dict(ckpt["model_state"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise InputError(f"{path}: weights do not fit the model they describe ({reason})") from None
+    return model
 
 
 def divisor(args: dict[str, Any]) -> int:

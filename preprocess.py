@@ -13,8 +13,8 @@ import multiprocessing
 import os
 import random
 import re
-import shutil
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -26,9 +26,11 @@ from tqdm import tqdm
 
 from dataset import (
     LABEL_SUFFIXES,
+    ArgumentParser,
     InputError,
     PrepParams,
     case_name,
+    check_image,
     prepare_transforms,
     read_volume,
     volume_suffix,
@@ -36,6 +38,7 @@ from dataset import (
 )
 
 MANIFEST_VERSION = 1
+MAX_LABELS = 256
 log = logging.getLogger("preprocess")
 
 
@@ -99,19 +102,31 @@ def _find_flat(root: Path) -> tuple[list[Case], list[Case]]:
 # ---------------------------------------------------------------- 2. reading and checking
 
 
-def load_raw(case: Case) -> dict:
-    """``{"image": (1, X, Y, Z), "label": (1, X, Y, Z)}`` MetaTensors as stored, after the checks on their content."""
+def load_raw(case: Case, labels: Sequence[int] | None = None) -> dict:
+    """``{"image": (1, X, Y, Z), "label": (1, X, Y, Z)}`` as stored, after the checks on their content.
+
+    ``labels``: the only values a mask may hold (any non-negative integers when None).
+    """
     out = {"image": read_volume(case.image)}
     if case.label:
         out["label"] = read_volume(case.label)
-    if not torch.isfinite(out["image"]).all():
-        raise InputError(f"{case.image}: image contains NaN or Inf intensities")
+    check_image(out["image"], case.image)
     if case.label:
         check_geometry(case, out["image"], out["label"])
-        values = torch.unique(out["label"])
-        if not torch.equal(values, values.round()) or values.min() < 0:
-            raise InputError(f"{case.label}: label values are not non-negative integers ({values[:5].tolist()}…)")
+        check_label_values(out["label"], case.label, labels)
     return out
+
+
+def check_label_values(label: torch.Tensor, path: Path, allowed: Sequence[int] | None) -> None:
+    """Labels are non-negative integers, few of them, and within ``allowed`` when that is given."""
+    values = torch.unique(label)
+    if not torch.equal(values, values.round()) or values.min() < 0:
+        raise InputError(f"{path}: mask values are not non-negative integers ({values[:4].tolist()}…)")
+    if len(values) > MAX_LABELS:
+        raise InputError(f"{path}: mask holds {len(values)} distinct values; is it an image, not a label map?")
+    extra = sorted(set(int(v) for v in values) - set(allowed)) if allowed is not None else []
+    if extra:
+        raise InputError(f"{path}: mask values {extra} are not in --labels {list(allowed)}")
 
 
 def check_geometry(case: Case, image: torch.Tensor, label: torch.Tensor, atol_mm: float = 1e-3) -> None:
@@ -137,9 +152,9 @@ def detect_modality(image: torch.Tensor) -> str:
 # ---------------------------------------------------------------- 3. one case
 
 
-def prepare_case(case: Case, params: PrepParams, out_dir: Path) -> dict:
+def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence[int] | None = None) -> dict:
     """Preprocess one case into ``out_dir`` and return its manifest record (JSON-ready)."""
-    raw = load_raw(case)
+    raw = load_raw(case, labels)
     image = raw["image"]
     if detect_modality(image) != params.modality:
         log.warning("%s: intensities look like %s, processing as %s", case.image, detect_modality(image),
@@ -286,21 +301,16 @@ def run(config: argparse.Namespace) -> dict:
         raise InputError(f"{src}: no image/label pairs found (MSD imagesTr/labelsTr or <case> + <case>_seg)")
     for case in unlabelled:
         log.warning("%s: no label; prepared for inference only", case.image)
-    modality = config.modality if config.modality != "auto" else detect_modality(load_raw(labelled[0])["image"])
+    modality = config.modality if config.modality != "auto" else first_modality(labelled, config.skip_bad)
     params = PrepParams(modality=modality, window=tuple(config.window), inplane=config.inplane)
-    # Cases are written into a staging folder and moved into place only when all succeeded,
-    # so that an error leaves no half-prepared dataset behind.
-    stage = dst / ".staging"
-    stage.mkdir(parents=True, exist_ok=True)
-    try:
-        records = process_all(labelled + unlabelled, params, stage, config.workers)
-        if all(r.get("label_values") == [0] for r in records if r["label"]):
-            raise InputError(f"{src}: every mask is empty; there is nothing to learn")
-        for path in sorted(stage.iterdir()):
-            os.replace(path, dst / path.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    splits = split_cases([c.name for c in labelled], config.val_fraction, config.seed)
+    records, skipped = process_all(labelled + unlabelled, params, dst, config)
+    for message in skipped:
+        log.warning("skipped %s", message)
+    if not any(r["label"] for r in records):
+        raise InputError(f"{src}: every labelled case was skipped as bad input")
+    if all(r.get("label_values") == [0] for r in records if r["label"]):
+        raise InputError(f"{src}: every mask is empty; there is nothing to learn")
+    splits = split_cases([r["name"] for r in records if r["label"]], config.val_fraction, config.seed)
     for r in records:
         r["split"] = splits.get(r["name"], "none")
     manifest = {
@@ -309,31 +319,82 @@ def run(config: argparse.Namespace) -> dict:
         "params": dataclasses.asdict(params),
         "label_values": sorted({v for r in records for v in r.get("label_values", [])}),
         "split": {"seed": config.seed, "val_fraction": config.val_fraction},
+        "skipped": skipped,
         "cases": sorted(records, key=lambda r: r["name"]),
     }
-    write_json(manifest, dst / "dataset.json")
+    write_json(manifest, dst / "dataset.json")  # last: a manifest exists only for a complete dataset
     return manifest
 
 
-def process_all(cases: list[Case], params: PrepParams, dst: Path, workers: int) -> list[dict]:
-    """Run ``prepare_case`` over ``cases``, in ``workers`` processes, with a progress bar."""
+def first_modality(cases: list[Case], skip_bad: bool) -> str:
+    """The modality of the first readable labelled case."""
+    for case in cases:
+        try:
+            return detect_modality(load_raw(case)["image"])
+        except InputError:
+            if not skip_bad:
+                raise
+    raise InputError(f"{cases[0].image.parent}: no readable case")
+
+
+def prepare_or_reuse(case: Case, params: PrepParams, dst: Path, labels: list[int] | None) -> dict:
+    """``prepare_case``, unless a previous run already prepared this case from the same source and settings.
+
+    A stamp is written after the case's volumes, so an interrupted run redoes exactly the unfinished cases.
+    """
+    stamp_path = dst / ".cases" / f"{case.name}.json"
+    stamp = {"params": dataclasses.asdict(params), "labels": labels,
+             "source": {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in (case.image, case.label) if p}}
+    if stamp_path.is_file():
+        try:
+            old = json.loads(stamp_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        record = old.pop("record", None)
+        files = [record.get("prepared_image"), record.get("prepared_label")] if record else []
+        if old == json.loads(json.dumps(stamp)) and all((dst / f).is_file() for f in files if f):
+            return record
+    record = prepare_case(case, params, dst, labels)
+    stamp_path.parent.mkdir(exist_ok=True)
+    write_json({**stamp, "record": record}, stamp_path)
+    return record
+
+
+def process_all(cases: list[Case], params: PrepParams, dst: Path, config: argparse.Namespace
+                ) -> tuple[list[dict], list[str]]:
+    """Prepare every case in ``config.workers`` processes; returns (records, skipped-case messages)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    labels = config.labels
     bar = tqdm(total=len(cases), desc="preprocess", unit="case", disable=None)
-    records = []
+    records, skipped = [], []
+
+    def collect(get_record) -> None:
+        try:
+            records.append(get_record())
+        except InputError as exc:
+            if not config.skip_bad:
+                raise
+            skipped.append(str(exc))
+        bar.update()
+
     try:
-        if workers <= 1 or len(cases) == 1:
+        if config.workers <= 1 or len(cases) == 1:
             for case in cases:
-                records.append(prepare_case(case, params, dst))
-                bar.update()
-            return records
-        # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(prepare_case, case, params, dst) for case in cases]
-            for future in as_completed(futures):
-                records.append(future.result())
-                bar.update()
-        return records
+                collect(lambda case=case: prepare_or_reuse(case, params, dst, labels))
+        else:
+            # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx) as pool:
+                futures = [pool.submit(prepare_or_reuse, case, params, dst, labels) for case in cases]
+                try:
+                    for future in as_completed(futures):
+                        collect(future.result)
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)
+                    raise
     finally:
         bar.close()
+    return records, sorted(skipped)
 
 
 def write_json(obj: dict, path: Path) -> None:
@@ -347,7 +408,7 @@ def write_json(obj: dict, path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("input", help="folder of raw image/label pairs (never modified, except by --synthetic)")
     p.add_argument("output", help="folder for prepared volumes and dataset.json")
     p.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto")
@@ -360,18 +421,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="first write N synthetic CT volumes with labels into INPUT")
     p.add_argument("--synthetic-shape", type=int, nargs=3, default=[32, 512, 512], metavar=("D", "H", "W"))
+    p.add_argument("--labels", type=int, nargs="+", default=None, metavar="V",
+                   help="the values masks may hold (default: any non-negative integers)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed at the end) instead of stopping")
     args = p.parse_args(argv)
-    if args.inplane < 8 or not 0 <= args.val_fraction < 1 or args.workers < 1 or args.synthetic < 0:
-        p.error("need --inplane >= 8, 0 <= --val-fraction < 1, --workers >= 1, --synthetic >= 0")
+    if not 8 <= args.inplane <= 4096 or not 0 <= args.val_fraction < 1 or not 1 <= args.workers <= 64:
+        p.error("need 8 <= --inplane <= 4096, 0 <= --val-fraction < 1, 1 <= --workers <= 64")
+    if not 0 <= args.synthetic <= 1000 or min(args.synthetic_shape) < 1 or min(args.labels or [0]) < 0:
+        p.error("need 0 <= --synthetic <= 1000, a positive --synthetic-shape, non-negative --labels")
     if args.window[0] >= args.window[1]:
         p.error("--window LO must be below HI")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        config = parse_args(argv)
         manifest = run(config)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,10 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
 
-from dataset import AugmentParams, InputError, make_dataset
+from dataset import ArgumentParser, AugmentParams, InputError, make_dataset
 from dice import mean_foreground_dice
 from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
-from model import build_model, load_checkpoint, model_args, save_checkpoint
+from model import build_model, load_checkpoint, model_args, model_from_checkpoint, save_checkpoint
 
 MANIFEST_VERSION = 1
 log = logging.getLogger("train")
@@ -93,8 +95,8 @@ def split_items(manifest: dict[str, Any], data_dir: Path) -> tuple[list[dict], l
     items: dict[str, list[dict]] = {"train": [], "val": []}
     for case in manifest["cases"]:
         if case.get("split") in items:
-            item = {"image": str(data_dir / case["prepared_image"]), "label": str(data_dir / case["prepared_label"]),
-                    "name": case["name"]}
+            item = {"image": str(prepared_path(data_dir, case, "prepared_image")),
+                    "label": str(prepared_path(data_dir, case, "prepared_label")), "name": case["name"]}
             for key in ("image", "label"):
                 if not Path(item[key]).is_file():
                     raise InputError(f"{item[key]}: listed in the manifest but missing; run preprocess.py again")
@@ -103,6 +105,14 @@ def split_items(manifest: dict[str, Any], data_dir: Path) -> tuple[list[dict], l
         raise InputError(f"{data_dir}: need at least one training and one validation case, got "
                          f"{len(items['train'])} and {len(items['val'])}")
     return items["train"], items["val"]
+
+
+def prepared_path(data_dir: Path, case: dict, key: str) -> Path:
+    """A prepared file named by the manifest: a plain file name inside ``data_dir``, never a path out of it."""
+    name = case.get(key)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise InputError(f"{data_dir / 'dataset.json'}: case {case.get('name')!r} has a bad {key} {name!r}")
+    return data_dir / name
 
 
 # ---------------------------------------------------------------- 2. loss
@@ -197,6 +207,26 @@ def plot_dice(history: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------- 5. the run
 
 
+class DeferredInterrupt:
+    """Hold SIGINT while the block runs, then raise ``KeyboardInterrupt`` if one came (main thread only)."""
+
+    def __enter__(self) -> DeferredInterrupt:
+        self.caught = False
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        self.caught = True
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.caught:
+            raise KeyboardInterrupt
+
+
 def make_checkpoint(model, cfg: TrainConfig, manifest: dict, margs: dict, epoch: int, best: dict,
                     history: list[dict]) -> dict[str, Any]:
     """What inference needs (weights, model args, preprocessing, labels, window) plus the run's record."""
@@ -274,12 +304,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         elif dice is not None:
             stale += 1
         ckpt = make_checkpoint(model, cfg, manifest, margs, epoch, best, history)
-        if improved:
-            save_checkpoint(ckpt, out_dir / "best.pt")
-        save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
-                        out_dir / "last.pt")
-        write_metrics(history, out_dir / "metrics.csv")
-        plot_dice(history, out_dir / "dice.png")
+        with DeferredInterrupt():  # Ctrl-C waits until this epoch's files are all written
+            if improved:
+                save_checkpoint(ckpt, out_dir / "best.pt")
+            save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+                            out_dir / "last.pt")
+            write_metrics(history, out_dir / "metrics.csv")
+            plot_dice(history, out_dir / "dice.png")
         log_epoch(writer, history[-1], best)
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no better validation Dice for %d validations", stale)
@@ -299,11 +330,14 @@ def resume_from(path: Path, model, optimizer, scaler, margs: dict) -> tuple[int,
     ckpt = load_checkpoint(path)
     if ckpt["model_args"] != margs:
         raise InputError(f"{path}: was trained with model {ckpt['model_args']}, not {margs}")
-    if "optimizer" not in ckpt:
+    if "optimizer" not in ckpt or "scaler" not in ckpt:
         raise InputError(f"{path}: holds no optimizer state; resume from last.pt")
-    model.load_state_dict(ckpt["model_state"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    model.load_state_dict(model_from_checkpoint(ckpt, path).state_dict())
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"{path}: optimizer state does not fit this run ({exc})") from None
     log.info("resuming after epoch %d (best Dice %.4f at epoch %d)", ckpt["epoch"], ckpt["best_dice"],
              ckpt["best_epoch"])
     return ckpt["epoch"] + 1, {"dice": ckpt["best_dice"], "epoch": ckpt["best_epoch"]}, list(ckpt["history"])
@@ -323,7 +357,7 @@ def log_epoch(writer: SummaryWriter, row: dict, best: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--data", default=d.data, help="prepared folder with dataset.json")
     p.add_argument("--output", default=d.output, help="where checkpoints, plots and logs go")
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -356,8 +390,10 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--norm", default=None, help="instance | batch")
     p.add_argument("--dropout", type=float, default=None)
     a = p.parse_args(argv)
-    if a.epochs < 1 or a.batch_size < 1 or a.num_samples < 1 or a.val_every < 1 or min(a.roi) < 1:
-        p.error("--epochs, --batch-size, --num-samples, --val-every and --roi must be at least 1")
+    if not 1 <= a.epochs <= 100_000 or a.batch_size < 1 or a.num_samples < 1 or a.val_every < 1 or min(a.roi) < 1:
+        p.error("--epochs (up to 100000), --batch-size, --num-samples, --val-every and --roi must be at least 1")
+    if a.batch_size * a.num_samples > 4096 or max(a.roi) > 1024 or a.num_workers < 0:
+        p.error("--batch-size × --num-samples above 4096, --roi above 1024 or negative --num-workers")
     if a.lr <= 0 or not 0 <= a.overlap < 1 or not 0 <= a.cache_rate <= 1 or a.patience < 0:
         p.error("need --lr > 0, 0 <= --overlap < 1, 0 <= --cache-rate <= 1, --patience >= 0")
     a.roi = tuple(a.roi)
@@ -367,13 +403,17 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        cfg = parse_args(argv)
         result = train(cfg)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {Path(cfg.output) / 'last.pt'} holds the last complete epoch; continue with --resume",
+              file=sys.stderr)
+        return 130
     log.info("best validation Dice %.4f at epoch %d", result["best_dice"], result["best_epoch"])
     return 0
 
