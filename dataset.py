@@ -268,14 +268,29 @@ def read_volume(path: str | Path) -> torch.Tensor:
     try:
         # float32 also turns big-endian files (which torch cannot hold) into native order; labels stay exact.
         volume = Compose(load_transforms(["image"], reader_for(path), np.float32))({"image": str(path)})["image"]
-    except READ_ERRORS as exc:
-        lines = str(exc).strip().splitlines()
-        raise InputError(f"{path}: cannot read volume ({lines[-1] if lines else type(exc).__name__})") from None
+    except READ_ERRORS:
+        reason = _read_failure(path)
+        raise InputError(f"{path}: cannot read volume ({reason})") from None
     if volume.ndim != 4:
         raise InputError(f"{path}: expected a 3D volume, got shape {tuple(volume.shape[1:])}")
     if sorted(volume.shape[1:])[-2] < 4:
         raise InputError(f"{path}: volume of shape {tuple(volume.shape[1:])} is too small (need 4 voxels on 2 axes)")
     return volume
+
+
+def _read_failure(path: str | Path) -> str:
+    """Why the reader cannot read ``path``, in its own words.
+
+    Asked again directly because ``LoadImage``, once its reader fails, tries other readers and
+    reports the last one's complaint, which is about the wrong format.
+    """
+    reader = reader_for(path)
+    try:
+        reader.get_data(reader.read(str(path)))
+    except READ_ERRORS as exc:
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[-1][:160]}" if lines else type(exc).__name__
+    return "unknown reason"
 
 
 def _declared_voxels(path: Path) -> int:

@@ -30,7 +30,8 @@ def model_args(**overrides: Any) -> dict[str, Any]:
     args.update({k: v for k, v in overrides.items() if v is not None})
     args["channels"], args["strides"] = [int(c) for c in args["channels"]], [int(s) for s in args["strides"]]
     if len(args["strides"]) != len(args["channels"]) - 1:
-        raise InputError(f"model: need one stride fewer than channels, got {args['channels']} and {args['strides']}")
+        raise InputError(f"--channels/--strides: need one stride fewer than channels, got {args['channels']} and "
+                         f"{args['strides']}")
     return args
 
 

@@ -364,6 +364,8 @@ def process_all(cases: list[Case], params: PrepParams, dst: Path, config: argpar
                 ) -> tuple[list[dict], list[str]]:
     """Prepare every case in ``config.workers`` processes; returns (records, skipped-case messages)."""
     dst.mkdir(parents=True, exist_ok=True)
+    for stale in [*dst.glob(".*.partial*"), *dst.glob(".cases/.*.partial*")]:  # left by a killed run
+        stale.unlink()
     labels = config.labels
     bar = tqdm(total=len(cases), desc="preprocess", unit="case", disable=None)
     records, skipped = [], []
