@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.data import CacheDataset, Dataset, ImageReader, NibabelReader
+from monai.data import CacheDataset, Dataset, ImageReader, MetaTensor, NibabelReader
 from monai.transforms import (
     ClipIntensityPercentilesd,
     Compose,
@@ -97,20 +97,64 @@ def volume_suffix(path: Path) -> str | None:
 
 
 def case_name(path: Path) -> str:
-    """File name without its volume extension."""
+    """File name without its volume extension; a DICOM series folder's own name."""
+    if path.is_dir():
+        return path.name
     suffix = volume_suffix(path) or path.suffix
     return path.name[: len(path.name) - len(suffix)]
 
 
+def dicom_dir(folder: Path) -> Path | None:
+    """The one folder at or below ``folder`` that holds ``.dcm`` files, or None when none does."""
+    dirs = sorted({p.parent for p in folder.rglob("*") if p.suffix.lower() == ".dcm" and p.is_file()})
+    if len(dirs) > 1:
+        raise InputError(f"{folder}: DICOM files in {len(dirs)} folders; give each case one series folder")
+    return dirs[0] if dirs else None
+
+
+def read_dicom_series(folder: Path, spacing_tolerance: float = 0.01) -> sitk.Image:
+    """The single series in ``folder``: slices ordered by position along the slice normal, evenly spaced."""
+    series_dir = dicom_dir(folder) or folder
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(series_dir))
+    if len(ids) != 1:
+        raise InputError(f"{folder}: holds {len(ids)} DICOM series; keep exactly one series per case folder")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series_dir), ids[0])  # sorted by position
+    n_dcm = sum(1 for p in series_dir.iterdir() if p.suffix.lower() == ".dcm")
+    if len(files) < n_dcm:
+        raise InputError(f"{folder}: {n_dcm - len(files)} of {n_dcm} DICOM files are unreadable or not in the series")
+    positions = np.array([_slice_position(f) for f in files])
+    gaps = np.diff(np.sort(positions))
+    if len(gaps) and (gaps.min() <= 0 or gaps.max() - gaps.min() > spacing_tolerance * np.median(gaps)):
+        raise InputError(f"{folder}: slice spacing varies from {gaps.min():.3g} to {gaps.max():.3g} mm "
+                         "(a missing or duplicated slice?)")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def _slice_position(path: str) -> float:
+    """Position of one DICOM slice along its normal, mm (from ImagePositionPatient and ImageOrientationPatient)."""
+    r = sitk.ImageFileReader()
+    r.SetFileName(path)
+    try:
+        r.ReadImageInformation()
+        position = np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")])
+        row, col = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")]).reshape(2, 3)
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable DICOM slice with a position ({exc})") from None
+    return float(np.dot(position, np.cross(row, col)))
+
+
 class SimpleITKReader(ImageReader):
-    """MONAI reader for NRRD/MHA/MHD via SimpleITK: array in (i, j, k) index order, RAS affine."""
+    """MONAI reader for NRRD/MHA/MHD files and DICOM series folders via SimpleITK: (i, j, k) array, RAS affine."""
 
     def verify_suffix(self, filename: Sequence[str] | str) -> bool:
         names = [filename] if isinstance(filename, str | Path) else filename
-        return all(str(n).lower().endswith(SITK_SUFFIXES) for n in names)
+        return all(str(n).lower().endswith(SITK_SUFFIXES) or Path(n).is_dir() for n in names)
 
     def read(self, data: Sequence[str] | str, **kwargs) -> sitk.Image:
-        return sitk.ReadImage(str(data if isinstance(data, str | Path) else data[0]))
+        path = Path(data if isinstance(data, str | Path) else data[0])
+        return read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
 
     def get_data(self, img: sitk.Image) -> tuple[np.ndarray, dict]:
         # SimpleITK gives (k, j, i); MONAI and nibabel work in (i, j, k) with the affine's columns.
@@ -148,11 +192,13 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, header: nib.N
 
 
 def reader_for(path: str | Path) -> ImageReader:
-    """NIfTI through nibabel, NRRD/MHA/MHD through SimpleITK.
+    """NIfTI through nibabel, NRRD/MHA/MHD files and DICOM folders through SimpleITK.
 
     Chosen by suffix here because ``LoadImage`` given a list of readers tries each in turn until one
     does not fail, so SimpleITK would read NIfTI files too (and differently).
     """
+    if Path(path).is_dir():
+        return SimpleITKReader()
     suffix = volume_suffix(Path(path))
     if suffix is None:
         raise InputError(f"{path}: unsupported file type (use {', '.join(VOLUME_SUFFIXES)})")
@@ -250,47 +296,42 @@ def intensity_transforms(params: PrepParams) -> list[MapTransform]:
     return [ClipIntensityPercentilesd("image", lower=lo, upper=hi), NormalizeIntensityd("image")]
 
 
-def load_transforms(keys: Sequence[str], reader: ImageReader | None = None, dtype=None) -> list[MapTransform]:
-    """Read files (NIfTI unless ``reader``) as ``(1, X, Y, Z)`` MetaTensors with the file's RAS affine."""
-    return [LoadImaged(keys, reader=reader or NibabelReader(), image_only=True, dtype=dtype),
+def load_transforms(keys: Sequence[str]) -> list[MapTransform]:
+    """Read prepared NIfTI files as ``(1, D, H, W)`` MetaTensors with their affine, dtypes kept."""
+    return [LoadImaged(keys, reader=NibabelReader(), image_only=True, dtype=None),
             EnsureChannelFirstd(keys, channel_dim="no_channel")]
 
 
 def read_volume(path: str | Path) -> torch.Tensor:
     """One file as a (1, X, Y, Z) MetaTensor; unreadable or non-3D files raise ``InputError`` naming the file."""
-    if not Path(path).is_file():
+    if Path(path).is_dir():
+        if dicom_dir(Path(path)) is None:
+            raise InputError(f"{path}: folder holds no DICOM (.dcm) files")
+    elif not Path(path).is_file():
         raise InputError(f"{path}: no such file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: permission denied")
     declared = _declared_voxels(Path(path))
     if declared > MAX_VOXELS:
         raise InputError(f"{path}: header declares {declared} voxels, more than {MAX_VOXELS}; the file is corrupt")
+    # The reader is called directly, not through LoadImage: LoadImage falls back to every other reader
+    # when one fails, printing a line for each, and then reports the wrong reader's complaint.
+    reader = reader_for(path)
     try:
+        array, meta = reader.get_data(reader.read(str(path)))
         # float32 also turns big-endian files (which torch cannot hold) into native order; labels stay exact.
-        volume = Compose(load_transforms(["image"], reader_for(path), np.float32))({"image": str(path)})["image"]
-    except READ_ERRORS:
-        reason = _read_failure(path)
+        data = torch.from_numpy(np.asarray(array, dtype=np.float32))[None]
+    except READ_ERRORS as exc:
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[-1][:160]}" if lines else type(exc).__name__
         raise InputError(f"{path}: cannot read volume ({reason})") from None
+    affine = torch.as_tensor(np.asarray(meta.pop("affine")), dtype=torch.float64)
+    volume = MetaTensor(data, affine=affine, meta={**meta, "filename_or_obj": str(path)})
     if volume.ndim != 4:
         raise InputError(f"{path}: expected a 3D volume, got shape {tuple(volume.shape[1:])}")
     if sorted(volume.shape[1:])[-2] < 4:
         raise InputError(f"{path}: volume of shape {tuple(volume.shape[1:])} is too small (need 4 voxels on 2 axes)")
     return volume
-
-
-def _read_failure(path: str | Path) -> str:
-    """Why the reader cannot read ``path``, in its own words.
-
-    Asked again directly because ``LoadImage``, once its reader fails, tries other readers and
-    reports the last one's complaint, which is about the wrong format.
-    """
-    reader = reader_for(path)
-    try:
-        reader.get_data(reader.read(str(path)))
-    except READ_ERRORS as exc:
-        lines = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {lines[-1][:160]}" if lines else type(exc).__name__
-    return "unknown reason"
 
 
 def _declared_voxels(path: Path) -> int:

@@ -24,6 +24,7 @@ from dataset import (
     InputError,
     PrepParams,
     case_name,
+    dicom_dir,
     prepare_transforms,
     read_volume,
     volume_suffix,
@@ -127,10 +128,12 @@ def volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:
-    """Files as given, folders as the images they hold (not ``_seg``/``_mask``/``_label`` files)."""
+    """Files as given, a DICOM folder as one series, other folders as the images they hold (not ``_seg`` …)."""
     paths: list[Path] = []
     for item in map(Path, items):
-        if item.is_dir():
+        if item.is_dir() and dicom_dir(item):
+            paths.append(item)  # one DICOM series
+        elif item.is_dir():
             found = sorted(p for p in item.iterdir() if volume_suffix(p) and not case_name(p).endswith(LABEL_SUFFIXES))
             if not found:
                 raise InputError(f"{item}: folder holds no volumes")
@@ -155,7 +158,7 @@ def resolve_device(name: str) -> torch.device:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
-    p.add_argument("inputs", nargs="+", help="volumes (.nii.gz, .nii, .nrrd, .mha) or folders of them")
+    p.add_argument("inputs", nargs="+", help="volumes (.nii.gz, .nii, .nrrd, .mha), DICOM series folders, or folders")
     p.add_argument("--checkpoint", default="output/best.pt")
     p.add_argument("--out", default="output", help="folder for <input stem>_mask.nii.gz")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

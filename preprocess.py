@@ -31,6 +31,7 @@ from dataset import (
     PrepParams,
     case_name,
     check_image,
+    dicom_dir,
     prepare_transforms,
     read_volume,
     volume_suffix,
@@ -55,7 +56,8 @@ class Case:
 
 
 def find_cases(root: Path) -> tuple[list[Case], list[Case]]:
-    """(labelled, unlabelled) cases under ``root``: MSD ``imagesTr/labelsTr`` or flat ``<case>`` + ``<case>_seg``."""
+    """(labelled, unlabelled) cases under ``root``: MSD ``imagesTr/labelsTr``, or flat ``<case>`` + ``<case>_seg``
+    where ``<case>`` is a volume file or a folder holding one DICOM series."""
     if not root.is_dir():
         raise InputError(f"{root}: input folder does not exist")
     if (root / "imagesTr").is_dir():
@@ -82,12 +84,15 @@ def _find_msd(root: Path) -> tuple[list[Case], list[Case]]:
 
 
 def _find_flat(root: Path) -> tuple[list[Case], list[Case]]:
-    images: dict[str, Path] = {}
+    # DICOM series are case folders; a volume named after such a folder is its mask.
+    images: dict[str, Path] = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and dicom_dir(d)}
     labels: dict[str, Path] = {}
     for path in _volumes(root):
         name = case_name(path)
         base = next((name[: -len(s)] for s in LABEL_SUFFIXES if name.endswith(s)), None)
-        if base is None:
+        if base is None and name in images:
+            labels[name] = path
+        elif base is None:
             images[name] = path
         else:
             labels[base] = path
@@ -344,7 +349,7 @@ def prepare_or_reuse(case: Case, params: PrepParams, dst: Path, labels: list[int
     """
     stamp_path = dst / ".cases" / f"{case.name}.json"
     stamp = {"params": dataclasses.asdict(params), "labels": labels,
-             "source": {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in (case.image, case.label) if p}}
+             "source": {str(p): _signature(p) for p in (case.image, case.label) if p}}
     if stamp_path.is_file():
         try:
             old = json.loads(stamp_path.read_text())
@@ -358,6 +363,12 @@ def prepare_or_reuse(case: Case, params: PrepParams, dst: Path, labels: list[int
     stamp_path.parent.mkdir(exist_ok=True)
     write_json({**stamp, "record": record}, stamp_path)
     return record
+
+
+def _signature(path: Path) -> list[int]:
+    """Size and modification time of a file, or of every file in a DICOM folder."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [sum(f.stat().st_size for f in files), max(f.stat().st_mtime_ns for f in files), len(files)]
 
 
 def process_all(cases: list[Case], params: PrepParams, dst: Path, config: argparse.Namespace

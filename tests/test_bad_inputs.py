@@ -15,6 +15,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_NET, checksums
+from conftest import ROOT, TINY_NET, checksums
 
 import infer
 import preprocess
@@ -362,3 +364,15 @@ def test_resume_needs_a_matching_last_checkpoint(trained, prep_dir, tmp_path, ca
     wider = [a if a != "4" else "6" for a in TINY_NET]  # channels 6 8 16: another model
     assert train.main([*base, *wider]) == 2
     _assert_one_line(capsys, "last.pt", "was trained with model")
+
+
+@pytest.mark.parametrize("case", ["truncated nii.gz", "corrupt NRRD", "affines differ"])
+def test_the_real_command_prints_one_line(case, small_raw, tmp_path):
+    """Out of process, so that nothing (library warnings, log lines) hides from pytest's capture."""
+    raw = tmp_path / "raw"
+    shutil.copytree(small_raw, raw)
+    PREPROCESS_CASES[case][0](raw)
+    proc = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), str(raw), str(tmp_path / "prep"),
+                           "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
