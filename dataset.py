@@ -428,4 +428,10 @@ def make_dataset(items: list[dict], mode: str, label_values: Sequence[int], aug:
     xforms = get_transforms(mode, label_values, aug)
     if cache_rate <= 0:
         return Dataset(items, xforms)
-    return CacheDataset(items, xforms, cache_rate=cache_rate, num_workers=num_workers or None, progress=False)
+    try:
+        return CacheDataset(items, xforms, cache_rate=cache_rate, num_workers=num_workers or None, progress=False)
+    except RuntimeError:
+        for item in items:  # find and name the file that broke caching
+            for key in ("image", "label"):
+                read_volume(item[key])
+        raise

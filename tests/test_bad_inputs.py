@@ -327,6 +327,10 @@ def _manifest_variant(prep_dir: Path, tmp_path: Path, name: str) -> tuple[Path, 
         manifest["cases"][0]["prepared_image"] = "../../outside.nii.gz"
     elif name == "prepared file missing":
         (data / manifest["cases"][0]["prepared_label"]).unlink()
+    elif name == "truncated prepared volume":
+        path = data / manifest["cases"][1]["prepared_image"]
+        path.write_bytes(path.read_bytes()[:2000])
+        return data, path.name
     elif name == "corrupt JSON":
         manifest_path.write_text("{not json")
         return data, "dataset.json"
@@ -334,7 +338,8 @@ def _manifest_variant(prep_dir: Path, tmp_path: Path, name: str) -> tuple[Path, 
     return data, {"prepared file missing": "_label.nii.gz"}.get(name, "dataset.json")
 
 
-@pytest.mark.parametrize("name", ["older version", "path traversal", "prepared file missing", "corrupt JSON"])
+@pytest.mark.parametrize("name", ["older version", "path traversal", "prepared file missing", "corrupt JSON",
+                                  "truncated prepared volume"])
 def test_train_refuses_bad_manifests(name, prep_dir, tmp_path, capsys):
     data, needle = _manifest_variant(prep_dir, tmp_path, name)
     before = checksums(data)
