@@ -381,3 +381,16 @@ def test_the_real_command_prints_one_line(case, small_raw, tmp_path):
                            "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+
+
+def test_permission_denied_is_reported_even_as_root(small_raw, tmp_path, capsys, monkeypatch):
+    """Root reads any file, so the refusal itself is exercised by denying access to one path."""
+    import dataset
+
+    raw = tmp_path / "raw"
+    shutil.copytree(small_raw, raw)
+    denied = raw / "synth_001.nii.gz"
+    real_access = os.access
+    monkeypatch.setattr(dataset.os, "access", lambda p, mode: Path(p) != denied and real_access(p, mode))
+    assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1"]) == 2
+    _assert_one_line(capsys, "synth_001.nii.gz", "permission denied")
