@@ -14,13 +14,13 @@ import torch
 Array = torch.Tensor | np.ndarray
 
 
-def _as_bool(x: Array) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x).bool()
+def _as_tensor(x: Array) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
 
 
 def dice_binary(pred: Array, truth: Array) -> torch.Tensor:
     """Dice per item of two binary masks (B, C, *spatial) → (B, C); any shape works, the first two dims are kept."""
-    p, t = _as_bool(pred), _as_bool(truth)
+    p, t = _as_tensor(pred).bool(), _as_tensor(truth).bool()
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {tuple(p.shape)} differs from truth shape {tuple(t.shape)}")
     dims = tuple(range(2, p.ndim))
@@ -31,8 +31,7 @@ def dice_binary(pred: Array, truth: Array) -> torch.Tensor:
 
 def dice_per_class(pred: Array, truth: Array, labels: Sequence[int]) -> torch.Tensor:
     """Dice for each label of two label maps (B, 1, *spatial) → (B, len(labels))."""
-    p, t = torch.as_tensor(np.asarray(pred) if isinstance(pred, np.ndarray) else pred), torch.as_tensor(
-        np.asarray(truth) if isinstance(truth, np.ndarray) else truth)
+    p, t = _as_tensor(pred), _as_tensor(truth)
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {tuple(p.shape)} differs from truth shape {tuple(t.shape)}")
     return torch.cat([dice_binary(p == v, t == v) for v in labels], dim=1)
