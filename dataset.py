@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import nibabel as nib
 import numpy as np
+import PIL.Image
 import SimpleITK as sitk
 import torch
 from monai.data import CacheDataset, Dataset, ImageReader, MetaTensor, NibabelReader
@@ -47,8 +48,9 @@ from scipy import ndimage
 ORIENTATION = "SPL"  # array axes (D, H, W) = inferior→superior, anterior→posterior, right→left
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
-LABEL_SUFFIXES = ("_seg", "_mask", "_label")  # <case>_seg.nii.gz is the label of <case>.nii.gz
+IMAGE_2D_SUFFIXES = (".tif", ".tiff", ".png", ".bmp")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES + IMAGE_2D_SUFFIXES
+LABEL_SUFFIXES = ("_seg", "_mask", "_label", "_lesion")  # <case>_seg.nii.gz is the label of <case>.nii.gz
 
 
 READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, MemoryError, zlib.error, ImageFileError)
@@ -82,6 +84,7 @@ class PrepParams:
     body_threshold_hu: float = -500.0  # CT body mask: tissue is denser than this
     body_fraction: float = 0.05  # MR body mask: differs from the border by this share of the range
     crop_margin: int = 4  # voxels kept around the body's bounding box
+    channel: int | None = None  # which channel of a colour 2D image to keep; None: all, as input channels
 
     @classmethod
     def from_dict(cls, d: dict) -> PrepParams:
@@ -175,7 +178,7 @@ class SimpleITKReader(ImageReader):
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, header: nib.Nifti1Header | None = None) -> None:
-    """Write ``array`` with ``affine`` as NIfTI atomically (temporary file, then rename); ``header`` keeps codes."""
+    """Write ``array`` (X, Y, Z[, C]) with ``affine`` as NIfTI atomically (temporary file, then rename)."""
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64), header=header)
     if header is None:
         img.set_qform(img.affine, code=1)
@@ -191,6 +194,34 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, header: nib.N
         tmp.unlink(missing_ok=True)
 
 
+class Image2DReader(ImageReader):
+    """TIFF/PNG/BMP via Pillow as a depth-1 volume: array (C, X, Y, 1), 1 mm pixels, x to the left, y to the back.
+
+    With that affine, ``Orientationd("SPL")`` gives (C, 1, rows, columns): the picture as it is displayed.
+    """
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        names = [filename] if isinstance(filename, str | Path) else filename
+        return all(str(n).lower().endswith(IMAGE_2D_SUFFIXES) for n in names)
+
+    def read(self, data: Sequence[str] | str, **kwargs) -> PIL.Image.Image:
+        img = PIL.Image.open(str(data if isinstance(data, str | Path) else data[0]))
+        img.load()
+        return img
+
+    def get_data(self, img: PIL.Image.Image) -> tuple[np.ndarray, dict]:
+        if img.mode == "1":
+            img = img.convert("L").point(lambda v: 1 if v else 0)  # 1-bit masks become 0/1
+        elif img.mode in ("P", "RGBA", "LA", "CMYK", "YCbCr"):
+            img = img.convert("RGB")
+        array = np.asarray(img)
+        array = array[..., None] if array.ndim == 2 else array  # (rows, columns, C)
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+        meta = {"affine": affine, "original_affine": affine.copy(),
+                "spatial_shape": np.asarray([*array.shape[1::-1], 1]), "channel_first": True}
+        return np.ascontiguousarray(array.transpose(2, 1, 0)[..., None]), meta
+
+
 def reader_for(path: str | Path) -> ImageReader:
     """NIfTI through nibabel, NRRD/MHA/MHD files and DICOM folders through SimpleITK.
 
@@ -202,6 +233,8 @@ def reader_for(path: str | Path) -> ImageReader:
     suffix = volume_suffix(Path(path))
     if suffix is None:
         raise InputError(f"{path}: unsupported file type (use {', '.join(VOLUME_SUFFIXES)})")
+    if suffix in IMAGE_2D_SUFFIXES:
+        return Image2DReader()
     return NibabelReader() if suffix in NIFTI_SUFFIXES else SimpleITKReader()
 
 
@@ -212,7 +245,7 @@ class BodyMask:
         self.params = params
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        x = np.asarray(image[0].detach().cpu(), dtype=np.float32)
+        x = np.asarray(image.detach().cpu(), dtype=np.float32).mean(0)  # channels averaged
         if self.params.modality == "ct":
             mask = x > self.params.body_threshold_hu
         else:
@@ -293,17 +326,23 @@ def intensity_transforms(params: PrepParams) -> list[MapTransform]:
         lo, hi = params.window
         return [ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
     lo, hi = params.percentiles
-    return [ClipIntensityPercentilesd("image", lower=lo, upper=hi), NormalizeIntensityd("image")]
+    return [ClipIntensityPercentilesd("image", lower=lo, upper=hi, channel_wise=True),
+            NormalizeIntensityd("image", channel_wise=True)]
 
 
-def load_transforms(keys: Sequence[str]) -> list[MapTransform]:
-    """Read prepared NIfTI files as ``(1, D, H, W)`` MetaTensors with their affine, dtypes kept."""
+def load_transforms(keys: Sequence[str], in_channels: int = 1) -> list[MapTransform]:
+    """Read prepared NIfTI files as ``(C, D, H, W)`` MetaTensors with their affine, dtypes kept.
+
+    Several image channels are stored last, ``(D, H, W, C)``; labels always have one.
+    """
     return [LoadImaged(keys, reader=NibabelReader(), image_only=True, dtype=None),
-            EnsureChannelFirstd(keys, channel_dim="no_channel")]
+            EnsureChannelFirstd([k for k in keys if k != "image" or in_channels == 1], channel_dim="no_channel"),
+            *([EnsureChannelFirstd("image", channel_dim=-1)] if in_channels > 1 and "image" in keys else [])]
 
 
-def read_volume(path: str | Path) -> torch.Tensor:
-    """One file as a (1, X, Y, Z) MetaTensor; unreadable or non-3D files raise ``InputError`` naming the file."""
+def read_volume(path: str | Path, channel: int | None = None) -> torch.Tensor:
+    """One file as a (C, X, Y, Z) MetaTensor (C > 1 only for colour 2D images, unless ``channel`` picks one);
+    unreadable or non-3D files raise ``InputError`` naming the file."""
     if Path(path).is_dir():
         if dicom_dir(Path(path)) is None:
             raise InputError(f"{path}: folder holds no DICOM (.dcm) files")
@@ -320,11 +359,16 @@ def read_volume(path: str | Path) -> torch.Tensor:
     try:
         array, meta = reader.get_data(reader.read(str(path)))
         # float32 also turns big-endian files (which torch cannot hold) into native order; labels stay exact.
-        data = torch.from_numpy(np.asarray(array, dtype=np.float32))[None]
+        data = torch.from_numpy(np.asarray(array, dtype=np.float32))
     except READ_ERRORS as exc:
         lines = str(exc).strip().splitlines()
         reason = f"{type(exc).__name__}: {lines[-1][:160]}" if lines else type(exc).__name__
         raise InputError(f"{path}: cannot read volume ({reason})") from None
+    data = data if meta.pop("channel_first", False) else data[None]
+    if channel is not None and data.ndim == 4:
+        if not 0 <= channel < data.shape[0]:
+            raise InputError(f"{path}: has {data.shape[0]} channel(s), cannot take --channel {channel}")
+        data = data[channel : channel + 1]
     affine = torch.as_tensor(np.asarray(meta.pop("affine")), dtype=torch.float64)
     volume = MetaTensor(data, affine=affine, meta={**meta, "filename_or_obj": str(path)})
     if volume.ndim != 4:
@@ -389,7 +433,8 @@ class AugmentParams:
     rotate_degrees: float = 15.0  # small random in-plane rotation, on top of 90° turns
 
 
-def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: AugmentParams | None = None) -> Compose:
+def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: AugmentParams | None = None,
+                   in_channels: int = 1) -> Compose:
     """Chain over *prepared* files for ``"train"`` or ``"val"``; both share the deterministic prefix.
 
     ``"train"`` pads to the ROI and adds ``RandCropByPosNegLabeld`` plus 90° turns, small rotations and flips.
@@ -397,7 +442,7 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
     aug = aug or AugmentParams()
     keys = ["image", "label"]
     xforms: list = [
-        *load_transforms(keys),
+        *load_transforms(keys, in_channels),
         EnsureTyped("image", dtype=torch.float32),
         *label_mapping(label_values),
         EnsureTyped("label", dtype=torch.uint8),
@@ -423,9 +468,9 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
 
 
 def make_dataset(items: list[dict], mode: str, label_values: Sequence[int], aug: AugmentParams,
-                 cache_rate: float = 1.0, num_workers: int = 0) -> Dataset:
+                 cache_rate: float = 1.0, num_workers: int = 0, in_channels: int = 1) -> Dataset:
     """``CacheDataset`` over prepared ``{"image", "label"}`` items: the deterministic prefix is cached once."""
-    xforms = get_transforms(mode, label_values, aug)
+    xforms = get_transforms(mode, label_values, aug, in_channels)
     if cache_rate <= 0:
         return Dataset(items, xforms)
     try:

@@ -24,6 +24,7 @@ from dataset import (
     InputError,
     PrepParams,
     case_name,
+    check_image,
     dicom_dir,
     prepare_transforms,
     read_volume,
@@ -90,10 +91,12 @@ def invert_to_original(probs: torch.Tensor, image: MetaTensor, chain: Compose) -
 def segment_file(path: Path, model: torch.nn.Module, ckpt: dict, roi: Sequence[int], overlap: float,
                  sw_batch_size: int, amp: bool) -> tuple[np.ndarray, np.ndarray]:
     """Mask (X, Y, Z) in label values on the file's own grid, and the file's affine (4, 4)."""
-    raw = read_volume(path)
-    if not torch.isfinite(raw).all():
-        raise InputError(f"{path}: image contains NaN or Inf intensities")
-    chain = prepare_transforms(PrepParams.from_dict(ckpt["prep_params"]), with_label=False)
+    params = PrepParams.from_dict(ckpt["prep_params"])
+    raw = read_volume(path, params.channel)
+    check_image(raw, path)
+    if raw.shape[0] != ckpt["model_args"]["in_channels"]:
+        raise InputError(f"{path}: has {raw.shape[0]} channel(s), the model takes {ckpt['model_args']['in_channels']}")
+    chain = prepare_transforms(params, with_label=False)
     prepared = chain({"image": raw})["image"]
     probs = probabilities(predict_logits(model, prepared[None], roi, overlap, sw_batch_size, amp))[0]
     classes = to_classes(invert_to_original(probs, prepared, chain)[None])[0, 0]

@@ -17,7 +17,9 @@ DEFAULT_MODEL_ARGS: dict[str, Any] = {
     "in_channels": 1,
     "out_channels": 1,
     "channels": [16, 32, 64, 128, 256],
-    "strides": [2, 2, 2, 2],
+    "strides": [2, 2, 2, 2],  # or per level [1, 2, 2]: in-plane only
+    "kernel_size": 3,  # or [1, 3, 3] for depth-1 (2D) data
+    "up_kernel_size": 3,
     "num_res_units": 2,
     "norm": "instance",
     "dropout": 0.0,
@@ -28,7 +30,8 @@ def model_args(**overrides: Any) -> dict[str, Any]:
     """Defaults updated with ``overrides`` (``None`` values ignored), as JSON-ready lists and numbers."""
     args = dict(DEFAULT_MODEL_ARGS)
     args.update({k: v for k, v in overrides.items() if v is not None})
-    args["channels"], args["strides"] = [int(c) for c in args["channels"]], [int(s) for s in args["strides"]]
+    args["channels"] = [int(c) for c in args["channels"]]
+    args["strides"] = [[int(v) for v in s] if isinstance(s, list | tuple) else int(s) for s in args["strides"]]
     if len(args["strides"]) != len(args["channels"]) - 1:
         raise InputError(f"--channels/--strides: need one stride fewer than channels, got {args['channels']} and "
                          f"{args['strides']}")
@@ -46,7 +49,10 @@ def build_model(args: dict[str, Any]) -> torch.nn.Module:
         in_channels=a["in_channels"],
         out_channels=a["out_channels"],
         channels=tuple(a["channels"]),
-        strides=tuple(a["strides"]),
+        strides=tuple(tuple(s) if isinstance(s, list | tuple) else s for s in a["strides"]),
+        kernel_size=tuple(a["kernel_size"]) if isinstance(a["kernel_size"], list | tuple) else a["kernel_size"],
+        up_kernel_size=tuple(a["up_kernel_size"]) if isinstance(a["up_kernel_size"], list | tuple)
+        else a["up_kernel_size"],
         num_res_units=a["num_res_units"],
         norm=a["norm"],
         dropout=a["dropout"],
@@ -65,11 +71,19 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Path) -> torch.nn.Module:
 
 
 def divisor(args: dict[str, Any]) -> int:
-    """Input sizes must be multiples of this (the product of the strides) to come back the same size."""
+    """In-plane sizes must be multiples of this (the product of the strides) to come back the same size."""
     out = 1
     for s in args["strides"]:
-        out *= int(s)
+        out *= int(s[-1]) if isinstance(s, list | tuple) else int(s)
     return out
+
+
+def flat_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The same network for depth-1 (2D) data: (1, 3, 3) kernels and in-plane strides, so a slice costs
+    what a 2D UNet costs instead of being padded to a deep volume."""
+    strides = [s if isinstance(s, list | tuple) else [1, s, s] for s in args["strides"]]
+    return {**args, "strides": [[1, int(s[-2]), int(s[-1])] for s in strides], "kernel_size": [1, 3, 3],
+            "up_kernel_size": [1, 3, 3]}
 
 
 CHECKPOINT_FORMAT = "monai-seg-pipeline/checkpoint"

@@ -50,6 +50,11 @@ class Case:
     name: str
     image: Path
     label: Path | None
+    group: str = ""  # cases of one group (a patient's slices) stay on one side of the split
+
+    @property
+    def split_group(self) -> str:
+        return self.group or self.name
 
 
 # ---------------------------------------------------------------- 1. finding pairs
@@ -65,8 +70,11 @@ def find_cases(root: Path) -> tuple[list[Case], list[Case]]:
     return _find_flat(root)
 
 
-def _volumes(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and volume_suffix(p) and not p.name.startswith("."))
+def _volumes(folder: Path, recursive: bool = False) -> list[Path]:
+    """Volume files in ``folder`` (and below), hidden files and folders left out."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and volume_suffix(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _find_msd(root: Path) -> tuple[list[Case], list[Case]]:
@@ -84,42 +92,61 @@ def _find_msd(root: Path) -> tuple[list[Case], list[Case]]:
 
 
 def _find_flat(root: Path) -> tuple[list[Case], list[Case]]:
-    # DICOM series are case folders; a volume named after such a folder is its mask.
+    """Pairs anywhere below ``root``: ``<case>.ext`` + ``<case>_seg|_mask|_label|_lesion.ext`` (LGG, PH2 …).
+
+    A folder holding one DICOM series is the image of the case it is named after; a volume of that name is its
+    mask. Slices kept in one folder (LGG: a patient's) form a group that the split keeps together.
+    """
     images: dict[str, Path] = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and dicom_dir(d)}
     labels: dict[str, Path] = {}
-    for path in _volumes(root):
+    for path in _volumes(root, recursive=True):
         name = case_name(path)
         base = next((name[: -len(s)] for s in LABEL_SUFFIXES if name.endswith(s)), None)
-        if base is None and name in images:
-            labels[name] = path
-        elif base is None:
-            images[name] = path
-        else:
-            labels[base] = path
+        target = labels if base is not None or name in images else images
+        key = name if base is None else base
+        if key in target and target[key] != path:
+            raise InputError(f"{path}: case name {key!r} also used by {target[key]}; case names must be unique")
+        target[key] = path
     orphans = sorted(set(labels) - set(images))
     if orphans:
         raise InputError(f"{labels[orphans[0]]}: label has no image named {orphans[0]}.* beside it")
-    labelled = [Case(n, images[n], labels[n]) for n in sorted(images) if n in labels]
-    unlabelled = [Case(n, images[n], None) for n in sorted(images) if n not in labels]
+    per_folder: dict[Path, int] = {}
+    for path in images.values():
+        per_folder[path.parent] = per_folder.get(path.parent, 0) + 1
+    groups = {n: p.parent.name if p.parent != root and per_folder[p.parent] > 1 else "" for n, p in images.items()}
+    labelled = [Case(n, images[n], labels[n], groups[n]) for n in sorted(images) if n in labels]
+    unlabelled = [Case(n, images[n], None, groups[n]) for n in sorted(images) if n not in labels]
     return labelled, unlabelled
 
 
 # ---------------------------------------------------------------- 2. reading and checking
 
 
-def load_raw(case: Case, labels: Sequence[int] | None = None) -> dict:
+def load_raw(case: Case, labels: Sequence[int] | None = None, channel: int | None = None) -> dict:
     """``{"image": (1, X, Y, Z), "label": (1, X, Y, Z)}`` as stored, after the checks on their content.
 
-    ``labels``: the only values a mask may hold (any non-negative integers when None).
+    ``labels``: the only values a mask may hold (any non-negative integers when None); ``channel``: which
+    channel of a colour image to keep (all when None).
     """
-    out = {"image": read_volume(case.image)}
+    out = {"image": read_volume(case.image, channel)}
     if case.label:
-        out["label"] = read_volume(case.label)
+        out["label"] = as_label_map(read_volume(case.label), case.label)
     check_image(out["image"], case.image)
     if case.label:
         check_geometry(case, out["image"], out["label"])
         check_label_values(out["label"], case.label, labels)
     return out
+
+
+def as_label_map(mask: torch.Tensor, path: Path) -> torch.Tensor:
+    """(1, X, Y, Z) label map from a mask stored as grey or RGB, 0/1, 0/255 or float 0./1."""
+    if mask.shape[0] > 1:
+        if not (mask == mask[:1]).all():
+            raise InputError(f"{path}: colour mask whose channels differ; save it as a grey-level label map")
+        mask = mask[:1]
+    if set(torch.unique(mask).tolist()) == {0.0, 255.0}:
+        mask = mask / 255  # 8-bit black/white masks
+    return mask
 
 
 def check_label_values(label: torch.Tensor, path: Path, allowed: Sequence[int] | None) -> None:
@@ -159,7 +186,7 @@ def detect_modality(image: torch.Tensor) -> str:
 
 def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence[int] | None = None) -> dict:
     """Preprocess one case into ``out_dir`` and return its manifest record (JSON-ready)."""
-    raw = load_raw(case, labels)
+    raw = load_raw(case, labels, params.channel)
     image = raw["image"]
     if detect_modality(image) != params.modality:
         log.warning("%s: intensities look like %s, processing as %s", case.image, detect_modality(image),
@@ -174,6 +201,7 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
     crop = _crop_box(prepared["image"])
     record: dict = {
         "name": case.name,
+        "group": case.split_group,
         "image": str(case.image),
         "label": str(case.label) if case.label else None,
         "original_shape": list(image.shape[1:]),
@@ -182,6 +210,7 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
         "inplane_factor": _inplane_factor(prepared["image"]),
         "crop_box": crop,
         "prepared_shape": list(prepared["image"].shape[1:]),
+        "in_channels": int(prepared["image"].shape[0]),
         "prepared_image": f"{case.name}_image.nii.gz",
     }
     if "label" in keys:
@@ -200,8 +229,9 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
 
 
 def _write(volume: torch.Tensor, path: Path, dtype: type) -> None:
-    """Write a (1, D, H, W) MetaTensor with its affine."""
-    write_nifti(np.asarray(volume[0].detach().cpu()).astype(dtype), np.asarray(volume.affine), path)
+    """Write a (C, D, H, W) MetaTensor with its affine; several channels go last, (D, H, W, C)."""
+    array = np.asarray(volume.detach().cpu()).astype(dtype)
+    write_nifti(array[0] if len(array) == 1 else np.moveaxis(array, 0, -1), np.asarray(volume.affine), path)
 
 
 def _crop_box(prepared: torch.Tensor) -> list[list[int]]:
@@ -288,12 +318,14 @@ def _blob(rng: np.random.Generator, grid, shape, body) -> np.ndarray:
 # ---------------------------------------------------------------- 5. the whole folder
 
 
-def split_cases(names: list[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Seeded train/validation split: ``{name: "train" | "val"}``, at least one of each when there are two cases."""
-    order = sorted(names)
+def split_cases(groups: dict[str, str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Seeded train/validation split of ``{case: group}`` by group (a patient never straddles it):
+    ``{case: "train" | "val"}``, at least one group on each side when there are two."""
+    order = sorted(set(groups.values()))
     random.Random(seed).shuffle(order)
     n_val = min(len(order) - 1, max(1, round(val_fraction * len(order)))) if len(order) > 1 else 0
-    return {n: ("val" if i < n_val else "train") for i, n in enumerate(order)}
+    val = set(order[:n_val])
+    return {case: ("val" if group in val else "train") for case, group in groups.items()}
 
 
 def run(config: argparse.Namespace) -> dict:
@@ -306,8 +338,9 @@ def run(config: argparse.Namespace) -> dict:
         raise InputError(f"{src}: no image/label pairs found (MSD imagesTr/labelsTr or <case> + <case>_seg)")
     for case in unlabelled:
         log.warning("%s: no label; prepared for inference only", case.image)
-    modality = config.modality if config.modality != "auto" else first_modality(labelled, config.skip_bad)
-    params = PrepParams(modality=modality, window=tuple(config.window), inplane=config.inplane)
+    modality = config.modality if config.modality != "auto" else first_modality(labelled, config)
+    params = PrepParams(modality=modality, window=tuple(config.window), inplane=config.inplane,
+                        channel=config.channel)
     records, skipped = process_all(labelled + unlabelled, params, dst, config)
     for message in skipped:
         log.warning("skipped %s", message)
@@ -315,7 +348,12 @@ def run(config: argparse.Namespace) -> dict:
         raise InputError(f"{src}: every labelled case was skipped as bad input")
     if all(r.get("label_values") == [0] for r in records if r["label"]):
         raise InputError(f"{src}: every mask is empty; there is nothing to learn")
-    splits = split_cases([r["name"] for r in records if r["label"]], config.val_fraction, config.seed)
+    channels = {r["in_channels"] for r in records}
+    if len(channels) > 1:
+        odd = next(r for r in records if r["in_channels"] != records[0]["in_channels"])
+        raise InputError(f"{odd['image']}: has {odd['in_channels']} channel(s), other cases "
+                         f"{records[0]['in_channels']}; pick one with --channel")
+    splits = split_cases({r["name"]: r["group"] for r in records if r["label"]}, config.val_fraction, config.seed)
     for r in records:
         r["split"] = splits.get(r["name"], "none")
     manifest = {
@@ -323,6 +361,7 @@ def run(config: argparse.Namespace) -> dict:
         "source": str(src),
         "params": dataclasses.asdict(params),
         "label_values": sorted({v for r in records for v in r.get("label_values", [])}),
+        "in_channels": records[0]["in_channels"],
         "split": {"seed": config.seed, "val_fraction": config.val_fraction},
         "skipped": skipped,
         "cases": sorted(records, key=lambda r: r["name"]),
@@ -331,13 +370,13 @@ def run(config: argparse.Namespace) -> dict:
     return manifest
 
 
-def first_modality(cases: list[Case], skip_bad: bool) -> str:
+def first_modality(cases: list[Case], config: argparse.Namespace) -> str:
     """The modality of the first readable labelled case."""
     for case in cases:
         try:
-            return detect_modality(load_raw(case)["image"])
+            return detect_modality(load_raw(case, channel=config.channel)["image"])
         except InputError:
-            if not skip_bad:
+            if not config.skip_bad:
                 raise
     raise InputError(f"{cases[0].image.parent}: no readable case")
 
@@ -436,6 +475,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--synthetic-shape", type=int, nargs=3, default=[32, 512, 512], metavar=("D", "H", "W"))
     p.add_argument("--labels", type=int, nargs="+", default=None, metavar="V",
                    help="the values masks may hold (default: any non-negative integers)")
+    p.add_argument("--channel", type=int, default=None,
+                   help="keep only this channel of colour 2D images (LGG FLAIR: 1); default: all, as input channels")
     p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed at the end) instead of stopping")
     args = p.parse_args(argv)
     if not 8 <= args.inplane <= 4096 or not 0 <= args.val_fraction < 1 or not 1 <= args.workers <= 64:

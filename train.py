@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from dataset import ArgumentParser, AugmentParams, InputError, make_dataset
 from dice import mean_foreground_dice
 from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
-from model import build_model, load_checkpoint, model_args, model_from_checkpoint, save_checkpoint
+from model import build_model, flat_args, load_checkpoint, model_args, model_from_checkpoint, save_checkpoint
 
 MANIFEST_VERSION = 1
 log = logging.getLogger("train")
@@ -160,12 +160,12 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device,
     return float(total) / max(steps, 1)
 
 
-def validate(model, loader, label_values: list[int], cfg: TrainConfig, device: torch.device, amp: bool) -> float:
-    """Mean foreground Dice (dice.py) over whole validation volumes, sliding window as in inference."""
+def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: tuple[int, ...], amp: bool) -> float:
+    """Mean foreground Dice (dice.py) over whole validation volumes, sliding ``window`` as in inference."""
     model.eval()
     scores = []
     for batch in loader:
-        logits = predict_logits(model, batch["image"], cfg.roi, cfg.overlap, cfg.sw_batch_size, amp)
+        logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp)
         pred = to_classes(probabilities(logits)).cpu()
         scores.append(mean_foreground_dice(pred, batch["label"], range(len(label_values))))
     return sum(scores) / len(scores)
@@ -227,15 +227,15 @@ class DeferredInterrupt:
             raise KeyboardInterrupt
 
 
-def make_checkpoint(model, cfg: TrainConfig, manifest: dict, margs: dict, epoch: int, best: dict,
-                    history: list[dict]) -> dict[str, Any]:
+def make_checkpoint(model, cfg: TrainConfig, manifest: dict, margs: dict, window: tuple[int, ...], epoch: int,
+                    best: dict, history: list[dict]) -> dict[str, Any]:
     """What inference needs (weights, model args, preprocessing, labels, window) plus the run's record."""
     return {
         "model_state": model.state_dict(),
         "model_args": margs,
         "prep_params": manifest["params"],
         "label_values": manifest["label_values"],
-        "inference": {"roi": list(cfg.roi), "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size},
+        "inference": {"roi": list(window), "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size},
         "epoch": epoch,
         "best_dice": best["dice"],
         "best_epoch": best["epoch"],
@@ -256,8 +256,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     n_classes = len(label_values)
     if n_classes < 2:
         raise InputError(f"{data_dir}: labels hold only {label_values}; nothing to segment")
-    margs = model_args(out_channels=1 if n_classes == 2 else n_classes, channels=cfg.channels,
+    in_channels = int(manifest.get("in_channels", 1))
+    margs = model_args(in_channels=in_channels, out_channels=1 if n_classes == 2 else n_classes, channels=cfg.channels,
                        strides=cfg.strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)
+    window = tuple(cfg.roi)
+    if all(c["prepared_shape"][0] == 1 for c in manifest["cases"] if c.get("split") in ("train", "val")):
+        # Depth-1 data (2D slices): 2D-equivalent network, depth-1 crops, whole-slice inference.
+        margs = flat_args(margs)
+        cfg = dataclasses.replace(cfg, roi=(1, *cfg.roi[1:]))
+        window = (1, manifest["params"]["inplane"], manifest["params"]["inplane"])
+        log.info("depth-1 data: kernels %s, strides %s, crops %s, window %s", margs["kernel_size"],
+                 margs["strides"], cfg.roi, window)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(cfg.seed)
     model = build_model(margs).to(device)
@@ -274,8 +283,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # 3. datasets: the deterministic prefix is cached once
     aug = AugmentParams(roi=cfg.roi, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
-    train_ds = make_dataset(train_items, "train", label_values, aug, cfg.cache_rate)
-    val_ds = make_dataset(val_items, "val", label_values, aug, cfg.cache_rate)
+    train_ds = make_dataset(train_items, "train", label_values, aug, cfg.cache_rate, in_channels=in_channels)
+    val_ds = make_dataset(val_items, "val", label_values, aug, cfg.cache_rate, in_channels=in_channels)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start)
 
@@ -294,7 +303,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loss = train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp)
         dice = None
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            dice = validate(model, val_loader, label_values, cfg, device, amp)
+            dice = validate(model, val_loader, label_values, cfg, window, amp)
         history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_dice": None if dice is None else
                         round(dice, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
         improved = dice is not None and dice > best["dice"]
@@ -303,7 +312,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             stale = 0
         elif dice is not None:
             stale += 1
-        ckpt = make_checkpoint(model, cfg, manifest, margs, epoch, best, history)
+        ckpt = make_checkpoint(model, cfg, manifest, margs, window, epoch, best, history)
         with DeferredInterrupt():  # Ctrl-C waits until this epoch's files are all written
             if improved:
                 save_checkpoint(ckpt, out_dir / "best.pt")
