@@ -1,0 +1,115 @@
+"""2D images (TIFF, PNG, BMP) as depth-1 volumes: readers, mask encodings, the 2D-equivalent model, real sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import checksums
+from PIL import Image
+
+import infer
+import preprocess
+import train
+from dataset import read_volume
+from model import load_checkpoint
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _disc_image(rng: np.random.Generator, size=(90, 120)) -> tuple[np.ndarray, np.ndarray]:
+    """A (rows, columns, 3) uint8 skin-like picture with a darker disc, and the disc's mask."""
+    rows, cols = np.ogrid[: size[0], : size[1]]
+    cy, cx, r = rng.uniform(30, 60), rng.uniform(40, 80), rng.uniform(12, 20)
+    mask = ((rows - cy) ** 2 + (cols - cx) ** 2 < r * r).astype(np.uint8)
+    image = np.empty((*size, 3), np.uint8)
+    for c, (skin, lesion) in enumerate([(200, 90), (160, 60), (140, 50)]):
+        image[..., c] = np.clip(np.where(mask > 0, lesion, skin) + rng.normal(0, 8, size), 0, 255)
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def png_raw(tmp_path_factory) -> Path:
+    """Six RGB PNG pictures; masks stored three ways: 0/255 grey PNG, 1-bit BMP, RGB 0/255 BMP."""
+    root = tmp_path_factory.mktemp("png_raw")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image, mask = _disc_image(rng)
+        Image.fromarray(image).save(root / f"pic{i}.png")
+        if i % 3 == 0:
+            Image.fromarray(mask * 255).save(root / f"pic{i}_mask.png")
+        elif i % 3 == 1:
+            Image.fromarray(mask > 0).save(root / f"pic{i}_mask.bmp")  # mode "1"
+        else:
+            Image.fromarray(np.repeat(mask[..., None] * 255, 3, axis=-1)).save(root / f"pic{i}_mask.bmp")
+    return root
+
+
+def test_a_picture_is_a_depth_1_volume_as_displayed(png_raw):
+    vol = read_volume(png_raw / "pic0.png")
+    picture = np.asarray(Image.open(png_raw / "pic0.png"))
+    assert vol.shape == (3, 120, 90, 1)  # (C, columns, rows, 1)
+    assert np.array_equal(vol[:, :, :, 0].permute(2, 1, 0).numpy(), picture.astype(np.float32))
+    assert read_volume(png_raw / "pic0.png", channel=1).shape == (1, 120, 90, 1)
+
+
+@pytest.mark.parametrize("name", ["pic0_mask.png", "pic1_mask.bmp", "pic2_mask.bmp"])
+def test_every_mask_encoding_becomes_0_1(png_raw, name):
+    mask = preprocess.as_label_map(read_volume(png_raw / name), png_raw / name)
+    assert mask.shape == (1, 120, 90, 1)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+
+
+def test_2d_pipeline_end_to_end(png_raw, tmp_path):
+    before = checksums(png_raw)
+    prep, out = tmp_path / "prep", tmp_path / "out"
+    assert preprocess.main([str(png_raw), str(prep), "--workers", "1"]) == 0
+    manifest = json.loads((prep / "dataset.json").read_text())
+    assert manifest["in_channels"] == 3 and manifest["label_values"] == [0, 1]
+    assert all(c["prepared_shape"][0] == 1 for c in manifest["cases"])
+    assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "2", "--device", "cpu",
+                       "--channels", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["model_args"]["kernel_size"] == [1, 3, 3]
+    assert ckpt["model_args"]["strides"] == [[1, 2, 2], [1, 2, 2]] and ckpt["model_args"]["in_channels"] == 3
+    assert ckpt["inference"]["roi"] == [1, 256, 256]  # whole-slice window
+    assert ckpt["config"]["roi"] == [1, 96, 96]  # depth-1 crops, not padded to 48 slices
+    assert infer.main([str(png_raw / "pic3.png"), "--checkpoint", str(out / "best.pt"), "--out", str(out)]) == 0
+    mask = nib.load(out / "pic3_mask.nii.gz")
+    assert mask.shape == (120, 90, 1) and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    assert checksums(png_raw) == before
+
+
+def test_a_2d_model_costs_what_a_slice_costs():
+    """The depth-1 network keeps depth 1 all the way through: no padding to a deep volume."""
+    from model import build_model, flat_args, model_args
+
+    net = build_model(flat_args(model_args(channels=[4, 8, 16], strides=[2, 2])))
+    assert net(torch.zeros(1, 1, 1, 64, 64)).shape == (1, 1, 1, 64, 64)
+
+
+@pytest.mark.skipif(not (SHARED / "lgg").is_dir(), reason="../shared/data/lgg is absent")
+def test_lgg_slices_pair_up_and_split_by_patient(tmp_path):
+    labelled, _ = preprocess.find_cases(SHARED / "lgg")
+    assert len(labelled) > 200 and all(c.label.name == c.image.name.replace(".tif", "_mask.tif") for c in labelled)
+    groups = {c.split_group for c in labelled}
+    assert len(groups) == 9 and all(g.startswith("TCGA_") for g in groups)
+    split = preprocess.split_cases({c.name: c.split_group for c in labelled}, 0.2, 0)
+    for group in groups:  # a patient's slices all land on one side
+        assert len({split[c.name] for c in labelled if c.split_group == group}) == 1
+    flair = read_volume(labelled[0].image, channel=1)
+    assert flair.shape == (1, 256, 256, 1)
+
+
+@pytest.mark.skipif(not (SHARED / "ph2").is_dir(), reason="../shared/data/ph2 is absent")
+def test_ph2_pairs_and_its_rgb_mask(tmp_path):
+    labelled, _ = preprocess.find_cases(SHARED / "ph2")
+    assert len(labelled) == 20 and all(c.label.name == f"{c.name}_lesion.bmp" for c in labelled)
+    case = next(c for c in labelled if c.name == "IMD002")  # its mask is an RGB BMP
+    raw = preprocess.load_raw(case)
+    assert raw["image"].shape[0] == 3 and raw["label"].shape[0] == 1
+    assert set(raw["label"].unique().tolist()) == {0.0, 1.0}
