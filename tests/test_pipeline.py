@@ -233,3 +233,27 @@ def test_label_outside_the_body_crop_is_counted(raw_copy, tmp_path):
     cases = json.loads((tmp_path / "prep" / "dataset.json").read_text())["cases"]
     lost = {c["name"]: c["foreground_voxels_outside_crop"] for c in cases}
     assert lost["synth_003"] > 0 and lost["synth_000"] == 0
+
+
+def test_multi_class_labels_survive_end_to_end(raw_dir, tmp_path):
+    """Labels {0, 2, 5}: softmax over three classes, and masks written back with the values 2 and 5."""
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_dir, raw)
+    for path in sorted(raw.glob("*_seg.nii.gz")):
+        data, affine = np.asarray(nib.load(path).dataobj), nib.load(path).affine
+        multi = np.where(data > 0, 2, 0).astype(np.uint8)
+        multi[:, : data.shape[1] // 2][data[:, : data.shape[1] // 2] > 0] = 5  # half of each blob is label 5
+        multi[:2, :2, :] = 5  # and a corner in every case, so that every case holds both labels
+        nib.save(nib.Nifti1Image(multi, affine), path)
+    prep, out = tmp_path / "prep", tmp_path / "out"
+    assert preprocess.main([str(raw), str(prep), "--workers", "1", "--val-fraction", "0.25"]) == 0
+    assert json.loads((prep / "dataset.json").read_text())["label_values"] == [0, 2, 5]
+    assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", *TINY_NET]) == 0
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["model_args"]["out_channels"] == 3 and ckpt["label_values"] == [0, 2, 5]
+    logits = torch.zeros(1, 3, 2, 2, 2)
+    logits[:, 2] = 1.0  # class index 2 everywhere
+    assert infer.to_classes(infer.probabilities(logits)).unique().tolist() == [2]
+    assert infer.main([str(raw / "synth_000.nii.gz"), "--checkpoint", str(out / "best.pt"), "--out", str(out)]) == 0
+    values = set(np.unique(np.asarray(nib.load(out / "synth_000_mask.nii.gz").dataobj)).tolist())
+    assert values <= {0, 2, 5}
