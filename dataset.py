@@ -388,6 +388,17 @@ def _declared_voxels(path: Path) -> int:
         return 0
 
 
+def as_label_map(mask: torch.Tensor, path: Path) -> torch.Tensor:
+    """(1, X, Y, Z) label map from a mask stored as grey or RGB, 0/1, 0/255 or float 0./1."""
+    if mask.shape[0] > 1:
+        if not (mask == mask[:1]).all():
+            raise InputError(f"{path}: colour mask whose channels differ; save it as a grey-level label map")
+        mask = mask[:1]
+    if set(torch.unique(mask).tolist()) == {0.0, 255.0}:
+        mask = mask / 255  # 8-bit black/white masks
+    return mask
+
+
 def check_image(volume: torch.Tensor, path: str | Path) -> None:
     """An image must hold finite, non-constant intensities."""
     if not torch.isfinite(volume).all():

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
+from monai.metrics import compute_hausdorff_distance
 from monai.transforms import Compose, Invertd
 
 from dataset import (
@@ -23,6 +26,7 @@ from dataset import (
     ArgumentParser,
     InputError,
     PrepParams,
+    as_label_map,
     case_name,
     check_image,
     dicom_dir,
@@ -31,6 +35,7 @@ from dataset import (
     volume_suffix,
     write_nifti,
 )
+from dice import dice_binary
 from model import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger("infer")
@@ -122,6 +127,44 @@ def mask_path(source: Path, out_dir: Path) -> Path:
     return out_dir / f"{Path(case_name(source)).name}_mask.nii.gz"
 
 
+def evaluate_case(mask: np.ndarray, truth: np.ndarray, affine: np.ndarray, labels: Sequence[int]) -> dict:
+    """Per foreground label: Dice, IoU, 95th-percentile Hausdorff distance (mm), predicted and true size
+    (mL, or mm² for a single slice); masks (X, Y, Z) in label values on the same grid."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    is_2d = 1 in mask.shape
+    unit, per_voxel = ("mm2", float(np.prod(spacing[np.asarray(mask.shape) > 1]))) if is_2d else (
+        "ml", float(np.prod(spacing)) / 1000.0)
+    row: dict[str, float] = {}
+    for v in labels[1:]:
+        p, t = mask == v, truth == v
+        row[f"dice_{v}"] = float(dice_binary(p[None, None], t[None, None]))
+        union = int((p | t).sum())
+        row[f"iou_{v}"] = 1.0 if union == 0 else float((p & t).sum() / union)
+        row[f"hd95_mm_{v}"] = float("nan")
+        if p.any() and t.any():
+            row[f"hd95_mm_{v}"] = float(compute_hausdorff_distance(
+                torch.from_numpy(p)[None, None], torch.from_numpy(t)[None, None], percentile=95,
+                spacing=spacing.tolist()))
+        row[f"pred_{unit}_{v}"], row[f"true_{unit}_{v}"] = float(p.sum() * per_voxel), float(t.sum() * per_voxel)
+    return row
+
+
+def write_evaluation(rows: dict[str, dict], path: Path) -> dict[str, float]:
+    """``evaluation.csv``: one row per case, then ``mean`` and ``median`` rows (NaN-aware); returns the mean."""
+    columns = list(next(iter(rows.values())))
+    table = np.array([[r.get(c, np.nan) for c in columns] for r in rows.values()], dtype=float)
+    with warnings.catch_warnings():  # a column that is all NaN (no case had both masks) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        summary = {"mean": np.nanmean(table, axis=0), "median": np.nanmedian(table, axis=0)}
+    lines = [",".join(["case", *columns])]
+    lines += [",".join([name, *(f"{v:.6g}" for v in row)]) for name, row in zip(rows, table)]
+    lines += [",".join([name, *(f"{v:.6g}" for v in values)]) for name, values in summary.items()]
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return dict(zip(columns, summary["mean"].tolist()))
+
+
 def volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
     """Foreground volume in mL (voxel count × voxel volume in mm³ / 1000)."""
     return float((mask > 0).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
@@ -171,6 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sw-batch-size", type=int, default=4)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
     p.add_argument("--overwrite", action="store_true", help="replace masks that exist already")
+    p.add_argument("--labels", nargs="+", default=None, metavar="MASK",
+                   help="true masks, one per input in order: writes evaluation.csv (Dice, IoU, HD95, sizes)")
     args = p.parse_args(argv)
     if args.overlap is not None and not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
@@ -194,12 +239,24 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
     model = model_from_checkpoint(ckpt, Path(config.checkpoint)).to(device).eval()
     roi = config.roi or ckpt["inference"]["roi"]
     overlap = ckpt["inference"]["overlap"] if config.overlap is None else config.overlap
-    results = []
-    for path in paths:
+    truths = [Path(t) for t in config.labels or []]
+    if truths and len(truths) != len(paths):
+        raise InputError(f"--labels: {len(truths)} masks for {len(paths)} inputs; give one mask per input, in order")
+    results, scores = [], {}
+    for k, path in enumerate(paths):
         mask, affine = segment_file(path, model, ckpt, roi, overlap, config.sw_batch_size, config.amp)
+        if truths:
+            truth = as_label_map(read_volume(truths[k]), truths[k])[0].numpy().astype(np.int64)
+            if truth.shape != mask.shape:
+                raise InputError(f"{truths[k]}: shape {truth.shape} differs from {path}'s {mask.shape}")
+            scores[case_name(path)] = evaluate_case(mask, truth, affine, ckpt["label_values"])
         out = save_mask(mask, affine, path, out_dir)
         results.append((out, volume_ml(mask, affine)))
         log.info("%s: %.2f mL segmented → %s", path, results[-1][1], out)
+    if scores:
+        mean = write_evaluation(scores, out_dir / "evaluation.csv")
+        dice = np.nanmean([v for k, v in mean.items() if k.startswith("dice_")])
+        log.info("evaluation: mean Dice %.4f over %d cases → %s", dice, len(scores), out_dir / "evaluation.csv")
     return results
 
 

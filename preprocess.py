@@ -29,6 +29,7 @@ from dataset import (
     ArgumentParser,
     InputError,
     PrepParams,
+    as_label_map,
     case_name,
     check_image,
     dicom_dir,
@@ -136,17 +137,6 @@ def load_raw(case: Case, labels: Sequence[int] | None = None, channel: int | Non
         check_geometry(case, out["image"], out["label"])
         check_label_values(out["label"], case.label, labels)
     return out
-
-
-def as_label_map(mask: torch.Tensor, path: Path) -> torch.Tensor:
-    """(1, X, Y, Z) label map from a mask stored as grey or RGB, 0/1, 0/255 or float 0./1."""
-    if mask.shape[0] > 1:
-        if not (mask == mask[:1]).all():
-            raise InputError(f"{path}: colour mask whose channels differ; save it as a grey-level label map")
-        mask = mask[:1]
-    if set(torch.unique(mask).tolist()) == {0.0, 255.0}:
-        mask = mask / 255  # 8-bit black/white masks
-    return mask
 
 
 def check_label_values(label: torch.Tensor, path: Path, allowed: Sequence[int] | None) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 import infer
 import preprocess
 import train
-from dataset import read_volume
+from dataset import as_label_map, read_volume
 from model import load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -59,7 +59,7 @@ def test_a_picture_is_a_depth_1_volume_as_displayed(png_raw):
 
 @pytest.mark.parametrize("name", ["pic0_mask.png", "pic1_mask.bmp", "pic2_mask.bmp"])
 def test_every_mask_encoding_becomes_0_1(png_raw, name):
-    mask = preprocess.as_label_map(read_volume(png_raw / name), png_raw / name)
+    mask = as_label_map(read_volume(png_raw / name), png_raw / name)
     assert mask.shape == (1, 120, 90, 1)
     assert set(mask.unique().tolist()) == {0.0, 1.0}
 

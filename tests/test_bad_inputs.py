@@ -394,3 +394,11 @@ def test_permission_denied_is_reported_even_as_root(small_raw, tmp_path, capsys,
     monkeypatch.setattr(dataset.os, "access", lambda p, mode: Path(p) != denied and real_access(p, mode))
     assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1"]) == 2
     _assert_one_line(capsys, "synth_001.nii.gz", "permission denied")
+
+
+def test_evaluation_needs_one_mask_per_input(trained, small_raw, tmp_path, capsys):
+    args = [str(small_raw / "synth_000.nii.gz"), str(small_raw / "synth_001.nii.gz"), "--labels",
+            str(small_raw / "synth_000_seg.nii.gz"), "--checkpoint", str(trained / "best.pt"), "--out", str(tmp_path)]
+    assert infer.main(args) == 2
+    _assert_one_line(capsys, "--labels")
+    assert not list(tmp_path.iterdir())

@@ -257,3 +257,36 @@ def test_multi_class_labels_survive_end_to_end(raw_dir, tmp_path):
     assert infer.main([str(raw / "synth_000.nii.gz"), "--checkpoint", str(out / "best.pt"), "--out", str(out)]) == 0
     values = set(np.unique(np.asarray(nib.load(out / "synth_000_mask.nii.gz").dataobj)).tolist())
     assert values <= {0, 2, 5}
+
+
+def test_evaluation_csv_against_true_masks(trained, raw_dir, tmp_path):
+    images = [raw_dir / f"synth_00{i}.nii.gz" for i in range(2)]
+    truths = [raw_dir / f"synth_00{i}_seg.nii.gz" for i in range(2)]
+    assert infer.main([*map(str, images), "--labels", *map(str, truths), "--checkpoint", str(trained / "best.pt"),
+                       "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "evaluation.csv").open()))
+    assert [r["case"] for r in rows] == ["synth_000", "synth_001", "mean", "median"]
+    for row, truth in zip(rows, truths):
+        label = nib.load(truth)
+        voxel_ml = abs(np.linalg.det(label.affine[:3, :3])) / 1000
+        assert float(row["true_ml_1"]) == pytest.approx(np.asarray(label.dataobj).sum() * voxel_ml, rel=1e-4)
+        assert 0.0 <= float(row["dice_1"]) <= 1.0 and 0.0 <= float(row["iou_1"]) <= float(row["dice_1"]) + 1e-9
+    assert float(rows[2]["dice_1"]) == pytest.approx((float(rows[0]["dice_1"]) + float(rows[1]["dice_1"])) / 2,
+                                                     abs=1e-5)
+
+
+def test_evaluate_case_by_hand():
+    truth = np.zeros((20, 20, 10), np.int64)
+    truth[5:15, 5:15, 2:8] = 1
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    same = infer.evaluate_case(truth, truth, affine, [0, 1])
+    assert same["dice_1"] == 1.0 and same["iou_1"] == 1.0 and same["hd95_mm_1"] == 0.0
+    assert same["true_ml_1"] == same["pred_ml_1"] == pytest.approx(600 * 0.5 * 0.5 * 2.0 / 1000)
+    shifted = np.roll(truth, 2, axis=0)  # 2 voxels × 0.5 mm along x
+    moved = infer.evaluate_case(shifted, truth, affine, [0, 1])
+    assert moved["dice_1"] == pytest.approx(2 * 480 / 1200) and moved["iou_1"] == pytest.approx(480 / 720)
+    assert 0.0 < moved["hd95_mm_1"] <= 1.0
+    empty = infer.evaluate_case(np.zeros_like(truth), truth, affine, [0, 1])
+    assert empty["dice_1"] == 0.0 and np.isnan(empty["hd95_mm_1"])
+    flat = infer.evaluate_case(truth[:, :, 4:5], truth[:, :, 4:5], affine, [0, 1])
+    assert flat["true_mm2_1"] == pytest.approx(100 * 0.25)  # a single slice reports an area
