@@ -252,7 +252,11 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
             scores[case_name(path)] = evaluate_case(mask, truth, affine, ckpt["label_values"])
         out = save_mask(mask, affine, path, out_dir)
         results.append((out, volume_ml(mask, affine)))
-        log.info("%s: %.2f mL segmented → %s", path, results[-1][1], out)
+        if 1 in mask.shape:  # a single slice: an area means more than a volume
+            area = (mask > 0).sum() * np.prod(np.linalg.norm(affine[:3, :3], axis=0)[np.asarray(mask.shape) > 1])
+            log.info("%s: %.1f mm² segmented → %s", path, area, out)
+        else:
+            log.info("%s: %.2f mL segmented → %s", path, results[-1][1], out)
     if scores:
         mean = write_evaluation(scores, out_dir / "evaluation.csv")
         dice = np.nanmean([v for k, v in mean.items() if k.startswith("dice_")])
