@@ -127,13 +127,19 @@ def mask_path(source: Path, out_dir: Path) -> Path:
     return out_dir / f"{Path(case_name(source)).name}_mask.nii.gz"
 
 
+def voxel_size(shape: Sequence[int], affine: np.ndarray) -> tuple[str, float]:
+    """("mm2", pixel area) for a single slice, where an area means more than a volume; else ("ml", voxel mL)."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if 1 in shape:
+        return "mm2", float(np.prod(spacing[np.asarray(shape) > 1]))
+    return "ml", abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+
+
 def evaluate_case(mask: np.ndarray, truth: np.ndarray, affine: np.ndarray, labels: Sequence[int]) -> dict:
     """Per foreground label: Dice, IoU, 95th-percentile Hausdorff distance (mm), predicted and true size
     (mL, or mm² for a single slice); masks (X, Y, Z) in label values on the same grid."""
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    is_2d = 1 in mask.shape
-    unit, per_voxel = ("mm2", float(np.prod(spacing[np.asarray(mask.shape) > 1]))) if is_2d else (
-        "ml", float(np.prod(spacing)) / 1000.0)
+    unit, per_voxel = voxel_size(mask.shape, affine)
     row: dict[str, float] = {}
     for v in labels[1:]:
         p, t = mask == v, truth == v
@@ -252,11 +258,8 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
             scores[case_name(path)] = evaluate_case(mask, truth, affine, ckpt["label_values"])
         out = save_mask(mask, affine, path, out_dir)
         results.append((out, volume_ml(mask, affine)))
-        if 1 in mask.shape:  # a single slice: an area means more than a volume
-            area = (mask > 0).sum() * np.prod(np.linalg.norm(affine[:3, :3], axis=0)[np.asarray(mask.shape) > 1])
-            log.info("%s: %.1f mm² segmented → %s", path, area, out)
-        else:
-            log.info("%s: %.2f mL segmented → %s", path, results[-1][1], out)
+        unit, per_voxel = voxel_size(mask.shape, affine)
+        log.info("%s: %.2f %s segmented → %s", path, (mask > 0).sum() * per_voxel, unit, out)
     if scores:
         mean = write_evaluation(scores, out_dir / "evaluation.csv")
         dice = np.nanmean([v for k, v in mean.items() if k.startswith("dice_")])
