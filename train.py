@@ -29,7 +29,7 @@ from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
 
 from dataset import ArgumentParser, AugmentParams, InputError, make_dataset
-from dice import mean_foreground_dice
+from dice import dice_per_class
 from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
 from model import build_model, flat_args, load_checkpoint, model_args, model_from_checkpoint, save_checkpoint
 
@@ -160,26 +160,29 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device,
     return float(total) / max(steps, 1)
 
 
-def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: tuple[int, ...], amp: bool) -> float:
-    """Mean foreground Dice (dice.py) over whole validation volumes, sliding ``window`` as in inference."""
+def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: tuple[int, ...],
+             amp: bool) -> dict[int, float]:
+    """Dice (dice.py) per foreground label value, averaged over whole validation volumes (sliding ``window``)."""
     model.eval()
     scores = []
     for batch in loader:
         logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp)
         pred = to_classes(probabilities(logits)).cpu()
-        scores.append(mean_foreground_dice(pred, batch["label"], range(len(label_values))))
-    return sum(scores) / len(scores)
+        scores.append(dice_per_class(pred, batch["label"], range(1, len(label_values)))[0])
+    per_label = torch.stack(scores).mean(0).tolist()
+    return dict(zip(label_values[1:], per_label))
 
 
 # ---------------------------------------------------------------- 4. outputs
 
 
 def write_metrics(history: list[dict], path: Path) -> None:
-    """``metrics.csv``: epoch, train_loss, val_dice, lr, seconds; written atomically."""
+    """``metrics.csv``: epoch, train_loss, val_dice (mean over foreground labels), val_dice_per_label
+    (``label:dice`` pairs), lr, seconds; written atomically."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["epoch", "train_loss", "val_dice", "lr", "seconds"])
+    writer = csv.DictWriter(buf, fieldnames=["epoch", "train_loss", "val_dice", "val_dice_per_label", "lr", "seconds"])
     writer.writeheader()
-    writer.writerows({k: ("" if row[k] is None else row[k]) for k in writer.fieldnames} for row in history)
+    writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in writer.fieldnames} for row in history)
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(buf.getvalue())
     os.replace(tmp, path)
@@ -303,9 +306,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loss = train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp)
         dice = None
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            dice = validate(model, val_loader, label_values, cfg, window, amp)
+            per_label = validate(model, val_loader, label_values, cfg, window, amp)
+            dice = sum(per_label.values()) / len(per_label)  # mean over foreground labels
         history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_dice": None if dice is None else
-                        round(dice, 6), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
+                        round(dice, 6), "val_dice_per_label": "" if dice is None else
+                        " ".join(f"{v}:{d:.4f}" for v, d in per_label.items()),
+                        "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
         improved = dice is not None and dice > best["dice"]
         if improved:
             best = {"dice": dice, "epoch": epoch}
@@ -357,6 +363,8 @@ def log_epoch(writer: SummaryWriter, row: dict, best: dict) -> None:
     writer.add_scalar("train/loss", row["train_loss"], row["epoch"])
     writer.add_scalar("train/lr", row["lr"], row["epoch"])
     dice = "" if row["val_dice"] is None else f"  val Dice {row['val_dice']:.4f}"
+    if row.get("val_dice_per_label", "").count(":") > 1:
+        dice += f" ({row['val_dice_per_label']})"
     if row["val_dice"] is not None:
         writer.add_scalar("val/dice", row["val_dice"], row["epoch"])
     writer.flush()

@@ -251,6 +251,10 @@ def test_multi_class_labels_survive_end_to_end(raw_dir, tmp_path):
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", *TINY_NET]) == 0
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["model_args"]["out_channels"] == 3 and ckpt["label_values"] == [0, 2, 5]
+    (row,) = csv.DictReader((out / "metrics.csv").open())
+    per_label = dict(pair.split(":") for pair in row["val_dice_per_label"].split())
+    assert sorted(per_label) == ["2", "5"]
+    assert float(row["val_dice"]) == pytest.approx(sum(map(float, per_label.values())) / 2, abs=1e-4)
     logits = torch.zeros(1, 3, 2, 2, 2)
     logits[:, 2] = 1.0  # class index 2 everywhere
     assert infer.to_classes(infer.probabilities(logits)).unique().tolist() == [2]
