@@ -259,7 +259,8 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
         out = save_mask(mask, affine, path, out_dir)
         results.append((out, volume_ml(mask, affine)))
         unit, per_voxel = voxel_size(mask.shape, affine)
-        log.info("%s: %.2f %s segmented → %s", path, (mask > 0).sum() * per_voxel, unit, out)
+        shown = {"ml": "mL", "mm2": "mm²"}[unit]
+        log.info("%s: %.2f %s segmented → %s", path, (mask > 0).sum() * per_voxel, shown, out)
     if scores:
         mean = write_evaluation(scores, out_dir / "evaluation.csv")
         dice = np.nanmean([v for k, v in mean.items() if k.startswith("dice_")])
