@@ -78,6 +78,24 @@ def divisor(args: dict[str, Any]) -> int:
     return out
 
 
+def anisotropic_args(args: dict[str, Any], spacing: list[float], ratio: float = 3.0) -> dict[str, Any]:
+    """For volumes whose slices are ``ratio`` times thicker than their pixels (spacing (D, H, W) in mm), the
+    first levels downsample in-plane only, as nnU-Net does, until depth and in-plane spacing are within 2×."""
+    d, h, w = spacing
+    if d < ratio * min(h, w):
+        return args
+    strides = []
+    for s in args["strides"]:
+        s = int(s[-1]) if isinstance(s, list | tuple) else int(s)
+        if d >= 2 * min(h, w):
+            strides.append([1, s, s])
+            h, w = h * s, w * s
+        else:
+            strides.append([s, s, s])
+            d, h, w = d * s, h * s, w * s
+    return {**args, "strides": strides}
+
+
 def flat_args(args: dict[str, Any]) -> dict[str, Any]:
     """The same network for depth-1 (2D) data: (1, 3, 3) kernels and in-plane strides, so a slice costs
     what a 2D UNet costs instead of being padded to a deep volume."""

@@ -93,7 +93,7 @@ def _find_msd(root: Path) -> tuple[list[Case], list[Case]]:
 
 
 def _find_flat(root: Path) -> tuple[list[Case], list[Case]]:
-    """Pairs anywhere below ``root``: ``<case>.ext`` + ``<case>_seg|_mask|_label|_lesion.ext`` (LGG, PH2 …).
+    """Pairs anywhere below ``root``: ``<case>[_image].ext`` + ``<case>_seg|_mask|_label|_lesion.ext`` (LGG, PH2 …).
 
     A folder holding one DICOM series is the image of the case it is named after; a volume of that name is its
     mask. Slices kept in one folder (LGG: a patient's) form a group that the split keeps together.
@@ -103,6 +103,8 @@ def _find_flat(root: Path) -> tuple[list[Case], list[Case]]:
     for path in _volumes(root, recursive=True):
         name = case_name(path)
         base = next((name[: -len(s)] for s in LABEL_SUFFIXES if name.endswith(s)), None)
+        if base is None and name.endswith("_image"):  # <case>_image + <case>_label (pyradiomics, Slicer)
+            name = name[: -len("_image")]
         target = labels if base is not None or name in images else images
         key = name if base is None else base
         if key in target and target[key] != path:
@@ -200,6 +202,7 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
         "inplane_factor": _inplane_factor(prepared["image"]),
         "crop_box": crop,
         "prepared_shape": list(prepared["image"].shape[1:]),
+        "prepared_spacing": np.linalg.norm(np.asarray(prepared["image"].affine)[:3, :3], axis=0).round(6).tolist(),
         "in_channels": int(prepared["image"].shape[0]),
         "prepared_image": f"{case.name}_image.nii.gz",
     }

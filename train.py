@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -31,7 +32,15 @@ from torch.utils.tensorboard import SummaryWriter
 from dataset import ArgumentParser, AugmentParams, InputError, make_dataset
 from dice import dice_per_class
 from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
-from model import build_model, flat_args, load_checkpoint, model_args, model_from_checkpoint, save_checkpoint
+from model import (
+    anisotropic_args,
+    build_model,
+    flat_args,
+    load_checkpoint,
+    model_args,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 
 MANIFEST_VERSION = 1
 log = logging.getLogger("train")
@@ -263,6 +272,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     margs = model_args(in_channels=in_channels, out_channels=1 if n_classes == 2 else n_classes, channels=cfg.channels,
                        strides=cfg.strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)
     window = tuple(cfg.roi)
+    spacings = [c["prepared_spacing"] for c in manifest["cases"] if "prepared_spacing" in c]
+    if spacings:
+        spacing = np.median(np.asarray(spacings), axis=0)
+        isotropic, margs = margs["strides"], anisotropic_args(margs, spacing.tolist())
+        if margs["strides"] != isotropic:
+            log.info("anisotropic spacing %s mm: strides %s", spacing.round(2).tolist(), margs["strides"])
     if all(c["prepared_shape"][0] == 1 for c in manifest["cases"] if c.get("split") in ("train", "val")):
         # Depth-1 data (2D slices): 2D-equivalent network, depth-1 crops, whole-slice inference.
         margs = flat_args(margs)

@@ -14,8 +14,10 @@ from conftest import checksums
 
 import infer
 import preprocess
+import train
 from dataset import PrepParams, prepare_transforms, read_volume, write_nifti
 from dice import dice_binary
+from model import anisotropic_args, build_model, load_checkpoint, model_args
 
 
 def _phantom(tmp_path, affine):
@@ -89,3 +91,35 @@ def test_real_mri_in_other_orientations_and_big_endian(tmp_path):
         restored = infer.to_classes(infer.invert_to_original(onehot, image, chain)[None])[0]
         assert restored.shape == label.shape
         assert dice_binary(restored[None], label[None] > 0).item() >= 0.98
+
+
+def test_anisotropic_volumes_downsample_in_plane_first():
+    args = model_args(strides=[2, 2, 2, 2])
+    assert anisotropic_args(args, [6.5, 0.78, 0.78])["strides"] == [[1, 2, 2], [1, 2, 2], [1, 2, 2], [2, 2, 2]]
+    assert anisotropic_args(args, [2.5, 1.56, 1.56]) == args  # ratio 1.6: left alone
+    net = build_model(anisotropic_args(model_args(channels=[4, 8, 16], strides=[2, 2]), [6.5, 0.78, 0.78]))
+    assert net(torch.zeros(1, 1, 4, 32, 32)).shape == (1, 1, 4, 32, 32)
+
+
+@pytest.mark.skipif(not (SHARED / "nrrd").is_dir(), reason="../shared/data/nrrd is absent")
+def test_anisotropic_nrrd_round_trip_and_model(tmp_path):
+    """pyradiomics' brain MRI at 0.78×0.78×6.5 mm: pairs found, grid restored, in-plane-first strides chosen."""
+    src = SHARED / "nrrd"
+    labelled, _ = preprocess.find_cases(src)
+    assert [c.name for c in labelled] == ["brain1", "brain2", "breast1"]
+    assert preprocess.main([str(src), str(tmp_path / "prep"), "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "prep" / "dataset.json").read_text())
+    brain = next(c for c in manifest["cases"] if c["name"] == "brain1")
+    assert brain["prepared_spacing"][0] == pytest.approx(6.5, rel=0.01)
+    params = PrepParams.from_dict(manifest["params"])
+    chain = prepare_transforms(params, with_label=False)
+    image = chain({"image": read_volume(brain["image"])})["image"]
+    label = read_volume(brain["label"])
+    onehot = torch.from_numpy(np.asarray(nib.load(tmp_path / "prep" / brain["prepared_label"]).dataobj) > 0)
+    restored = infer.to_classes(infer.invert_to_original(onehot.float()[None], image, chain)[None])[0]
+    assert restored.shape == label.shape
+    assert dice_binary(restored[None], label[None] > 0).item() >= 0.98
+    out = tmp_path / "out"
+    assert train.main(["--data", str(tmp_path / "prep"), "--output", str(out), "--epochs", "1", "--device", "cpu",
+                       "--channels", "4", "8", "16", "--strides", "2", "2", "--roi", "16", "64", "64"]) == 0
+    assert load_checkpoint(out / "best.pt")["model_args"]["strides"][0] == [1, 2, 2]
