@@ -249,10 +249,15 @@ class BodyMask:
         if self.params.modality == "ct":
             mask = x > self.params.body_threshold_hu
         else:
-            # MR has no absolute scale: background is what the volume's border holds.
-            border = np.concatenate([x[[0, -1]].ravel(), x[:, [0, -1]].ravel(), x[:, :, [0, -1]].ravel()])
+            # MR has no absolute scale: background is what the volume's border holds (the faces of the axes
+            # that have them: a single slice's border is its edge, not the slice itself), ...
+            faces = [np.moveaxis(x, a, 0)[[0, -1]].ravel() for a in range(3) if x.shape[a] > 2]
+            background = np.median(np.concatenate(faces)) if faces else x.min()
             lo, hi = np.percentile(x, [0.5, 99.5])
-            mask = np.abs(x - np.median(border)) > self.params.body_fraction * max(hi - lo, 1e-6)
+            mask = np.abs(x - background) > self.params.body_fraction * max(hi - lo, 1e-6)
+            if mask.any() and x[mask].mean() < background:
+                # ... when it is darker than the body. Skin filling a photograph, around a darker lesion, is not.
+                return torch.ones_like(image, dtype=torch.bool)
         labels, n = ndimage.label(mask)
         if n > 1:
             sizes = np.bincount(labels.ravel())

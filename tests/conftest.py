@@ -57,3 +57,20 @@ def raw_copy(raw_dir, tmp_path) -> Path:
     dst = tmp_path / "raw"
     shutil.copytree(raw_dir, dst)
     return dst
+
+
+def restore_prepared_label(prep_dir: Path, case: dict, params_dict: dict):
+    """A case's prepared label pushed back through infer's inverse onto its raw image's grid: (1, X, Y, Z)."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    import infer
+    from dataset import PrepParams, prepare_transforms, read_volume
+
+    params = PrepParams.from_dict(params_dict)
+    chain = prepare_transforms(params, with_label=False)
+    image = chain({"image": read_volume(case["image"], params.channel)})["image"]
+    label = np.asarray(nib.load(prep_dir / case["prepared_label"]).dataobj) > 0
+    back = infer.invert_to_original(torch.from_numpy(label).float()[None], image, chain)
+    return infer.to_classes(back[None])[0]

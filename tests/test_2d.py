@@ -9,13 +9,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import checksums
+from conftest import checksums, restore_prepared_label
 from PIL import Image
 
 import infer
 import preprocess
 import train
 from dataset import as_label_map, read_volume
+from dice import dice_binary
 from model import load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -113,3 +114,22 @@ def test_ph2_pairs_and_its_rgb_mask(tmp_path):
     raw = preprocess.load_raw(case)
     assert raw["image"].shape[0] == 3 and raw["label"].shape[0] == 1
     assert set(raw["label"].unique().tolist()) == {0.0, 1.0}
+
+
+def test_bmp_round_trip_through_downsampling(tmp_path):
+    """A 400×300 BMP (downsampled to 256 wide) and its 1-bit mask come back on the original pixel grid."""
+    rng = np.random.default_rng(3)
+    rows, cols = np.ogrid[:300, :400]
+    mask = (((rows - 150) / 70.0) ** 2 + ((cols - 210) / 90.0) ** 2 < 1).astype(np.uint8)
+    image = np.clip(np.where(mask[..., None] > 0, [90, 60, 50], [200, 160, 140]) + rng.normal(0, 8, (300, 400, 3)),
+                    0, 255).astype(np.uint8)  # skin fills the frame: nothing to crop
+    Image.fromarray(image).save(tmp_path / "skin.bmp")
+    Image.fromarray(mask > 0).save(tmp_path / "skin_lesion.bmp")
+    assert preprocess.main([str(tmp_path), str(tmp_path / "prep"), "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "prep" / "dataset.json").read_text())
+    (case,) = manifest["cases"]
+    assert case["prepared_shape"] == [1, 192, 256]  # 300×400 scaled to 256 wide, not cropped to the lesion
+    restored = restore_prepared_label(tmp_path / "prep", case, manifest["params"])
+    truth = as_label_map(read_volume(tmp_path / "skin_lesion.bmp"), tmp_path / "skin_lesion.bmp")
+    assert restored.shape == truth.shape == (1, 400, 300, 1)
+    assert dice_binary(restored[None], truth[None] > 0).item() >= 0.98

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import restore_prepared_label
 
 import infer
 import preprocess
 from dataset import read_volume
+from dice import dice_binary
 from preprocess import synthetic_volume
 
 SPACING = (0.8, 0.8, 2.5)
@@ -105,3 +107,13 @@ def test_bad_series_are_refused(breaker, dicom_raw, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0] and "case0" in err[0], err
     assert not (tmp_path / "prep" / "dataset.json").exists()
+
+
+def test_dicom_round_trip(dicom_raw, tmp_path):
+    assert preprocess.main([str(dicom_raw), str(tmp_path / "prep"), "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "prep" / "dataset.json").read_text())
+    for case in manifest["cases"]:
+        restored = restore_prepared_label(tmp_path / "prep", case, manifest["params"])
+        truth = read_volume(case["label"])
+        assert restored.shape == truth.shape
+        assert dice_binary(restored[None], truth[None] > 0).item() >= 0.98

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import checksums
+from conftest import checksums, restore_prepared_label
 
 import infer
 import preprocess
@@ -79,16 +79,14 @@ def test_real_mri_in_other_orientations_and_big_endian(tmp_path):
     assert checksums(src) == before
     manifest = json.loads((tmp_path / "prep" / "dataset.json").read_text())
     assert manifest["params"]["modality"] == "mr" and len(manifest["cases"]) == 2
-    params = PrepParams.from_dict(manifest["params"])
-    chain = prepare_transforms(params, with_label=False)
     for case in manifest["cases"]:
         label = read_volume(case["label"])
-        image = chain({"image": read_volume(case["image"])})["image"]
         prepared = nib.load(tmp_path / "prep" / case["prepared_label"])
         assert nib.aff2axcodes(prepared.affine) == ("S", "P", "L")
-        assert np.allclose(prepared.affine, image.affine.numpy(), atol=1e-4)
-        onehot = torch.from_numpy(np.asarray(prepared.dataobj) > 0).float()[None]
-        restored = infer.to_classes(infer.invert_to_original(onehot, image, chain)[None])[0]
+        chain = prepare_transforms(PrepParams.from_dict(manifest["params"]), with_label=False)
+        image = chain({"image": read_volume(case["image"])})["image"]
+        assert np.allclose(prepared.affine, image.affine.numpy(), atol=1e-4)  # inference sees the same grid
+        restored = restore_prepared_label(tmp_path / "prep", case, manifest["params"])
         assert restored.shape == label.shape
         assert dice_binary(restored[None], label[None] > 0).item() >= 0.98
 
@@ -111,12 +109,8 @@ def test_anisotropic_nrrd_round_trip_and_model(tmp_path):
     manifest = json.loads((tmp_path / "prep" / "dataset.json").read_text())
     brain = next(c for c in manifest["cases"] if c["name"] == "brain1")
     assert brain["prepared_spacing"][0] == pytest.approx(6.5, rel=0.01)
-    params = PrepParams.from_dict(manifest["params"])
-    chain = prepare_transforms(params, with_label=False)
-    image = chain({"image": read_volume(brain["image"])})["image"]
     label = read_volume(brain["label"])
-    onehot = torch.from_numpy(np.asarray(nib.load(tmp_path / "prep" / brain["prepared_label"]).dataobj) > 0)
-    restored = infer.to_classes(infer.invert_to_original(onehot.float()[None], image, chain)[None])[0]
+    restored = restore_prepared_label(tmp_path / "prep", brain, manifest["params"])
     assert restored.shape == label.shape
     assert dice_binary(restored[None], label[None] > 0).item() >= 0.98
     out = tmp_path / "out"

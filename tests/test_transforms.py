@@ -79,3 +79,17 @@ def test_inplane_resize_updates_the_affine_and_inverts():
     assert small.affine.diagonal()[:3].tolist() == pytest.approx([2.5, 0.7 * 300 / 256, 0.7 * 300 / 256])
     back = resizer.inverse(small)
     assert back.shape == img.shape and torch.allclose(back.affine, img.affine)
+
+
+@pytest.mark.parametrize("depth", [1, 12])
+def test_body_mask_crops_dark_background_but_not_a_bright_frame(depth):
+    from dataset import BodyMask, PrepParams
+
+    rng = np.random.default_rng(0)
+    head = np.zeros((depth, 64, 64), np.float32) + rng.normal(0, 2, (depth, 64, 64)).astype(np.float32)
+    head[:, 16:48, 20:40] += 300  # an MR "head" in dark air
+    mask = BodyMask(PrepParams(modality="mr"))(torch.from_numpy(head)[None])
+    ys, xs = np.nonzero(mask[0].any(0).numpy())
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (16, 47, 20, 39)
+    photo = 200 - head / 2  # bright skin filling the frame around a darker lesion
+    assert BodyMask(PrepParams(modality="mr"))(torch.from_numpy(photo)[None]).all()
