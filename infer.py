@@ -155,6 +155,31 @@ def evaluate_case(mask: np.ndarray, truth: np.ndarray, affine: np.ndarray, label
     return row
 
 
+class PatientDice:
+    """Dice over all of a patient's slices stacked (as the LGG literature reports), accumulated slice by slice."""
+
+    def __init__(self, labels: Sequence[int]) -> None:
+        self.labels = list(labels)[1:]
+        self.counts: dict[str, np.ndarray] = {}  # patient → (labels, [intersection, predicted, true, slices])
+
+    def add(self, patient: str, mask: np.ndarray, truth: np.ndarray) -> None:
+        counts = self.counts.setdefault(patient, np.zeros((len(self.labels), 4), np.int64))
+        for row, v in zip(counts, self.labels):
+            p, t = mask == v, truth == v
+            row += [int((p & t).sum()), int(p.sum()), int(t.sum()), 1]
+
+    def rows(self) -> dict[str, dict[str, float]]:
+        """Per patient with at least two slices: ``dice_<label>`` (1.0 when nothing to find and none found)."""
+        out = {}
+        for patient, counts in self.counts.items():
+            if counts[0, 3] < 2:
+                continue
+            out[patient] = {"slices": float(counts[0, 3])}
+            for (inter, pred, true, _), v in zip(counts, self.labels):
+                out[patient][f"dice_{v}"] = 1.0 if pred + true == 0 else 2.0 * inter / (pred + true)
+        return out
+
+
 def write_evaluation(rows: dict[str, dict], path: Path) -> dict[str, float]:
     """``evaluation.csv``: one row per case, then ``mean`` and ``median`` rows (NaN-aware); returns the mean."""
     columns = list(next(iter(rows.values())))
@@ -248,7 +273,7 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
     truths = [Path(t) for t in config.labels or []]
     if truths and len(truths) != len(paths):
         raise InputError(f"--labels: {len(truths)} masks for {len(paths)} inputs; give one mask per input, in order")
-    results, scores = [], {}
+    results, scores, patients = [], {}, PatientDice(ckpt["label_values"])
     for k, path in enumerate(paths):
         mask, affine = segment_file(path, model, ckpt, roi, overlap, config.sw_batch_size, config.amp)
         if truths:
@@ -256,6 +281,8 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
             if truth.shape != mask.shape:
                 raise InputError(f"{truths[k]}: shape {truth.shape} differs from {path}'s {mask.shape}")
             scores[case_name(path)] = evaluate_case(mask, truth, affine, ckpt["label_values"])
+            if 1 in mask.shape:  # a slice: it also counts towards its folder's (patient's) Dice
+                patients.add(path.parent.name, mask, truth)
         out = save_mask(mask, affine, path, out_dir)
         results.append((out, volume_ml(mask, affine)))
         unit, per_voxel = voxel_size(mask.shape, affine)
@@ -265,6 +292,11 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
         mean = write_evaluation(scores, out_dir / "evaluation.csv")
         dice = np.nanmean([v for k, v in mean.items() if k.startswith("dice_")])
         log.info("evaluation: mean Dice %.4f over %d cases → %s", dice, len(scores), out_dir / "evaluation.csv")
+    if patients.rows():
+        mean = write_evaluation(patients.rows(), out_dir / "evaluation_patients.csv")
+        dice = np.nanmean([v for k, v in mean.items() if k.startswith("dice_")])
+        log.info("evaluation: mean per-patient Dice %.4f over %d patients → %s", dice, len(patients.rows()),
+                 out_dir / "evaluation_patients.csv")
     return results
 
 

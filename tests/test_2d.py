@@ -133,3 +133,31 @@ def test_bmp_round_trip_through_downsampling(tmp_path):
     truth = as_label_map(read_volume(tmp_path / "skin_lesion.bmp"), tmp_path / "skin_lesion.bmp")
     assert restored.shape == truth.shape == (1, 400, 300, 1)
     assert dice_binary(restored[None], truth[None] > 0).item() >= 0.98
+
+
+def test_per_patient_dice_stacks_the_slices(png_raw, tmp_path):
+    """Two slices of one patient: the patient's Dice pools the voxels, unlike the mean of the slice Dice."""
+    pd = infer.PatientDice([0, 1])
+    a_pred, a_true = np.zeros((10, 10, 1), np.int64), np.zeros((10, 10, 1), np.int64)
+    a_pred[:5], a_true[:5] = 1, 1  # 50 voxels, perfect
+    b_pred, b_true = np.zeros_like(a_pred), np.zeros_like(a_true)
+    b_pred[0, 0] = 1  # one false positive voxel on an empty slice: slice Dice 0
+    pd.add("patient", a_pred, a_true)
+    pd.add("patient", b_pred, b_true)
+    pd.add("alone", a_pred, a_true)  # one slice only: no per-patient row
+    assert pd.rows() == {"patient": {"slices": 2.0, "dice_1": pytest.approx(100 / 101)}}
+
+
+def test_infer_writes_per_patient_evaluation_for_slices(png_raw, tmp_path):
+    prep, out = tmp_path / "prep", tmp_path / "out"
+    assert preprocess.main([str(png_raw), str(prep), "--workers", "1"]) == 0
+    assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
+                       "--channels", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
+    images = [png_raw / f"pic{i}.png" for i in range(3)]
+    masks = [png_raw / "pic0_mask.png", png_raw / "pic1_mask.bmp", png_raw / "pic2_mask.bmp"]
+    assert infer.main([*map(str, images), "--labels", *map(str, masks), "--checkpoint", str(out / "best.pt"),
+                       "--out", str(out / "eval")]) == 0
+    rows = (out / "eval" / "evaluation_patients.csv").read_text().splitlines()
+    assert rows[0] == "case,slices,dice_1" and rows[1].startswith(f"{png_raw.name},3,")
+    assert 0.0 <= float(rows[1].split(",")[2]) <= 1.0
+    assert "true_mm2_1" in (out / "eval" / "evaluation.csv").read_text().splitlines()[0]
