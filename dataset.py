@@ -7,10 +7,11 @@ H anterior→posterior and W right→left, which is how SimpleITK/numpy users se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -177,6 +178,22 @@ class SimpleITKReader(ImageReader):
         return array, meta
 
 
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written before it is moved into place: hidden, same folder, same suffix."""
+    return path.with_name(f".partial-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; it replaces ``path`` only if the block succeeds, and never lingers."""
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, header: nib.Nifti1Header | None = None) -> None:
     """Write ``array`` (X, Y, Z[, C]) with ``affine`` as NIfTI atomically (temporary file, then rename)."""
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64), header=header)
@@ -185,13 +202,8 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, header: nib.N
         img.set_sform(img.affine, code=1)
     img.header.set_data_dtype(array.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    suffix = next(s for s in NIFTI_SUFFIXES if path.name.endswith(s))
-    tmp = path.with_name(f".{path.name[: -len(suffix)]}.partial{suffix}")
-    try:
+    with atomic_write(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class Image2DReader(ImageReader):

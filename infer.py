@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from dataset import (
     InputError,
     PrepParams,
     as_label_map,
+    atomic_write,
     case_name,
     check_image,
     dicom_dir,
@@ -190,9 +190,8 @@ def write_evaluation(rows: dict[str, dict], path: Path) -> dict[str, float]:
     lines = [",".join(["case", *columns])]
     lines += [",".join([name, *(f"{v:.6g}" for v in row)]) for name, row in zip(rows, table)]
     lines += [",".join([name, *(f"{v:.6g}" for v in values)]) for name, values in summary.items()]
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return dict(zip(columns, summary["mean"].tolist()))
 
 

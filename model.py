@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 from monai.networks.nets import UNet
 
-from dataset import InputError
+from dataset import InputError, atomic_write
 
 # A serious residual UNet on a GPU (about 4.8 M parameters) that still trains on a CPU in minutes.
 DEFAULT_MODEL_ARGS: dict[str, Any] = {
@@ -112,12 +111,8 @@ REQUIRED_KEYS = ("format", "version", "model_state", "model_args", "prep_params"
 
 def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
     """Write a checkpoint atomically: a temporary file beside it, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_write(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **ckpt}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -30,9 +30,11 @@ from dataset import (
     InputError,
     PrepParams,
     as_label_map,
+    atomic_write,
     case_name,
     check_image,
     dicom_dir,
+    partial_path,
     prepare_transforms,
     read_volume,
     volume_suffix,
@@ -407,7 +409,8 @@ def process_all(cases: list[Case], params: PrepParams, dst: Path, config: argpar
                 ) -> tuple[list[dict], list[str]]:
     """Prepare every case in ``config.workers`` processes; returns (records, skipped-case messages)."""
     dst.mkdir(parents=True, exist_ok=True)
-    for stale in [*dst.glob(".*.partial*"), *dst.glob(".cases/.*.partial*")]:  # left by a killed run
+    pattern = partial_path(Path("*")).name
+    for stale in [*dst.glob(pattern), *(dst / ".cases").glob(pattern)]:  # left by a killed run
         stale.unlink()
     labels = config.labels
     bar = tqdm(total=len(cases), desc="preprocess", unit="case", disable=None)
@@ -444,12 +447,11 @@ def process_all(cases: list[Case], params: PrepParams, dst: Path, config: argpar
 
 def write_json(obj: dict, path: Path) -> None:
     """Write JSON atomically."""
-    tmp = path.with_name(f".{path.name}.partial")
     text = json.dumps(obj, indent=1)
     # One line per innermost list (shapes, affine rows, boxes) keeps the manifest readable.
     text = re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\s+", " ", m.group(0)), text)
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text + "\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -29,7 +28,7 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
 
-from dataset import ArgumentParser, AugmentParams, InputError, make_dataset
+from dataset import ArgumentParser, AugmentParams, InputError, atomic_write, make_dataset
 from dice import dice_per_class
 from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
 from model import (
@@ -192,9 +191,8 @@ def write_metrics(history: list[dict], path: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=["epoch", "train_loss", "val_dice", "val_dice_per_label", "lr", "seconds"])
     writer.writeheader()
     writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in writer.fieldnames} for row in history)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(buf.getvalue())
 
 
 def plot_dice(history: list[dict], path: Path) -> None:
@@ -211,9 +209,8 @@ def plot_dice(history: list[dict], path: Path) -> None:
     ax.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice per epoch")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp)
 
 
 # ---------------------------------------------------------------- 5. the run

@@ -14,6 +14,7 @@ from conftest import ROOT, TINY_NET, checksums
 
 import preprocess
 import train
+from dataset import partial_path
 from model import load_checkpoint
 
 EPOCHS = 6
@@ -55,7 +56,7 @@ def test_sigkill_at_any_moment_then_resume_matches_an_uninterrupted_run(prep_dir
     assert train.main([*common, "--output", str(ref)]) == 0
     kill_points = {
         "while starting": lambda: time.sleep(0.5) or True,
-        "during a checkpoint write": lambda: (out / ".last.pt.partial").exists(),
+        "during a checkpoint write": lambda: partial_path(out / "last.pt").exists(),
         "mid-epoch": lambda: len(_rows(out)) >= 3 and (time.sleep(0.2) or True),
     }
     for point, condition in kill_points.items():
