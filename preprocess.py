@@ -182,9 +182,9 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
     """Preprocess one case into ``out_dir`` and return its manifest record (JSON-ready)."""
     raw = load_raw(case, labels, params.channel)
     image = raw["image"]
-    if detect_modality(image) != params.modality:
-        log.warning("%s: intensities look like %s, processing as %s", case.image, detect_modality(image),
-                    params.modality)
+    looks_like = detect_modality(image)
+    if looks_like != params.modality:
+        log.warning("%s: intensities look like %s, processing as %s", case.image, looks_like, params.modality)
     keys = list(raw)
     chain = prepare_transforms(params, with_label=case.label is not None)
     # Run in two parts so that label voxels cut away by the body crop can be counted.
