@@ -94,12 +94,15 @@ def test_preprocess_killed_and_rerun_gives_identical_output(raw_dir, prep_dir, t
     out = tmp_path / "prep"
     proc = _start("preprocess.py", str(raw_dir), str(out), "--workers", "1", "--val-fraction", "0.25")
     done = out / ".cases"
-    reached = _wait_for(lambda: done.is_dir() and len(list(done.glob("*.json"))) >= 2, proc)
+    def finished() -> list[Path]:  # stamps of finished cases; a hidden one is a write the kill interrupted
+        return [p for p in done.glob("*.json") if not p.name.startswith(".")]
+
+    reached = _wait_for(lambda: done.is_dir() and len(finished()) >= 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert reached, proc.stderr.read()
     assert not (out / "dataset.json").exists()
-    stamps = {p.name: p.stat().st_mtime_ns for p in done.glob("*.json")}
+    stamps = {p.name: p.stat().st_mtime_ns for p in finished()}
     assert preprocess.main([str(raw_dir), str(out), "--workers", "1", "--val-fraction", "0.25"]) == 0
     assert checksums(out) == checksums(prep_dir)
     # the cases finished before the kill were reused, not redone
