@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -52,6 +53,9 @@ SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_2D_SUFFIXES = (".tif", ".tiff", ".png", ".bmp")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES + IMAGE_2D_SUFFIXES
 LABEL_SUFFIXES = ("_seg", "_mask", "_label", "_lesion")  # <case>_seg.nii.gz is the label of <case>.nii.gz
+# In a folder per case (BraTS), the label is the file with one of these names (or ending in a LABEL_SUFFIX).
+CASE_LABEL_NAMES = ("seg", "label", "labels", "mask", "segmentation", "truth", "ground_truth", "OTMultiClass", "OT")
+NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: <case>_0000.nii.gz, <case>_0001 …
 
 
 READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, MemoryError, zlib.error, ImageFileError)
@@ -72,6 +76,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise InputError(f"{self.prog}: {message}")
+
+
+def region_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    """``--regions`` item ``NAME=V,V,…`` (BraTS whole tumour: ``WT=1,2,3,4``) → (name, label values)."""
+    name, _, values = text.partition("=")
+    try:
+        labels = tuple(int(v) for v in values.split(",") if v)
+    except ValueError:
+        labels = ()
+    if not name or not labels or min(labels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=V,V,… with foreground label values")
+    return name, labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,6 +430,42 @@ def as_label_map(mask: torch.Tensor, path: Path) -> torch.Tensor:
     if set(torch.unique(mask).tolist()) == {0.0, 255.0}:
         mask = mask / 255  # 8-bit black/white masks
     return mask
+
+
+def read_channels(paths: Sequence[Path], channel: int | None = None) -> MetaTensor:
+    """One case stored as one file per modality: (C, X, Y, Z) with the first file's geometry, which all must share."""
+    volumes = [read_volume(p, channel) for p in paths]
+    first = volumes[0]
+    for path, v in zip(paths[1:], volumes[1:]):
+        if v.shape[1:] != first.shape[1:]:
+            raise InputError(f"{path}: shape {tuple(v.shape[1:])} differs from {paths[0]}'s {tuple(first.shape[1:])}")
+        if not np.allclose(np.asarray(v.affine), np.asarray(first.affine), atol=1e-3, rtol=0):
+            raise InputError(f"{path}: affine differs from {paths[0]}'s; channels of a case must share one grid")
+    if len(volumes) == 1:
+        return first
+    meta = {k: v for k, v in first.meta.items() if k != "affine"}
+    return MetaTensor(torch.cat([v.as_tensor() for v in volumes]), affine=first.affine, meta=meta)
+
+
+def is_case_label(path: Path) -> bool:
+    """A label file inside a case folder: ``seg``, ``OTMultiClass`` … or ``<anything>_seg``."""
+    name = case_name(path)
+    return name.lower() in {n.lower() for n in CASE_LABEL_NAMES} or name.lower().endswith(LABEL_SUFFIXES)
+
+
+def match_channel(files: Sequence[Path], channel: str, where: Path) -> Path:
+    """The one file among ``files`` for modality ``channel``: a name part (split at ``_``, ``-``, ``.``) equal to it,
+    else the one part that starts with it (case-insensitive): ``Flair`` → ``Flair_subtrMeanDivStd.nii.gz``,
+    ``t1c`` → ``case_t1ce.nii.gz``."""
+    key = channel.lower()
+    parts = {f: [t.lower() for t in re.split(r"[_\-.]", case_name(f)) if t] for f in files}
+    found = [f for f, ts in parts.items() if key in ts] or [f for f, ts in parts.items()
+                                                            if any(t.startswith(key) for t in ts)]
+    if len(found) != 1:
+        names = ", ".join(case_name(f) for f in files) or "no volumes"
+        what = "no file" if not found else f"{len(found)} files"
+        raise InputError(f"{where}: {what} for channel {channel!r} among {names}")
+    return found[0]
 
 
 def check_image(volume: torch.Tensor, path: str | Path) -> None:

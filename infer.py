@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import warnings
@@ -22,6 +24,8 @@ from monai.transforms import Compose, Invertd
 
 from dataset import (
     LABEL_SUFFIXES,
+    NNUNET_CHANNEL,
+    ORIENTATION,
     ArgumentParser,
     InputError,
     PrepParams,
@@ -30,8 +34,12 @@ from dataset import (
     case_name,
     check_image,
     dicom_dir,
+    is_case_label,
+    match_channel,
     prepare_transforms,
+    read_channels,
     read_volume,
+    region_arg,
     volume_suffix,
     write_nifti,
 )
@@ -93,27 +101,40 @@ def invert_to_original(probs: torch.Tensor, image: MetaTensor, chain: Compose) -
     return torch.as_tensor(inverter({"pred": pred, "image": image})["pred"])
 
 
-def segment_file(path: Path, model: torch.nn.Module, ckpt: dict, roi: Sequence[int], overlap: float,
-                 sw_batch_size: int, amp: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Mask (X, Y, Z) in label values on the file's own grid, and the file's affine (4, 4)."""
+@dataclasses.dataclass(frozen=True)
+class InferCase:
+    """One input: its image files (one per input channel), its true mask when evaluating, its patient."""
+
+    name: str
+    sources: tuple[Path, ...]
+    truth: Path | None = None
+    group: str = ""  # slices of one group (a patient) are also scored together
+
+
+def segment_case(case: InferCase, model: torch.nn.Module, ckpt: dict, roi: Sequence[int], overlap: float,
+                 sw_batch_size: int, amp: bool) -> tuple[np.ndarray, MetaTensor]:
+    """Mask (X, Y, Z) in label values on the input's own grid, and the input as read (C, X, Y, Z) with its affine."""
     params = PrepParams.from_dict(ckpt["prep_params"])
-    raw = read_volume(path, params.channel)
-    check_image(raw, path)
+    raw = read_channels(case.sources, params.channel)
+    for k, path in enumerate(case.sources):
+        check_image(raw if len(case.sources) == 1 else raw[k : k + 1], path)
     if raw.shape[0] != ckpt["model_args"]["in_channels"]:
-        raise InputError(f"{path}: has {raw.shape[0]} channel(s), the model takes {ckpt['model_args']['in_channels']}")
+        raise InputError(f"{case.sources[0]}: has {raw.shape[0]} channel(s), the model takes "
+                         f"{ckpt['model_args']['in_channels']}")
     chain = prepare_transforms(params, with_label=False)
     prepared = chain({"image": raw})["image"]
     probs = probabilities(predict_logits(model, prepared[None], roi, overlap, sw_batch_size, amp))[0]
     classes = to_classes(invert_to_original(probs, prepared, chain)[None])[0, 0]
     values = np.asarray(ckpt["label_values"])
     mask = values[classes.numpy()].astype(np.uint8 if values.max() < 256 else np.int16)
-    return mask, np.asarray(raw.affine, dtype=np.float64)
+    return mask, raw
 
 
-def save_mask(mask: np.ndarray, affine: np.ndarray, source: Path, out_dir: Path) -> Path:
-    """Write ``<stem>_mask.nii.gz``; NIfTI inputs lend their header so that the mask overlays them exactly."""
+def save_mask(mask: np.ndarray, affine: np.ndarray, source: Path, out_dir: Path, name: str | None = None) -> Path:
+    """Write ``<name>_mask.nii.gz`` (name: the source's stem by default); NIfTI inputs lend their header so that
+    the mask overlays them exactly."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = mask_path(source, out_dir)
+    out = mask_path(Path(name) if name else source, out_dir)
     header = None
     if volume_suffix(source) in (".nii", ".nii.gz"):
         ref = nib.load(str(source))
@@ -123,7 +144,8 @@ def save_mask(mask: np.ndarray, affine: np.ndarray, source: Path, out_dir: Path)
 
 
 def mask_path(source: Path, out_dir: Path) -> Path:
-    """``out_dir/<input stem>_mask.nii.gz``: a file name only, so it cannot point outside ``out_dir``."""
+    """``out_dir/<input stem>_mask.nii.gz`` (a case name works too): a file name only, so it cannot point outside
+    ``out_dir``."""
     return out_dir / f"{Path(case_name(source)).name}_mask.nii.gz"
 
 
@@ -135,37 +157,43 @@ def voxel_size(shape: Sequence[int], affine: np.ndarray) -> tuple[str, float]:
     return "ml", abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 
-def evaluate_case(mask: np.ndarray, truth: np.ndarray, affine: np.ndarray, labels: Sequence[int]) -> dict:
-    """Per foreground label: Dice, IoU, 95th-percentile Hausdorff distance (mm), predicted and true size
-    (mL, or mm² for a single slice); masks (X, Y, Z) in label values on the same grid."""
+def evaluate_case(mask: np.ndarray, truth: np.ndarray, affine: np.ndarray, labels: Sequence[int],
+                  regions: dict[str, Sequence[int]] | None = None) -> dict:
+    """Per foreground label, and per region (a union of labels), on masks (X, Y, Z) in label values on one grid:
+    Dice, IoU, 95th-percentile Hausdorff distance (mm), predicted and true size (mL, or mm² for a single slice)."""
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     unit, per_voxel = voxel_size(mask.shape, affine)
     row: dict[str, float] = {}
-    for v in labels[1:]:
-        p, t = mask == v, truth == v
-        row[f"dice_{v}"] = float(dice_binary(p[None, None], t[None, None]))
+    for key, values in scored_targets(labels, regions).items():
+        p, t = np.isin(mask, values), np.isin(truth, values)
+        row[f"dice_{key}"] = float(dice_binary(p[None, None], t[None, None]))
         union = int((p | t).sum())
-        row[f"iou_{v}"] = 1.0 if union == 0 else float((p & t).sum() / union)
-        row[f"hd95_mm_{v}"] = float("nan")
+        row[f"iou_{key}"] = 1.0 if union == 0 else float((p & t).sum() / union)
+        row[f"hd95_mm_{key}"] = float("nan")
         if p.any() and t.any():
-            row[f"hd95_mm_{v}"] = float(compute_hausdorff_distance(
+            row[f"hd95_mm_{key}"] = float(compute_hausdorff_distance(
                 torch.from_numpy(p)[None, None], torch.from_numpy(t)[None, None], percentile=95,
                 spacing=spacing.tolist()))
-        row[f"pred_{unit}_{v}"], row[f"true_{unit}_{v}"] = float(p.sum() * per_voxel), float(t.sum() * per_voxel)
+        row[f"pred_{unit}_{key}"], row[f"true_{unit}_{key}"] = float(p.sum() * per_voxel), float(t.sum() * per_voxel)
     return row
+
+
+def scored_targets(labels: Sequence[int], regions: dict[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    """``{"1": [1], "2": [2], …, "WT": [1, 2, 3, 4]}``: each foreground label, then each region."""
+    return {**{str(v): [v] for v in list(labels)[1:]}, **{k: list(v) for k, v in (regions or {}).items()}}
 
 
 class PatientDice:
     """Dice over all of a patient's slices stacked (as the LGG literature reports), accumulated slice by slice."""
 
-    def __init__(self, labels: Sequence[int]) -> None:
-        self.labels = list(labels)[1:]
-        self.counts: dict[str, np.ndarray] = {}  # patient → (labels, [intersection, predicted, true, slices])
+    def __init__(self, labels: Sequence[int], regions: dict[str, Sequence[int]] | None = None) -> None:
+        self.targets = scored_targets(labels, regions)
+        self.counts: dict[str, np.ndarray] = {}  # patient → (targets, [intersection, predicted, true, slices])
 
     def add(self, patient: str, mask: np.ndarray, truth: np.ndarray) -> None:
-        counts = self.counts.setdefault(patient, np.zeros((len(self.labels), 4), np.int64))
-        for row, v in zip(counts, self.labels):
-            p, t = mask == v, truth == v
+        counts = self.counts.setdefault(patient, np.zeros((len(self.targets), 4), np.int64))
+        for row, values in zip(counts, self.targets.values()):
+            p, t = np.isin(mask, values), np.isin(truth, values)
             row += [int((p & t).sum()), int(p.sum()), int(t.sum()), 1]
 
     def rows(self) -> dict[str, dict[str, float]]:
@@ -175,8 +203,8 @@ class PatientDice:
             if counts[0, 3] < 2:
                 continue
             out[patient] = {"slices": float(counts[0, 3])}
-            for (inter, pred, true, _), v in zip(counts, self.labels):
-                out[patient][f"dice_{v}"] = 1.0 if pred + true == 0 else 2.0 * inter / (pred + true)
+            for (inter, pred, true, _), key in zip(counts, self.targets):
+                out[patient][f"dice_{key}"] = 1.0 if pred + true == 0 else 2.0 * inter / (pred + true)
         return out
 
 
@@ -200,27 +228,132 @@ def volume_ml(mask: np.ndarray, affine: np.ndarray) -> float:
     return float((mask > 0).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
 
 
+# ---------------------------------------------------------------- pictures
+
+
+def write_overlay(image: MetaTensor, mask: np.ndarray, truth: np.ndarray | None, labels: Sequence[int], title: str,
+                  path: Path) -> None:
+    """PNG of the image (C, X, Y, Z) with the predicted mask as a translucent colour and the truth as an outline:
+    a single slice as displayed, or for 3D the axial, coronal and sagittal planes through the lesion's centre."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from monai.transforms import Orientation
+
+    # Reoriented like the network's input: (D, H, W) = inferior→superior, anterior→posterior, right→left.
+    orient = Orientation(axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    img = orient(MetaTensor(image.as_tensor(), affine=image.affine))
+    spacing = np.linalg.norm(np.asarray(img.affine)[:3, :3], axis=0)
+    grid = [np.asarray(orient(MetaTensor(torch.from_numpy(m.astype(np.int16))[None], affine=image.affine)))[0]
+            if m is not None else None for m in (mask, truth)]
+    pixels = np.asarray(img, dtype=np.float32)
+    lo, hi = np.percentile(pixels, [0.5, 99.5], axis=(1, 2, 3), keepdims=True)
+    pixels = np.clip((pixels - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
+    pixels = np.moveaxis(pixels, 0, -1) if pixels.shape[0] == 3 else pixels[0]  # RGB photographs stay in colour
+
+    where = next((m for m in grid if m is not None and m.any()), None)
+    centre = [int(round(c)) for c in np.argwhere(where > 0).mean(0)] if where is not None else [
+        n // 2 for n in grid[0].shape]
+    d, h, w = centre
+    planes: list[tuple[str, tuple, float]] = [("axial", (d, slice(None), slice(None)), spacing[1] / spacing[2])]
+    if grid[0].shape[0] > 1:  # coronal and sagittal: superior up
+        planes += [("coronal", (slice(None, None, -1), h, slice(None)), spacing[0] / spacing[2]),
+                   ("sagittal", (slice(None, None, -1), slice(None), w), spacing[0] / spacing[1])]
+    colours = colormaps["tab10"](np.arange(10))
+    cmap = ListedColormap([(0, 0, 0, 0), *[(*colours[i % 10][:3], 0.45) for i in range(len(labels) - 1)]])
+    index = {v: i for i, v in enumerate(labels)}
+    fig = Figure(figsize=(4 * len(planes), 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for ax, (name, sl, aspect) in zip(fig.subplots(1, len(planes), squeeze=False)[0], planes):
+        ax.imshow(pixels[sl], cmap="gray", aspect=aspect, interpolation="nearest")
+        pred = np.vectorize(lambda v: index.get(int(v), 0))(grid[0][sl]) if grid[0][sl].any() else grid[0][sl] * 0
+        ax.imshow(pred, cmap=cmap, vmin=0, vmax=len(labels) - 1, aspect=aspect, interpolation="nearest")
+        if grid[1] is not None:
+            for v in labels[1:]:
+                if (grid[1][sl] == v).any():
+                    ax.contour(grid[1][sl] == v, levels=[0.5], colors=[colours[(index[v] - 1) % 10]], linewidths=1)
+        ax.set_title(name if len(planes) > 1 else "", fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title + ("  (fill: prediction, line: truth)" if truth is not None else "  (fill: prediction)"),
+                 fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
 # ---------------------------------------------------------------- command line
 
 
-def expand_inputs(items: Sequence[str]) -> list[Path]:
-    """Files as given, a DICOM folder as one series, other folders as the images they hold (not ``_seg`` …)."""
-    paths: list[Path] = []
+def expand_inputs(items: Sequence[str], channels: Sequence[str] | None = None) -> list[InferCase]:
+    """Inputs as cases. Files as given; a DICOM folder as one series; other folders as the images they hold (not
+    ``_seg`` …). With a multi-modal checkpoint (``channels``): ``<case>_0000`` brings its ``_0001`` … (nnU-Net),
+    and a folder holding the modality files (or a folder of such folders) is one case each (BraTS)."""
+    nnunet = bool(channels) and all(NNUNET_CHANNEL.match(f"x_{c}") for c in channels)
+    cases: dict[tuple[Path, ...], InferCase] = {}
     for item in map(Path, items):
         if item.is_dir() and dicom_dir(item):
-            paths.append(item)  # one DICOM series
-        elif item.is_dir():
-            found = sorted(p for p in item.iterdir() if volume_suffix(p) and not case_name(p).endswith(LABEL_SUFFIXES))
-            if not found:
+            found = [InferCase(item.name, (item,), group=item.parent.name)]  # one DICOM series
+        elif item.is_dir() and channels and not nnunet:
+            # The case folder itself, or a folder of case folders (BraTS's test/).
+            folders = [item] if _holds_volumes(item) else [d for d in sorted(item.iterdir()) if _holds_volumes(d)]
+            if not folders:
                 raise InputError(f"{item}: folder holds no volumes")
-            paths += found
+            found = [_case_folder(d, channels) for d in folders]
+        elif item.is_dir():
+            files = sorted(p for p in item.iterdir() if volume_suffix(p) and not case_name(p).endswith(LABEL_SUFFIXES))
+            if not files:
+                raise InputError(f"{item}: folder holds no volumes")
+            found = [_file_case(f, channels if nnunet else None) for f in files]
         elif not item.is_file():
             raise InputError(f"{item}: no such file")
         elif not volume_suffix(item):
             raise InputError(f"{item}: unsupported file type (use .nii.gz, .nii, .nrrd, .mha or .mhd)")
         else:
-            paths.append(item)
-    return paths
+            found = [_file_case(item, channels if nnunet else None)]
+        cases.update((c.sources, c) for c in found)  # an nnU-Net case named by each of its files is one case
+    return list(cases.values())
+
+
+def _holds_volumes(folder: Path) -> bool:
+    return folder.is_dir() and any(volume_suffix(p) for p in folder.iterdir())
+
+
+def _case_folder(folder: Path, channels: Sequence[str]) -> InferCase:
+    """A folder per case: its modality files in ``channels`` order (the label beside them is not an input)."""
+    files = sorted(p for p in folder.iterdir() if volume_suffix(p) and not is_case_label(p))
+    return InferCase(folder.name, tuple(match_channel(files, c, folder) for c in channels), group=folder.name)
+
+
+def _file_case(path: Path, nnunet: Sequence[str] | None) -> InferCase:
+    """One file, or with nnU-Net ``channels`` the ``<case>_0000``, ``<case>_0001`` … beside ``path``."""
+    match = NNUNET_CHANNEL.match(case_name(path))
+    if not nnunet:
+        return InferCase(case_name(path), (path,), group=path.parent.name)
+    if not match:
+        raise InputError(f"{path}: the model takes channels {list(nnunet)}; name the files <case>_0000.nii.gz …")
+    siblings = tuple(path.with_name(f"{match['case']}_{c}{volume_suffix(path)}") for c in nnunet)
+    missing = next((s for s in siblings if not s.is_file()), None)
+    if missing:
+        raise InputError(f"{missing}: no such file (channel {case_name(missing)[-4:]} of case {match['case']})")
+    return InferCase(match["case"], siblings, group=path.parent.name)
+
+
+def cases_from_manifest(prep_dir: Path, split: str) -> list[InferCase]:
+    """The ``split`` cases of a prepared dataset, as their original files with their true masks."""
+    path = prep_dir / "dataset.json"
+    try:
+        manifest = json.loads(path.read_text())
+        records = [r for r in manifest["cases"] if r.get("split") == split and r.get("label")]
+        cases = [InferCase(r["name"], tuple(Path(p) for p in r.get("images") or [r["image"]]), Path(r["label"]),
+                           r.get("group", "")) for r in records]
+    except FileNotFoundError:
+        raise InputError(f"{path}: no manifest (run preprocess.py first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a manifest written by preprocess.py ({type(exc).__name__}: {exc})") from None
+    if not cases:
+        raise InputError(f"{path}: no labelled {split!r} cases to evaluate")
+    return cases
 
 
 def resolve_device(name: str) -> torch.device:
@@ -234,9 +367,10 @@ def resolve_device(name: str) -> torch.device:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
-    p.add_argument("inputs", nargs="+", help="volumes (.nii.gz, .nii, .nrrd, .mha), DICOM series folders, or folders")
+    p.add_argument("inputs", nargs="*", help="volumes (.nii.gz, .nii, .nrrd, .mha, .tif, .bmp, .png), DICOM series "
+                   "folders, case folders (one file per modality), or folders of these")
     p.add_argument("--checkpoint", default="output/best.pt")
-    p.add_argument("--out", default="output", help="folder for <input stem>_mask.nii.gz")
+    p.add_argument("--out", default="output", help="folder for <case>_mask.nii.gz, evaluation.csv, overlays/")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--roi", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                    help="sliding-window size (default: the checkpoint's)")
@@ -246,7 +380,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace masks that exist already")
     p.add_argument("--labels", nargs="+", default=None, metavar="MASK",
                    help="true masks, one per input in order: writes evaluation.csv (Dice, IoU, HD95, sizes)")
+    p.add_argument("--evaluate", default=None, metavar="PREP",
+                   help="segment and score the --split cases of a prepared dataset (instead of INPUTS)")
+    p.add_argument("--split", choices=["val", "test", "train"], default="val", help="which cases --evaluate takes")
+    p.add_argument("--regions", type=region_arg, nargs="+", default=None, metavar="NAME=V,V",
+                   help="label unions also scored (default: the checkpoint's; BraTS: WT=1,2,3,4 TC=1,3,4 ET=4)")
+    p.add_argument("--overlays", action="store_true",
+                   help="also write OUT/overlays/<case>.png: image, predicted mask, true outline")
     args = p.parse_args(argv)
+    if bool(args.inputs) == bool(args.evaluate):
+        p.error("give input volumes or --evaluate PREP, not both (nor neither)")
+    if args.evaluate and args.labels:
+        p.error("--evaluate takes the true masks from the manifest; leave out --labels")
     if args.overlap is not None and not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
     if args.sw_batch_size < 1 or (args.roi and min(args.roi) < 1):
@@ -256,47 +401,70 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
     """Segment every input; returns (mask path, foreground mL) per input."""
-    paths = expand_inputs(config.inputs)
     device = resolve_device(config.device)
+    ckpt = load_checkpoint(Path(config.checkpoint))
+    if config.evaluate:
+        cases = cases_from_manifest(Path(config.evaluate), config.split)
+    else:
+        cases = expand_inputs(config.inputs, ckpt.get("channels"))
+        truths = [Path(t) for t in config.labels or []]
+        if truths and len(truths) != len(cases):
+            raise InputError(f"--labels: {len(truths)} masks for {len(cases)} inputs; give one mask per input, "
+                             "in order")
+        cases = [dataclasses.replace(c, truth=t) for c, t in zip(cases, truths)] if truths else cases
     out_dir = Path(config.out)
-    targets = [mask_path(p, out_dir) for p in paths]
+    targets = [mask_path(Path(c.name), out_dir) for c in cases]
     existing = [t for t in targets if t.exists()]
     if existing and not config.overwrite:
         raise InputError(f"{existing[0]}: mask exists already (pass --overwrite to replace it)")
     if len(set(targets)) < len(targets):
         raise InputError(f"{out_dir}: two inputs would write the same mask name; segment them separately")
-    ckpt = load_checkpoint(Path(config.checkpoint))
     model = model_from_checkpoint(ckpt, Path(config.checkpoint)).to(device).eval()
     roi = config.roi or ckpt["inference"]["roi"]
     overlap = ckpt["inference"]["overlap"] if config.overlap is None else config.overlap
-    truths = [Path(t) for t in config.labels or []]
-    if truths and len(truths) != len(paths):
-        raise InputError(f"--labels: {len(truths)} masks for {len(paths)} inputs; give one mask per input, in order")
-    results, scores, patients = [], {}, PatientDice(ckpt["label_values"])
-    for k, path in enumerate(paths):
-        mask, affine = segment_file(path, model, ckpt, roi, overlap, config.sw_batch_size, config.amp)
-        if truths:
-            truth = as_label_map(read_volume(truths[k]), truths[k])[0].numpy().astype(np.int64)
+    labels = ckpt["label_values"]
+    regions = dict(config.regions) if config.regions is not None else ckpt.get("regions") or {}
+    unknown = sorted({v for values in regions.values() for v in values} - set(labels))
+    if unknown:
+        raise InputError(f"--regions: label values {unknown} are not among the model's labels {labels}")
+    results, scores, patients = [], {}, PatientDice(labels, regions)
+    for case in cases:
+        mask, raw = segment_case(case, model, ckpt, roi, overlap, config.sw_batch_size, config.amp)
+        affine = np.asarray(raw.affine, dtype=np.float64)
+        truth = None
+        if case.truth:
+            truth = as_label_map(read_volume(case.truth), case.truth)[0].numpy().astype(np.int64)
             if truth.shape != mask.shape:
-                raise InputError(f"{truths[k]}: shape {truth.shape} differs from {path}'s {mask.shape}")
-            scores[case_name(path)] = evaluate_case(mask, truth, affine, ckpt["label_values"])
-            if 1 in mask.shape:  # a slice: it also counts towards its folder's (patient's) Dice
-                patients.add(path.parent.name, mask, truth)
-        out = save_mask(mask, affine, path, out_dir)
+                raise InputError(f"{case.truth}: shape {truth.shape} differs from {case.sources[0]}'s {mask.shape}")
+            scores[case.name] = evaluate_case(mask, truth, affine, labels, regions)
+            if 1 in mask.shape:  # a slice: it also counts towards its patient's Dice
+                patients.add(case.group, mask, truth)
+        out = save_mask(mask, affine, case.sources[0], out_dir, case.name)
+        if config.overlays:
+            write_overlay(raw, mask, truth, labels, case.name, out_dir / "overlays" / f"{Path(case.name).name}.png")
         results.append((out, volume_ml(mask, affine)))
         unit, per_voxel = voxel_size(mask.shape, affine)
         shown = {"ml": "mL", "mm2": "mm²"}[unit]
-        log.info("%s: %.2f %s segmented → %s", path, (mask > 0).sum() * per_voxel, shown, out)
+        log.info("%s: %.2f %s segmented → %s", case.sources[0], (mask > 0).sum() * per_voxel, shown, out)
     if scores:
         mean = write_evaluation(scores, out_dir / "evaluation.csv")
-        dice = np.nanmean([v for k, v in mean.items() if k.startswith("dice_")])
-        log.info("evaluation: mean Dice %.4f over %d cases → %s", dice, len(scores), out_dir / "evaluation.csv")
+        log.info("evaluation: mean Dice %.4f over %d cases → %s%s", mean_dice(mean, labels), len(scores),
+                 out_dir / "evaluation.csv", region_text(mean, regions))
     if patients.rows():
         mean = write_evaluation(patients.rows(), out_dir / "evaluation_patients.csv")
-        dice = np.nanmean([v for k, v in mean.items() if k.startswith("dice_")])
-        log.info("evaluation: mean per-patient Dice %.4f over %d patients → %s", dice, len(patients.rows()),
-                 out_dir / "evaluation_patients.csv")
+        log.info("evaluation: mean per-patient Dice %.4f over %d patients → %s", mean_dice(mean, labels),
+                 len(patients.rows()), out_dir / "evaluation_patients.csv")
     return results
+
+
+def mean_dice(mean: dict[str, float], labels: Sequence[int]) -> float:
+    """Mean over foreground labels (regions left out) of the per-label mean Dice."""
+    return float(np.nanmean([mean[f"dice_{v}"] for v in list(labels)[1:]]))
+
+
+def region_text(mean: dict[str, float], regions: dict) -> str:
+    """``; regions WT 0.81, TC 0.62`` for the log, or nothing."""
+    return "; regions " + ", ".join(f"{k} {mean[f'dice_{k}']:.4f}" for k in regions) if regions else ""
 
 
 def main(argv: list[str] | None = None) -> int:

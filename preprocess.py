@@ -25,7 +25,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dataset import (
+    CASE_LABEL_NAMES,
     LABEL_SUFFIXES,
+    NNUNET_CHANNEL,
     ArgumentParser,
     InputError,
     PrepParams,
@@ -34,8 +36,11 @@ from dataset import (
     case_name,
     check_image,
     dicom_dir,
+    is_case_label,
+    match_channel,
     partial_path,
     prepare_transforms,
+    read_channels,
     read_volume,
     volume_suffix,
     write_nifti,
@@ -51,26 +56,81 @@ class Case:
     """One image, with its label when there is one."""
 
     name: str
-    image: Path
+    image: Path  # the file (or DICOM folder) that messages name; the first channel when there are several
     label: Path | None
     group: str = ""  # cases of one group (a patient's slices) stay on one side of the split
+    channels: tuple[Path, ...] = ()  # one file per modality (nnU-Net _0000/_0001, BraTS Flair/T1c), in order
+    split: str = ""  # "train" | "val" | "test" when the dataset's folders say so; "" for a seeded split
 
     @property
     def split_group(self) -> str:
         return self.group or self.name
 
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        """The image files, one per input channel."""
+        return self.channels or (self.image,)
+
+
+LAYOUTS = ("auto", "msd", "pairs", "lgg", "ph2", "dicom", "casefolders")
+# Folder names that carry a dataset's own split (BraTS train/validation/test).
+SPLIT_FOLDERS = {"train": "train", "training": "train", "tr": "train", "val": "val", "validation": "val",
+                 "valid": "val", "test": "test", "testing": "test", "ts": "test"}
+
 
 # ---------------------------------------------------------------- 1. finding pairs
 
 
-def find_cases(root: Path) -> tuple[list[Case], list[Case]]:
-    """(labelled, unlabelled) cases under ``root``: MSD ``imagesTr/labelsTr``, or flat ``<case>`` + ``<case>_seg``
-    where ``<case>`` is a volume file or a folder holding one DICOM series."""
+def find_cases(root: Path, layout: str = "auto", channels: Sequence[str] | None = None
+               ) -> tuple[list[Case], list[Case]]:
+    """(labelled, unlabelled) cases under ``root`` in one of ``LAYOUTS``; ``auto`` tells them apart:
+
+    - ``msd``: ``imagesTr/labelsTr[/imagesTs]``; nnU-Net's ``<case>_0000``, ``<case>_0001`` … are one case's channels;
+    - ``casefolders``: a folder per case, one file per modality (``--channels`` picks them) and a label named
+      ``seg``, ``OTMultiClass`` … (BraTS);
+    - ``pairs``: ``<case>`` + ``<case>_seg|_mask|_label|_lesion`` anywhere below (flat, LGG, PH2), where ``<case>``
+      may be a folder holding a DICOM series; ``lgg``, ``ph2``, ``dicom`` take only TIFF, BMP or DICOM cases.
+    """
     if not root.is_dir():
         raise InputError(f"{root}: input folder does not exist")
+    if layout == "auto":
+        layout = detect_layout(root, channels)
+    if layout == "msd":
+        if not (root / "imagesTr").is_dir():
+            raise InputError(f"{root}: --layout msd needs an imagesTr folder")
+        labelled, unlabelled = _find_msd(root, channels)
+    elif layout == "casefolders":
+        labelled, unlabelled = _find_case_folders(root, channels)
+    else:
+        if channels:
+            raise InputError(f"{root}: --channels needs a folder per case (--layout casefolders) or nnU-Net files")
+        labelled, unlabelled = _find_flat(root, {"lgg": (".tif", ".tiff"), "ph2": (".bmp",), "dicom": ()}.get(layout))
+    return _with_folder_splits(root, labelled), _with_folder_splits(root, unlabelled)
+
+
+def detect_layout(root: Path, channels: Sequence[str] | None) -> str:
+    """``msd`` when ``imagesTr`` exists; ``casefolders`` when channels are named or a folder holds a label file
+    named ``seg``, ``OTMultiClass`` … beside other volumes; else ``pairs``."""
     if (root / "imagesTr").is_dir():
-        return _find_msd(root)
-    return _find_flat(root)
+        return "msd"
+    if channels:
+        return "casefolders"
+    for folder in [root, *sorted(d for d in root.rglob("*") if d.is_dir())]:
+        files = _volumes(folder) if not folder.name.startswith(".") else []
+        names = {case_name(f).lower() for f in files}
+        if len(files) > 1 and names & {n.lower() for n in CASE_LABEL_NAMES}:
+            return "casefolders"
+    return "pairs"
+
+
+def _with_folder_splits(root: Path, cases: list[Case]) -> list[Case]:
+    """Cases below ``train/``, ``validation/``, ``test/`` folders take that split."""
+    out = []
+    for case in cases:
+        parts = [p.lower() for p in case.image.relative_to(root).parts[:-1]]
+        split = next((SPLIT_FOLDERS[p] for p in parts if p in SPLIT_FOLDERS), "")
+        out.append(dataclasses.replace(case, split=split))
+    return out
 
 
 def _volumes(folder: Path, recursive: bool = False) -> list[Path]:
@@ -80,25 +140,80 @@ def _volumes(folder: Path, recursive: bool = False) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _find_msd(root: Path) -> tuple[list[Case], list[Case]]:
+def _find_msd(root: Path, channels: Sequence[str] | None) -> tuple[list[Case], list[Case]]:
+    """MSD folders; ``<case>_0000`` … files whose ``<case>`` has a label (or none has) are one case's channels."""
     labels_dir = root / "labelsTr"
-    images = {case_name(p): p for p in _volumes(root / "imagesTr")}
     labels = {case_name(p): p for p in _volumes(labels_dir)} if labels_dir.is_dir() else {}
-    orphans = sorted(set(labels) - set(images))
+    found = [p for sub in ("imagesTr", "imagesTs") if (root / sub).is_dir() for p in _volumes(root / sub)]
+    nnunet = all(NNUNET_CHANNEL.match(case_name(p)) for p in found) and not labels.keys() & {
+        case_name(p) for p in found}
+    per_case: dict[str, list[Path]] = {}
+    for path in found:
+        name = NNUNET_CHANNEL.match(case_name(path))["case"] if nnunet else case_name(path)
+        per_case.setdefault(name, []).append(path)
+    orphans = sorted(set(labels) - set(per_case))
     if orphans:
         raise InputError(f"{labels[orphans[0]]}: label has no image in {root / 'imagesTr'}")
-    labelled = [Case(n, images[n], labels[n]) for n in sorted(images) if n in labels]
-    unlabelled = [Case(n, images[n], None) for n in sorted(images) if n not in labels]
-    if (root / "imagesTs").is_dir():
-        unlabelled += [Case(case_name(p), p, None) for p in _volumes(root / "imagesTs")]
+    cases = [_msd_case(n, sorted(paths), labels.get(n), channels if nnunet else None)
+             for n, paths in sorted(per_case.items())]
+    if nnunet:
+        counts = {len(c.sources) for c in cases}
+        if len(counts) > 1:
+            odd = min(cases, key=lambda c: len(c.sources))
+            raise InputError(f"{odd.image}: case {odd.name} has {len(odd.sources)} channel file(s), others "
+                             f"{max(counts)}")
+    return [c for c in cases if c.label], [c for c in cases if not c.label]
+
+
+def _msd_case(name: str, paths: list[Path], label: Path | None, channels: Sequence[str] | None) -> Case:
+    """One MSD/nnU-Net case; ``channels`` (``0000`` …) picks nnU-Net channel files, all of them when None."""
+    if channels:
+        by_id = {NNUNET_CHANNEL.match(case_name(p))["channel"]: p for p in paths}
+        missing = [c for c in channels if c.zfill(4) not in by_id]
+        if missing:
+            raise InputError(f"{paths[0].parent}: case {name} has no channel file {name}_{missing[0].zfill(4)}")
+        paths = [by_id[c.zfill(4)] for c in channels]
+    return Case(name, paths[0], label, channels=tuple(paths) if len(paths) > 1 else ())
+
+
+def _find_case_folders(root: Path, channels: Sequence[str] | None) -> tuple[list[Case], list[Case]]:
+    """A case per folder that holds volumes directly: its modality files by ``channels``, its label by name."""
+    labelled, unlabelled = [], []
+    seen: dict[str, Path] = {}
+    for folder in [root, *sorted(d for d in root.rglob("*") if d.is_dir())]:
+        if any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue
+        files = _volumes(folder)
+        if not files:
+            continue
+        label_files = [f for f in files if is_case_label(f)]
+        images = [f for f in files if f not in label_files]
+        if len(label_files) > 1:
+            raise InputError(f"{folder}: several label files ({', '.join(case_name(f) for f in label_files)}); "
+                             "keep one per case folder")
+        if not images:
+            raise InputError(f"{label_files[0]}: label has no image beside it")
+        if channels:
+            images = [match_channel(images, c, folder) for c in channels]
+        elif len(images) > 1:
+            raise InputError(f"{folder}: holds {len(images)} images ({', '.join(case_name(f) for f in images)}); "
+                             "choose the input channels with --channels, e.g. --channels "
+                             f"{','.join(case_name(f).split('_')[0] for f in images[:2])}")
+        if folder.name in seen:
+            raise InputError(f"{folder}: case name {folder.name!r} also used by {seen[folder.name]}")
+        seen[folder.name] = folder
+        case = Case(folder.name, images[0], label_files[0] if label_files else None,
+                    channels=tuple(images) if len(images) > 1 else ())
+        (labelled if case.label else unlabelled).append(case)
     return labelled, unlabelled
 
 
-def _find_flat(root: Path) -> tuple[list[Case], list[Case]]:
+def _find_flat(root: Path, only: tuple[str, ...] | None = None) -> tuple[list[Case], list[Case]]:
     """Pairs anywhere below ``root``: ``<case>[_image].ext`` + ``<case>_seg|_mask|_label|_lesion.ext`` (LGG, PH2 …).
 
     A folder holding one DICOM series is the image of the case it is named after; a volume of that name is its
-    mask. Slices kept in one folder (LGG: a patient's) form a group that the split keeps together.
+    mask. Slices kept in one folder (LGG: a patient's) form a group that the split keeps together. ``only``: the
+    image suffixes to take (``()``: DICOM cases only; None: all).
     """
     images: dict[str, Path] = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and dicom_dir(d)}
     labels: dict[str, Path] = {}
@@ -109,9 +224,12 @@ def _find_flat(root: Path) -> tuple[list[Case], list[Case]]:
             name = name[: -len("_image")]
         target = labels if base is not None or name in images else images
         key = name if base is None else base
+        if target is images and only is not None and volume_suffix(path) not in only:
+            continue
         if key in target and target[key] != path:
             raise InputError(f"{path}: case name {key!r} also used by {target[key]}; case names must be unique")
         target[key] = path
+    labels = {k: v for k, v in labels.items() if k in images or only is None}  # others belong to skipped images
     orphans = sorted(set(labels) - set(images))
     if orphans:
         raise InputError(f"{labels[orphans[0]]}: label has no image named {orphans[0]}.* beside it")
@@ -133,10 +251,11 @@ def load_raw(case: Case, labels: Sequence[int] | None = None, channel: int | Non
     ``labels``: the only values a mask may hold (any non-negative integers when None); ``channel``: which
     channel of a colour image to keep (all when None).
     """
-    out = {"image": read_volume(case.image, channel)}
+    out = {"image": read_channels(case.sources, channel)}
     if case.label:
         out["label"] = as_label_map(read_volume(case.label), case.label)
-    check_image(out["image"], case.image)
+    for k, path in enumerate(case.sources):  # each modality file answers for its own content
+        check_image(out["image"] if len(case.sources) == 1 else out["image"][k : k + 1], path)
     if case.label:
         check_geometry(case, out["image"], out["label"])
         check_label_values(out["label"], case.label, labels)
@@ -197,6 +316,7 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
         "name": case.name,
         "group": case.split_group,
         "image": str(case.image),
+        **({"images": [str(p) for p in case.channels]} if case.channels else {}),
         "label": str(case.label) if case.label else None,
         "original_shape": list(image.shape[1:]),
         "original_affine": np.asarray(image.affine, dtype=float).round(6).tolist(),
@@ -328,9 +448,10 @@ def run(config: argparse.Namespace) -> dict:
     src, dst = Path(config.input), Path(config.output)
     if config.synthetic:
         make_synthetic(src, config.synthetic, config.seed, tuple(config.synthetic_shape))
-    labelled, unlabelled = find_cases(src)
+    labelled, unlabelled = find_cases(src, config.layout, config.channels)
     if not labelled:
-        raise InputError(f"{src}: no image/label pairs found (MSD imagesTr/labelsTr or <case> + <case>_seg)")
+        raise InputError(f"{src}: no image/label pairs found (MSD imagesTr/labelsTr, <case> + <case>_seg, or a "
+                         "folder per case with a seg file)")
     for case in unlabelled:
         log.warning("%s: no label; prepared for inference only", case.image)
     modality = config.modality if config.modality != "auto" else first_modality(labelled, config)
@@ -348,7 +469,7 @@ def run(config: argparse.Namespace) -> dict:
         odd = next(r for r in records if r["in_channels"] != records[0]["in_channels"])
         raise InputError(f"{odd['image']}: has {odd['in_channels']} channel(s), other cases "
                          f"{records[0]['in_channels']}; pick one with --channel")
-    splits = split_cases({r["name"]: r["group"] for r in records if r["label"]}, config.val_fraction, config.seed)
+    splits = assign_splits(labelled, records, config)
     for r in records:
         r["split"] = splits.get(r["name"], "none")
     manifest = {
@@ -357,12 +478,37 @@ def run(config: argparse.Namespace) -> dict:
         "params": dataclasses.asdict(params),
         "label_values": sorted({v for r in records for v in r.get("label_values", [])}),
         "in_channels": records[0]["in_channels"],
-        "split": {"seed": config.seed, "val_fraction": config.val_fraction},
+        "channels": channel_names(labelled, config.channels),  # modality per input channel (None: one file a case)
+        "layout": config.layout,
+        "split": {"seed": config.seed, "val_fraction": config.val_fraction,
+                  "from_folders": any(c.split for c in labelled)},
         "skipped": skipped,
         "cases": sorted(records, key=lambda r: r["name"]),
     }
     write_json(manifest, dst / "dataset.json")  # last: a manifest exists only for a complete dataset
     return manifest
+
+
+def channel_names(cases: list[Case], channels: list[str] | None) -> list[str] | None:
+    """What inference needs to find a case's files: nnU-Net channel numbers, or the ``--channels`` names."""
+    first = cases[0].channels
+    if first and all(NNUNET_CHANNEL.match(case_name(p)) for p in first):
+        return [NNUNET_CHANNEL.match(case_name(p))["channel"] for p in first]
+    return channels
+
+
+def assign_splits(labelled: list[Case], records: list[dict], config: argparse.Namespace) -> dict[str, str]:
+    """``{case: "train" | "val" | "test"}``: the dataset's own split folders when every labelled case lies in one
+    (a ``test`` case is prepared but never trained or validated on), else a seeded split by group."""
+    done = {r["name"] for r in records if r["label"]}
+    folder = {c.name: c.split for c in labelled if c.name in done}
+    if folder and all(folder.values()):
+        if not {"train", "val"} <= set(folder.values()):
+            log.warning("split folders hold no %s cases", "validation" if "val" not in folder.values() else "training")
+        return folder
+    if any(folder.values()):
+        log.warning("only some cases lie in train/validation/test folders; splitting all at random instead")
+    return split_cases({r["name"]: r["group"] for r in records if r["label"]}, config.val_fraction, config.seed)
 
 
 def first_modality(cases: list[Case], config: argparse.Namespace) -> str:
@@ -383,7 +529,7 @@ def prepare_or_reuse(case: Case, params: PrepParams, dst: Path, labels: list[int
     """
     stamp_path = dst / ".cases" / f"{case.name}.json"
     stamp = {"params": dataclasses.asdict(params), "labels": labels,
-             "source": {str(p): _signature(p) for p in (case.image, case.label) if p}}
+             "source": {str(p): _signature(p) for p in (*case.sources, case.label) if p}}
     if stamp_path.is_file():
         try:
             old = json.loads(stamp_path.read_text())
@@ -472,6 +618,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the values masks may hold (default: any non-negative integers)")
     p.add_argument("--channel", type=int, default=None,
                    help="keep only this channel of colour 2D images (LGG FLAIR: 1); default: all, as input channels")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="how cases are stored (auto: detected; see find_cases)")
+    p.add_argument("--channels", type=lambda v: [c for c in v.split(",") if c], default=None, metavar="A,B",
+                   help="input modalities, in order, by file name (BraTS: Flair,T1c) or nnU-Net number (0000,0001)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed at the end) instead of stopping")
     args = p.parse_args(argv)
     if not 8 <= args.inplane <= 4096 or not 0 <= args.val_fraction < 1 or not 1 <= args.workers <= 64:
@@ -491,9 +641,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    n = {s: sum(c["split"] == s for c in manifest["cases"]) for s in ("train", "val", "none")}
-    log.info("prepared %d cases into %s (train %d, val %d, unlabelled %d), labels %s", len(manifest["cases"]),
-             config.output, n["train"], n["val"], n["none"], manifest["label_values"])
+    n = {s: sum(c["split"] == s for c in manifest["cases"]) for s in ("train", "val", "test", "none")}
+    log.info("prepared %d cases into %s (train %d, val %d, test %d, unlabelled %d), labels %s, %d input channel(s)",
+             len(manifest["cases"]), config.output, n["train"], n["val"], n["test"], n["none"],
+             manifest["label_values"], manifest["in_channels"])
     return 0
 
 

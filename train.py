@@ -28,8 +28,8 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
 
-from dataset import ArgumentParser, AugmentParams, InputError, atomic_write, make_dataset
-from dice import dice_per_class
+from dataset import ArgumentParser, AugmentParams, InputError, atomic_write, make_dataset, region_arg
+from dice import dice_per_class, dice_regions
 from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
 from model import (
     anisotropic_args,
@@ -78,6 +78,7 @@ class TrainConfig:
     num_res_units: int | None = None
     norm: str | None = None
     dropout: float | None = None
+    regions: tuple[tuple[str, tuple[int, ...]], ...] = ()  # label unions also scored, e.g. (("WT", (1, 2, 3, 4)),)
 
 
 # ---------------------------------------------------------------- 1. data
@@ -169,16 +170,21 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device,
 
 
 def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: tuple[int, ...],
-             amp: bool) -> dict[int, float]:
-    """Dice (dice.py) per foreground label value, averaged over whole validation volumes (sliding ``window``)."""
+             amp: bool) -> tuple[dict[int, float], dict[str, float]]:
+    """Dice (dice.py) per foreground label value and per ``cfg.regions`` union, averaged over whole validation
+    volumes (sliding ``window``)."""
     model.eval()
-    scores = []
+    # Predictions and labels hold class indices 0..K-1; regions are given in label values.
+    regions = {name: [label_values.index(v) for v in values] for name, values in cfg.regions}
+    scores, region_scores = [], []
     for batch in loader:
         logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp)
         pred = to_classes(probabilities(logits)).cpu()
         scores.append(dice_per_class(pred, batch["label"], range(1, len(label_values)))[0])
+        region_scores.append([float(d[0]) for d in dice_regions(pred, batch["label"], regions).values()])
     per_label = torch.stack(scores).mean(0).tolist()
-    return dict(zip(label_values[1:], per_label))
+    per_region = np.mean(region_scores, axis=0).tolist() if regions else []
+    return dict(zip(label_values[1:], per_label)), dict(zip(regions, per_region))
 
 
 # ---------------------------------------------------------------- 4. outputs
@@ -186,9 +192,10 @@ def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: t
 
 def write_metrics(history: list[dict], path: Path) -> None:
     """``metrics.csv``: epoch, train_loss, val_dice (mean over foreground labels), val_dice_per_label
-    (``label:dice`` pairs), lr, seconds; written atomically."""
+    (``label:dice`` pairs), val_dice_regions (``name:dice``), lr, seconds; written atomically."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["epoch", "train_loss", "val_dice", "val_dice_per_label", "lr", "seconds"])
+    writer = csv.DictWriter(buf, fieldnames=["epoch", "train_loss", "val_dice", "val_dice_per_label",
+                                             "val_dice_regions", "lr", "seconds"])
     writer.writeheader()
     writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in writer.fieldnames} for row in history)
     with atomic_write(path) as tmp:
@@ -244,6 +251,8 @@ def make_checkpoint(model, cfg: TrainConfig, manifest: dict, margs: dict, window
         "model_args": margs,
         "prep_params": manifest["params"],
         "label_values": manifest["label_values"],
+        "channels": manifest.get("channels"),  # how infer.py finds a case's modality files
+        "regions": {name: list(values) for name, values in cfg.regions},
         "inference": {"roi": list(window), "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size},
         "epoch": epoch,
         "best_dice": best["dice"],
@@ -266,6 +275,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if n_classes < 2:
         raise InputError(f"{data_dir}: labels hold only {label_values}; nothing to segment")
     in_channels = int(manifest.get("in_channels", 1))
+    unknown = sorted({v for _, values in cfg.regions for v in values} - set(label_values))
+    if unknown:
+        raise InputError(f"--regions: label values {unknown} are not in the data's labels {label_values}")
     margs = model_args(in_channels=in_channels, out_channels=1 if n_classes == 2 else n_classes, channels=cfg.channels,
                        strides=cfg.strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)
     window = tuple(cfg.roi)
@@ -316,13 +328,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp)
-        dice = None
+        dice, per_label, per_region = None, {}, {}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            per_label = validate(model, val_loader, label_values, cfg, window, amp)
+            per_label, per_region = validate(model, val_loader, label_values, cfg, window, amp)
             dice = sum(per_label.values()) / len(per_label)  # mean over foreground labels
-        history.append({"epoch": epoch, "train_loss": round(loss, 6), "val_dice": None if dice is None else
-                        round(dice, 6), "val_dice_per_label": "" if dice is None else
-                        " ".join(f"{v}:{d:.4f}" for v, d in per_label.items()),
+        history.append({"epoch": epoch, "train_loss": round(loss, 6),
+                        "val_dice": None if dice is None else round(dice, 6),
+                        "val_dice_per_label": " ".join(f"{v}:{d:.4f}" for v, d in per_label.items()),
+                        "val_dice_regions": " ".join(f"{n}:{d:.4f}" for n, d in per_region.items()),
                         "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
         improved = dice is not None and dice > best["dice"]
         if improved:
@@ -377,6 +390,8 @@ def log_epoch(writer: SummaryWriter, row: dict, best: dict) -> None:
     dice = "" if row["val_dice"] is None else f"  val Dice {row['val_dice']:.4f}"
     if row.get("val_dice_per_label", "").count(":") > 1:
         dice += f" ({row['val_dice_per_label']})"
+    if row.get("val_dice_regions"):
+        dice += f" regions {row['val_dice_regions']}"
     if row["val_dice"] is not None:
         writer.add_scalar("val/dice", row["val_dice"], row["epoch"])
     writer.flush()
@@ -418,6 +433,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--num-res-units", type=int, default=None)
     p.add_argument("--norm", default=None, help="instance | batch")
     p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--regions", type=region_arg, nargs="+", default=[], metavar="NAME=V,V",
+                   help="label unions also scored in validation (BraTS: WT=1,2,3,4 TC=1,3,4 ET=4)")
     a = p.parse_args(argv)
     if not 1 <= a.epochs <= 100_000 or a.batch_size < 1 or a.num_samples < 1 or a.val_every < 1 or min(a.roi) < 1:
         p.error("--epochs (up to 100000), --batch-size, --num-samples, --val-every and --roi must be at least 1")
@@ -428,6 +445,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     a.roi = tuple(a.roi)
     a.channels = tuple(a.channels) if a.channels else None
     a.strides = tuple(a.strides) if a.strides else None
+    a.regions = tuple(a.regions)
     return TrainConfig(**vars(a))
 
 

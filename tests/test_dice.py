@@ -8,7 +8,7 @@ import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
-from dice import dice_binary, dice_per_class, mean_foreground_dice
+from dice import dice_binary, dice_per_class, dice_regions, mean_foreground_dice
 
 
 def test_hand_computed():
@@ -59,3 +59,16 @@ def test_per_class_matches_monai(seed):
     expected = metric(one_hot(pred, 4), one_hot(truth, 4))
     assert torch.allclose(dice_per_class(pred, truth, range(4)), expected.double(), atol=1e-6)
     assert mean_foreground_dice(pred, truth, range(4)) == pytest.approx(float(expected[:, 1:].mean()), abs=1e-6)
+
+
+def test_region_dice_is_the_dice_of_the_union():
+    rng = np.random.default_rng(3)
+    pred, truth = rng.integers(0, 5, (2, 1, 6, 7, 8)), rng.integers(0, 5, (2, 1, 6, 7, 8))
+    regions = dice_regions(pred, truth, {"WT": [1, 2, 3, 4], "ET": [4]})
+    whole = dice_binary(pred > 0, truth > 0)[:, 0]
+    assert torch.allclose(regions["WT"], whole)
+    assert torch.allclose(regions["ET"], dice_per_class(pred, truth, [4])[:, 0])
+    # a region is not the mean of its labels' Dice: confusing label 1 with 2 costs nothing inside the union
+    swapped = np.where(truth == 1, 2, np.where(truth == 2, 1, truth))
+    assert dice_regions(swapped, truth, {"12": [1, 2]})["12"].eq(1).all()
+    assert dice_per_class(swapped, truth, [1]).lt(0.5).all()
