@@ -447,6 +447,26 @@ def read_channels(paths: Sequence[Path], channel: int | None = None) -> MetaTens
     return MetaTensor(torch.cat([v.as_tensor() for v in volumes]), affine=first.affine, meta=meta)
 
 
+def slice_number(path: Path) -> int | None:
+    """The number a 2D slice's name ends with (``TCGA_CS_4942_19970222_12`` → 12; a ``_mask`` suffix ignored)."""
+    name = case_name(path)
+    name = next((name[: -len(s)] for s in LABEL_SUFFIXES if name.endswith(s)), name)
+    match = re.search(r"_(\d+)$", name)
+    return int(match.group(1)) if match else None
+
+
+def read_stack(paths: Sequence[Path], channel: int | None = None) -> MetaTensor:
+    """A patient's numbered 2D slices, given in slice order, as one (C, X, Y, N) volume (1 mm apart, as 2D
+    images carry no slice spacing); all must have one size."""
+    slices = [read_volume(p, channel) for p in paths]
+    for path, s in zip(paths[1:], slices[1:]):
+        if s.shape[:3] != slices[0].shape[:3] or s.shape[3] != 1:
+            raise InputError(f"{path}: slice of shape {tuple(s.shape)} does not stack with {paths[0]}'s "
+                             f"{tuple(slices[0].shape)}")
+    meta = {k: v for k, v in slices[0].meta.items() if k != "affine"}
+    return MetaTensor(torch.cat([s.as_tensor() for s in slices], dim=3), affine=slices[0].affine, meta=meta)
+
+
 def is_case_label(path: Path) -> bool:
     """A label file inside a case folder: ``seg``, ``OTMultiClass`` … or ``<anything>_seg``."""
     name = case_name(path)

@@ -38,8 +38,10 @@ from dataset import (
     match_channel,
     prepare_transforms,
     read_channels,
+    read_stack,
     read_volume,
     region_arg,
+    slice_number,
     volume_suffix,
     write_nifti,
 )
@@ -109,15 +111,18 @@ class InferCase:
     sources: tuple[Path, ...]
     truth: Path | None = None
     group: str = ""  # slices of one group (a patient) are also scored together
+    slices: bool = False  # sources are a patient's numbered 2D slices, stacked into one volume
+    truth_slices: tuple[Path, ...] = ()
 
 
 def segment_case(case: InferCase, model: torch.nn.Module, ckpt: dict, roi: Sequence[int], overlap: float,
                  sw_batch_size: int, amp: bool) -> tuple[np.ndarray, MetaTensor]:
     """Mask (X, Y, Z) in label values on the input's own grid, and the input as read (C, X, Y, Z) with its affine."""
     params = PrepParams.from_dict(ckpt["prep_params"])
-    raw = read_channels(case.sources, params.channel)
-    for k, path in enumerate(case.sources):
-        check_image(raw if len(case.sources) == 1 else raw[k : k + 1], path)
+    raw = read_stack(case.sources, params.channel) if case.slices else read_channels(case.sources, params.channel)
+    for k, path in enumerate(case.sources if len(case.sources) > 1 and not case.slices else []):
+        check_image(raw[k : k + 1], path)  # each modality file answers for its own content
+    check_image(raw, case.sources[0].parent if case.slices else case.sources[0])
     if raw.shape[0] != ckpt["model_args"]["in_channels"]:
         raise InputError(f"{case.sources[0]}: has {raw.shape[0]} channel(s), the model takes "
                          f"{ckpt['model_args']['in_channels']}")
@@ -285,15 +290,22 @@ def write_overlay(image: MetaTensor, mask: np.ndarray, truth: np.ndarray | None,
 # ---------------------------------------------------------------- command line
 
 
-def expand_inputs(items: Sequence[str], channels: Sequence[str] | None = None) -> list[InferCase]:
+def expand_inputs(items: Sequence[str], channels: Sequence[str] | None = None, stacked: bool = False
+                  ) -> list[InferCase]:
     """Inputs as cases. Files as given; a DICOM folder as one series; other folders as the images they hold (not
     ``_seg`` …). With a multi-modal checkpoint (``channels``): ``<case>_0000`` brings its ``_0001`` … (nnU-Net),
-    and a folder holding the modality files (or a folder of such folders) is one case each (BraTS)."""
+    and a folder holding the modality files (or a folder of such folders) is one case each (BraTS). With a model
+    trained on stacked slices (``stacked``), a folder of numbered slices (or a folder of such) is one case each."""
     nnunet = bool(channels) and all(NNUNET_CHANNEL.match(f"x_{c}") for c in channels)
     cases: dict[tuple[Path, ...], InferCase] = {}
     for item in map(Path, items):
         if item.is_dir() and dicom_dir(item):
             found = [InferCase(item.name, (item,), group=item.parent.name)]  # one DICOM series
+        elif item.is_dir() and stacked:
+            folders = [item] if _holds_volumes(item) else [d for d in sorted(item.iterdir()) if _holds_volumes(d)]
+            if not folders:
+                raise InputError(f"{item}: folder holds no slices")
+            found = [_stack_case(d) for d in folders]
         elif item.is_dir() and channels and not nnunet:
             # The case folder itself, or a folder of case folders (BraTS's test/).
             folders = [item] if _holds_volumes(item) else [d for d in sorted(item.iterdir()) if _holds_volumes(d)]
@@ -313,6 +325,26 @@ def expand_inputs(items: Sequence[str], channels: Sequence[str] | None = None) -
             found = [_file_case(item, channels if nnunet else None)]
         cases.update((c.sources, c) for c in found)  # an nnU-Net case named by each of its files is one case
     return list(cases.values())
+
+
+def _stack_case(folder: Path) -> InferCase:
+    """A patient's folder of numbered 2D slices (masks beside them left out), in slice order."""
+    files = [p for p in folder.iterdir() if volume_suffix(p) and not case_name(p).endswith(LABEL_SUFFIXES)]
+    unnumbered = next((p for p in files if slice_number(p) is None), None)
+    if unnumbered:
+        raise InputError(f"{unnumbered}: not a numbered slice (<patient>_<n>.tif); the model takes stacked slices")
+    return InferCase(folder.name, tuple(sorted(files, key=slice_number)), group=folder.name, slices=True)
+
+
+def _mask_slices(folder: Path, case: InferCase) -> tuple[Path, ...]:
+    """The numbered masks (``<patient>_<n>_mask.tif``) in ``folder`` that match a stacked case's slices."""
+    masks = {slice_number(p): p for p in (folder.iterdir() if folder.is_dir() else [])
+             if volume_suffix(p) and case_name(p).endswith(LABEL_SUFFIXES)}
+    wanted = [slice_number(p) for p in case.sources]
+    missing = next((n for n in wanted if n not in masks), None)
+    if missing is not None:
+        raise InputError(f"{folder}: no mask for slice {missing} of {case.name} (give the folder of its masks)")
+    return tuple(masks[n] for n in wanted)
 
 
 def _holds_volumes(folder: Path) -> bool:
@@ -345,8 +377,9 @@ def cases_from_manifest(prep_dir: Path, split: str) -> list[InferCase]:
     try:
         manifest = json.loads(path.read_text())
         records = [r for r in manifest["cases"] if r.get("split") == split and r.get("label")]
-        cases = [InferCase(r["name"], tuple(Path(p) for p in r.get("images") or [r["image"]]), Path(r["label"]),
-                           r.get("group", "")) for r in records]
+        cases = [InferCase(r["name"], tuple(Path(p) for p in r.get("slices") or r.get("images") or [r["image"]]),
+                           Path(r["label"]), r.get("group", ""), "slices" in r,
+                           tuple(Path(p) for p in r.get("label_slices", []))) for r in records]
     except FileNotFoundError:
         raise InputError(f"{path}: no manifest (run preprocess.py first)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
@@ -406,12 +439,13 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
     if config.evaluate:
         cases = cases_from_manifest(Path(config.evaluate), config.split)
     else:
-        cases = expand_inputs(config.inputs, ckpt.get("channels"))
+        cases = expand_inputs(config.inputs, ckpt.get("channels"), bool(ckpt.get("stack_slices")))
         truths = [Path(t) for t in config.labels or []]
         if truths and len(truths) != len(cases):
             raise InputError(f"--labels: {len(truths)} masks for {len(cases)} inputs; give one mask per input, "
                              "in order")
-        cases = [dataclasses.replace(c, truth=t) for c, t in zip(cases, truths)] if truths else cases
+        cases = [dataclasses.replace(c, truth=t, truth_slices=_mask_slices(t, c) if c.slices else ())
+                 for c, t in zip(cases, truths)] if truths else cases
     out_dir = Path(config.out)
     targets = [mask_path(Path(c.name), out_dir) for c in cases]
     existing = [t for t in targets if t.exists()]
@@ -433,7 +467,8 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
         affine = np.asarray(raw.affine, dtype=np.float64)
         truth = None
         if case.truth:
-            truth = as_label_map(read_volume(case.truth), case.truth)[0].numpy().astype(np.int64)
+            stored = read_stack(case.truth_slices) if case.truth_slices else read_volume(case.truth)
+            truth = as_label_map(stored, case.truth)[0].numpy().astype(np.int64)
             if truth.shape != mask.shape:
                 raise InputError(f"{case.truth}: shape {truth.shape} differs from {case.sources[0]}'s {mask.shape}")
             scores[case.name] = evaluate_case(mask, truth, affine, labels, regions)

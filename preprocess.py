@@ -41,7 +41,9 @@ from dataset import (
     partial_path,
     prepare_transforms,
     read_channels,
+    read_stack,
     read_volume,
+    slice_number,
     volume_suffix,
     write_nifti,
 )
@@ -61,6 +63,8 @@ class Case:
     group: str = ""  # cases of one group (a patient's slices) stay on one side of the split
     channels: tuple[Path, ...] = ()  # one file per modality (nnU-Net _0000/_0001, BraTS Flair/T1c), in order
     split: str = ""  # "train" | "val" | "test" when the dataset's folders say so; "" for a seeded split
+    slices: tuple[Path, ...] = ()  # --stack-slices: a patient's numbered 2D images, in slice order (image: folder)
+    label_slices: tuple[Path, ...] = ()
 
     @property
     def split_group(self) -> str:
@@ -68,8 +72,34 @@ class Case:
 
     @property
     def sources(self) -> tuple[Path, ...]:
-        """The image files, one per input channel."""
-        return self.channels or (self.image,)
+        """The image files: one per input channel, or a stack's slices."""
+        return self.slices or self.channels or (self.image,)
+
+
+def stack_slices(cases: list[Case]) -> list[Case]:
+    """One 3D case per group (a patient's folder) of numbered 2D slices, slices ordered by number, never by name.
+
+    Every slice must be labelled (or none) and numbered; one missing is an error naming it.
+    """
+    groups: dict[str, list[Case]] = {}
+    for case in cases:
+        if not case.group:
+            raise InputError(f"{case.image}: --stack-slices needs a patient's slices together in one folder")
+        if slice_number(case.image) is None:
+            raise InputError(f"{case.image}: --stack-slices needs numbered slices (<patient>_<n>.tif)")
+        groups.setdefault(case.group, []).append(case)
+    stacked = []
+    for group, members in sorted(groups.items()):
+        members.sort(key=lambda c: slice_number(c.image))
+        numbers = [slice_number(c.image) for c in members]
+        if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+            gap = next(n + 1 for n, m in zip(numbers, numbers[1:]) if m != n + 1)
+            raise InputError(f"{members[0].image.parent}: slice {gap} is missing or repeated; cannot stack")
+        folder = members[0].image.parent
+        labelled = all(c.label for c in members)
+        stacked.append(Case(group, folder, folder if labelled else None, slices=tuple(c.image for c in members),
+                            label_slices=tuple(c.label for c in members) if labelled else ()))
+    return stacked
 
 
 LAYOUTS = ("auto", "msd", "pairs", "lgg", "ph2", "dicom", "casefolders")
@@ -81,7 +111,7 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "tr": "train", "val": "v
 # ---------------------------------------------------------------- 1. finding pairs
 
 
-def find_cases(root: Path, layout: str = "auto", channels: Sequence[str] | None = None
+def find_cases(root: Path, layout: str = "auto", channels: Sequence[str] | None = None, stack: bool = False
                ) -> tuple[list[Case], list[Case]]:
     """(labelled, unlabelled) cases under ``root`` in one of ``LAYOUTS``; ``auto`` tells them apart:
 
@@ -90,6 +120,8 @@ def find_cases(root: Path, layout: str = "auto", channels: Sequence[str] | None 
       ``seg``, ``OTMultiClass`` … (BraTS);
     - ``pairs``: ``<case>`` + ``<case>_seg|_mask|_label|_lesion`` anywhere below (flat, LGG, PH2), where ``<case>``
       may be a folder holding a DICOM series; ``lgg``, ``ph2``, ``dicom`` take only TIFF, BMP or DICOM cases.
+
+    ``stack``: each folder of numbered 2D slices becomes one 3D case (``--stack-slices``).
     """
     if not root.is_dir():
         raise InputError(f"{root}: input folder does not exist")
@@ -105,6 +137,9 @@ def find_cases(root: Path, layout: str = "auto", channels: Sequence[str] | None 
         if channels:
             raise InputError(f"{root}: --channels needs a folder per case (--layout casefolders) or nnU-Net files")
         labelled, unlabelled = _find_flat(root, {"lgg": (".tif", ".tiff"), "ph2": (".bmp",), "dicom": ()}.get(layout))
+    if stack:
+        stacks = stack_slices(labelled + unlabelled)
+        labelled, unlabelled = [c for c in stacks if c.label], [c for c in stacks if not c.label]
     return _with_folder_splits(root, labelled), _with_folder_splits(root, unlabelled)
 
 
@@ -251,11 +286,14 @@ def load_raw(case: Case, labels: Sequence[int] | None = None, channel: int | Non
     ``labels``: the only values a mask may hold (any non-negative integers when None); ``channel``: which
     channel of a colour image to keep (all when None).
     """
-    out = {"image": read_channels(case.sources, channel)}
-    if case.label:
+    out = {"image": read_stack(case.slices, channel) if case.slices else read_channels(case.sources, channel)}
+    if case.label_slices:
+        out["label"] = as_label_map(read_stack(case.label_slices), case.label)
+    elif case.label:
         out["label"] = as_label_map(read_volume(case.label), case.label)
-    for k, path in enumerate(case.sources):  # each modality file answers for its own content
-        check_image(out["image"] if len(case.sources) == 1 else out["image"][k : k + 1], path)
+    for k, path in enumerate(case.channels):  # each modality file answers for its own content
+        check_image(out["image"][k : k + 1], path)
+    check_image(out["image"], case.image)
     if case.label:
         check_geometry(case, out["image"], out["label"])
         check_label_values(out["label"], case.label, labels)
@@ -317,6 +355,8 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
         "group": case.split_group,
         "image": str(case.image),
         **({"images": [str(p) for p in case.channels]} if case.channels else {}),
+        **({"slices": [str(p) for p in case.slices]} if case.slices else {}),
+        **({"label_slices": [str(p) for p in case.label_slices]} if case.label_slices else {}),
         "label": str(case.label) if case.label else None,
         "original_shape": list(image.shape[1:]),
         "original_affine": np.asarray(image.affine, dtype=float).round(6).tolist(),
@@ -448,7 +488,7 @@ def run(config: argparse.Namespace) -> dict:
     src, dst = Path(config.input), Path(config.output)
     if config.synthetic:
         make_synthetic(src, config.synthetic, config.seed, tuple(config.synthetic_shape))
-    labelled, unlabelled = find_cases(src, config.layout, config.channels)
+    labelled, unlabelled = find_cases(src, config.layout, config.channels, config.stack_slices)
     if not labelled:
         raise InputError(f"{src}: no image/label pairs found (MSD imagesTr/labelsTr, <case> + <case>_seg, or a "
                          "folder per case with a seg file)")
@@ -480,6 +520,7 @@ def run(config: argparse.Namespace) -> dict:
         "in_channels": records[0]["in_channels"],
         "channels": channel_names(labelled, config.channels),  # modality per input channel (None: one file a case)
         "layout": config.layout,
+        "stack_slices": config.stack_slices,
         "split": {"seed": config.seed, "val_fraction": config.val_fraction,
                   "from_folders": any(c.split for c in labelled)},
         "skipped": skipped,
@@ -528,8 +569,9 @@ def prepare_or_reuse(case: Case, params: PrepParams, dst: Path, labels: list[int
     A stamp is written after the case's volumes, so an interrupted run redoes exactly the unfinished cases.
     """
     stamp_path = dst / ".cases" / f"{case.name}.json"
+    files = [*case.sources, *(case.label_slices or [case.label])]
     stamp = {"params": dataclasses.asdict(params), "labels": labels,
-             "source": {str(p): _signature(p) for p in (*case.sources, case.label) if p}}
+             "source": {str(p): _signature(p) for p in files if p}}
     if stamp_path.is_file():
         try:
             old = json.loads(stamp_path.read_text())
@@ -622,6 +664,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="how cases are stored (auto: detected; see find_cases)")
     p.add_argument("--channels", type=lambda v: [c for c in v.split(",") if c], default=None, metavar="A,B",
                    help="input modalities, in order, by file name (BraTS: Flair,T1c) or nnU-Net number (0000,0001)")
+    p.add_argument("--stack-slices", action="store_true",
+                   help="rebuild one 3D volume per patient folder from numbered 2D slices (LGG), 1 mm apart")
     p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed at the end) instead of stopping")
     args = p.parse_args(argv)
     if not 8 <= args.inplane <= 4096 or not 0 <= args.val_fraction < 1 or not 1 <= args.workers <= 64:

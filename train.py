@@ -252,6 +252,7 @@ def make_checkpoint(model, cfg: TrainConfig, manifest: dict, margs: dict, window
         "prep_params": manifest["params"],
         "label_values": manifest["label_values"],
         "channels": manifest.get("channels"),  # how infer.py finds a case's modality files
+        "stack_slices": bool(manifest.get("stack_slices")),  # … or stacks a patient's 2D slices
         "regions": {name: list(values) for name, values in cfg.regions},
         "inference": {"roi": list(window), "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size},
         "epoch": epoch,

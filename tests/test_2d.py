@@ -161,3 +161,51 @@ def test_infer_writes_per_patient_evaluation_for_slices(png_raw, tmp_path):
     assert rows[0] == "case,slices,dice_1" and rows[1].startswith(f"{png_raw.name},3,")
     assert 0.0 <= float(rows[1].split(",")[2]) <= 1.0
     assert "true_mm2_1" in (out / "eval" / "evaluation.csv").read_text().splitlines()[0]
+
+
+def _write_patients(root: Path, n_patients: int = 3, n_slices: int = 12) -> Path:
+    """Patient folders of numbered grey PNG slices ``p<k>_<n>.png`` (1 … 12: name order is not slice order)
+    with ``_mask.png``; a slice's corner pixel holds 10 + 5n, so the stacking order can be read back."""
+    rng = np.random.default_rng(5)
+    for k in range(n_patients):
+        folder = root / f"p{k}"
+        folder.mkdir(parents=True)
+        for n in range(1, n_slices + 1):
+            rows, cols = np.ogrid[:48, :48]
+            mask = ((rows - 24) ** 2 + (cols - 20 - k) ** 2 < (3 + n % 5) ** 2).astype(np.uint8)
+            image = np.clip(60 + 120 * mask + rng.normal(0, 6, (48, 48)), 0, 255).astype(np.uint8)
+            image[:2, :2] = 10 + 5 * n
+            Image.fromarray(image).save(folder / f"p{k}_{n}.png")
+            Image.fromarray(mask * 255).save(folder / f"p{k}_{n}_mask.png")
+    return root
+
+
+def test_stack_slices_rebuilds_one_volume_per_patient_in_slice_order(tmp_path, capsys):
+    raw = _write_patients(tmp_path / "raw")
+    labelled, _ = preprocess.find_cases(raw, stack=True)
+    assert [c.name for c in labelled] == ["p0", "p1", "p2"]
+    assert [p.name for p in labelled[0].slices[:3]] == ["p0_1.png", "p0_2.png", "p0_3.png"]
+    volume = preprocess.load_raw(labelled[0])
+    assert volume["image"].shape == (1, 48, 48, 12) and volume["label"].shape == (1, 48, 48, 12)
+    assert volume["image"][0, 0, 0].tolist() == [10 + 5 * n for n in range(1, 13)]
+
+    prep, out = tmp_path / "prep", tmp_path / "out"
+    assert preprocess.main([str(raw), str(prep), "--stack-slices", "--workers", "1", "--val-fraction", "0.34"]) == 0
+    manifest = json.loads((prep / "dataset.json").read_text())
+    assert manifest["stack_slices"] and all(c["prepared_shape"][0] == 12 for c in manifest["cases"])
+    assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
+                       "--channels", "4", "8", "16", "--strides", "2", "2", "--roi", "8", "32", "32"]) == 0
+    assert load_checkpoint(out / "best.pt")["stack_slices"] is True
+    # A patient's folder is one input; its masks folder gives the truth, scored per patient.
+    assert infer.main([str(raw / "p1"), "--labels", str(raw / "p1"), "--checkpoint", str(out / "best.pt"),
+                       "--out", str(out / "eval")]) == 0
+    assert nib.load(out / "eval" / "p1_mask.nii.gz").shape == (48, 48, 12)
+    rows = (out / "eval" / "evaluation.csv").read_text().splitlines()
+    assert rows[1].startswith("p1,") and "pred_ml_1" in rows[0]
+
+    (raw / "p2" / "p2_7.png").unlink()
+    (raw / "p2" / "p2_7_mask.png").unlink()
+    capsys.readouterr()
+    assert preprocess.main([str(raw), str(tmp_path / "prep2"), "--stack-slices"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "slice 7 is missing" in err[0] and "p2" in err[0]
