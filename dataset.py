@@ -68,11 +68,21 @@ class InputError(Exception):
     """A user's mistake (bad file, bad argument): reported as one line, exit code 2."""
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one: ``None`` means "decided from the data or checkpoint", said in
+    the option's own help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is argparse.SUPPRESS or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` with documented defaults shown; a bad argument raises ``InputError`` (one line, exit 2)."""
 
     def __init__(self, description: str | None) -> None:
-        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(description=description, formatter_class=DefaultsHelpFormatter)
 
     def error(self, message: str) -> NoReturn:
         raise InputError(f"{self.prog}: {message}")
@@ -553,7 +563,9 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
             RandCropByPosNegLabeld(keys, "label", spatial_size=aug.roi, pos=aug.pos, neg=aug.neg,
                                    num_samples=aug.num_samples),
             RandRotate90d(keys, prob=0.5, spatial_axes=(1, 2)),
-            RandRotated(keys, range_z=np.deg2rad(aug.rotate_degrees), prob=0.5, mode=["bilinear", "nearest"],
+            # range_x turns the (H, W) plane, about the depth axis; MONAI's range_z would tilt depth into
+            # height, which empties most of a depth-1 crop.
+            RandRotated(keys, range_x=np.deg2rad(aug.rotate_degrees), prob=0.5, mode=["bilinear", "nearest"],
                         padding_mode="zeros"),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
             RandFlipd(keys, prob=0.5, spatial_axis=2),

@@ -48,6 +48,27 @@ def dice_regions(pred: Array, truth: Array, regions: Mapping[str, Sequence[int]]
     return out
 
 
+def overlap_counts(pred: Array, truth: Array, targets: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(intersection, predicted, true) voxel counts of each target, a set of label values, over all of two label
+    maps: (len(targets), 3) int64. Summed over slices they give a patient's pooled Dice (``dice_from_counts``)."""
+    p, t = _as_tensor(pred), _as_tensor(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction shape {tuple(p.shape)} differs from truth shape {tuple(t.shape)}")
+    rows = []
+    for values in targets:
+        v = torch.as_tensor(list(values), dtype=p.dtype)
+        pm, tm = torch.isin(p, v), torch.isin(t, v.to(t.dtype))
+        rows.append(torch.stack([(pm & tm).sum(), pm.sum(), tm.sum()]))
+    return torch.stack(rows).to(torch.int64)
+
+
+def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Dice from ``overlap_counts`` (..., 3) → (...): 2·intersection / (predicted + true), 1.0 when both are 0."""
+    c = counts.to(torch.float64)
+    total = c[..., 1] + c[..., 2]
+    return torch.where(total > 0, 2 * c[..., 0] / total.clamp_min(1), torch.ones_like(total))
+
+
 def mean_foreground_dice(pred: Array, truth: Array, labels: Sequence[int]) -> float:
     """Mean Dice over the foreground labels (every label but the first, background) and over the batch."""
     return float(dice_per_class(pred, truth, list(labels)[1:]).mean())

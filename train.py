@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
 
 from dataset import ArgumentParser, AugmentParams, InputError, atomic_write, make_dataset, region_arg
-from dice import dice_per_class, dice_regions
+from dice import dice_from_counts, overlap_counts
 from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
 from model import (
     anisotropic_args,
@@ -79,6 +80,7 @@ class TrainConfig:
     norm: str | None = None
     dropout: float | None = None
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()  # label unions also scored, e.g. (("WT", (1, 2, 3, 4)),)
+    batch_dice: bool | None = None  # None: on for depth-1 data (nnU-Net's 2D choice), off for volumes
 
 
 # ---------------------------------------------------------------- 1. data
@@ -105,7 +107,8 @@ def split_items(manifest: dict[str, Any], data_dir: Path) -> tuple[list[dict], l
     for case in manifest["cases"]:
         if case.get("split") in items:
             item = {"image": str(prepared_path(data_dir, case, "prepared_image")),
-                    "label": str(prepared_path(data_dir, case, "prepared_label")), "name": case["name"]}
+                    "label": str(prepared_path(data_dir, case, "prepared_label")), "name": case["name"],
+                    "group": case.get("group") or case["name"]}
             for key in ("image", "label"):
                 if not Path(item[key]).is_file():
                     raise InputError(f"{item[key]}: listed in the manifest but missing; run preprocess.py again")
@@ -130,9 +133,9 @@ def prepared_path(data_dir: Path, case: dict, key: str) -> Path:
 class BinaryDiceBCELoss(torch.nn.Module):
     """Dice loss on sigmoid plus ``BCEWithLogitsLoss(pos_weight)``; logits (B, 1, …), target (B, 1, …) in {0, 1}."""
 
-    def __init__(self, dice_weight: float, bce_weight: float, pos_weight: float) -> None:
+    def __init__(self, dice_weight: float, bce_weight: float, pos_weight: float, batch_dice: bool = False) -> None:
         super().__init__()
-        self.dice = DiceLoss(sigmoid=True)
+        self.dice = DiceLoss(sigmoid=True, batch=batch_dice)
         self.bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight]))
         self.dice_weight, self.bce_weight = dice_weight, bce_weight
 
@@ -142,10 +145,14 @@ class BinaryDiceBCELoss(torch.nn.Module):
 
 
 def make_loss(n_classes: int, cfg: TrainConfig) -> torch.nn.Module:
-    """Binary: Dice + weighted BCE on one logit channel; multi-class: Dice + cross-entropy on softmax."""
+    """Binary: Dice + weighted BCE on one logit channel; multi-class: Dice + cross-entropy on softmax.
+    ``cfg.batch_dice`` pools the Dice over the batch's crops: a crop with nothing to find then no longer scores
+    a Dice of ~0 whatever is predicted (with 2D slices, most crops of most slices are such crops)."""
+    batch = bool(cfg.batch_dice)
     if n_classes == 2:
-        return BinaryDiceBCELoss(cfg.dice_weight, cfg.bce_weight, cfg.pos_weight)
-    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.dice_weight, lambda_ce=cfg.bce_weight)
+        return BinaryDiceBCELoss(cfg.dice_weight, cfg.bce_weight, cfg.pos_weight, batch)
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.dice_weight, lambda_ce=cfg.bce_weight,
+                      batch=batch)
 
 
 # ---------------------------------------------------------------- 3. one epoch
@@ -170,21 +177,23 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device,
 
 
 def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: tuple[int, ...],
-             amp: bool) -> tuple[dict[int, float], dict[str, float]]:
+             amp: bool, pool_groups: bool = False) -> tuple[dict[int, float], dict[str, float]]:
     """Dice (dice.py) per foreground label value and per ``cfg.regions`` union, averaged over whole validation
-    volumes (sliding ``window``)."""
+    volumes (sliding ``window``); with ``pool_groups`` over patients instead, each patient's slices pooled (the
+    figure the LGG literature reports; a mean over slices would be dominated by the slices with nothing to find)."""
     model.eval()
     # Predictions and labels hold class indices 0..K-1; regions are given in label values.
-    regions = {name: [label_values.index(v) for v in values] for name, values in cfg.regions}
-    scores, region_scores = [], []
+    targets = [[c] for c in range(1, len(label_values))]
+    targets += [[label_values.index(v) for v in values] for _, values in cfg.regions]
+    counts: dict[str, torch.Tensor] = {}  # case (or patient) → (targets, 3)
     for batch in loader:
         logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp)
         pred = to_classes(probabilities(logits)).cpu()
-        scores.append(dice_per_class(pred, batch["label"], range(1, len(label_values)))[0])
-        region_scores.append([float(d[0]) for d in dice_regions(pred, batch["label"], regions).values()])
-    per_label = torch.stack(scores).mean(0).tolist()
-    per_region = np.mean(region_scores, axis=0).tolist() if regions else []
-    return dict(zip(label_values[1:], per_label)), dict(zip(regions, per_region))
+        unit = batch["group"][0] if pool_groups else batch["name"][0]
+        counts[unit] = counts.get(unit, 0) + overlap_counts(pred, batch["label"], targets)
+    dice = dice_from_counts(torch.stack(list(counts.values()))).mean(0).tolist()
+    n = len(label_values) - 1
+    return dict(zip(label_values[1:], dice[:n])), dict(zip((name for name, _ in cfg.regions), dice[n:]))
 
 
 # ---------------------------------------------------------------- 4. outputs
@@ -288,13 +297,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         isotropic, margs = margs["strides"], anisotropic_args(margs, spacing.tolist())
         if margs["strides"] != isotropic:
             log.info("anisotropic spacing %s mm: strides %s", spacing.round(2).tolist(), margs["strides"])
-    if all(c["prepared_shape"][0] == 1 for c in manifest["cases"] if c.get("split") in ("train", "val")):
+    flat = all(c["prepared_shape"][0] == 1 for c in manifest["cases"] if c.get("split") in ("train", "val"))
+    # Slices of one patient are scored together, as one volume would be.
+    pool_groups = flat and len({item["group"] for item in val_items}) < len(val_items)
+    if flat:
         # Depth-1 data (2D slices): 2D-equivalent network, depth-1 crops, whole-slice inference.
         margs = flat_args(margs)
-        cfg = dataclasses.replace(cfg, roi=(1, *cfg.roi[1:]))
+        cfg = dataclasses.replace(cfg, roi=(1, *cfg.roi[1:]),
+                                  batch_dice=True if cfg.batch_dice is None else cfg.batch_dice)
         window = (1, manifest["params"]["inplane"], manifest["params"]["inplane"])
         log.info("depth-1 data: kernels %s, strides %s, crops %s, window %s", margs["kernel_size"],
                  margs["strides"], cfg.roi, window)
+        if pool_groups:
+            log.info("validation Dice per patient: %d slices of %d patients pooled", len(val_items),
+                     len({item["group"] for item in val_items}))
     out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(cfg.seed)
     model = build_model(margs).to(device)
@@ -331,7 +347,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loss = train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp)
         dice, per_label, per_region = None, {}, {}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            per_label, per_region = validate(model, val_loader, label_values, cfg, window, amp)
+            per_label, per_region = validate(model, val_loader, label_values, cfg, window, amp, pool_groups)
             dice = sum(per_label.values()) / len(per_label)  # mean over foreground labels
         history.append({"epoch": epoch, "train_loss": round(loss, 6),
                         "val_dice": None if dice is None else round(dice, 6),
@@ -396,8 +412,8 @@ def log_epoch(writer: SummaryWriter, row: dict, best: dict) -> None:
     if row["val_dice"] is not None:
         writer.add_scalar("val/dice", row["val_dice"], row["epoch"])
     writer.flush()
-    log.info("epoch %3d  loss %.4f%s  best %.4f (epoch %d)  %.1fs", row["epoch"], row["train_loss"], dice,
-             best["dice"], best["epoch"], row["seconds"])
+    best_text = f"best {best['dice']:.4f} (epoch {best['epoch']})" if best["epoch"] else "no validation yet"
+    log.info("epoch %3d  loss %.4f%s  %s  %.1fs", row["epoch"], row["train_loss"], dice, best_text, row["seconds"])
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
@@ -434,6 +450,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--num-res-units", type=int, default=None)
     p.add_argument("--norm", default=None, help="instance | batch")
     p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=None,
+                   help="Dice loss pooled over the batch's crops (default: on for 2D slices, off for volumes)")
     p.add_argument("--regions", type=region_arg, nargs="+", default=[], metavar="NAME=V,V",
                    help="label unions also scored in validation (BraTS: WT=1,2,3,4 TC=1,3,4 ET=4)")
     a = p.parse_args(argv)
@@ -452,6 +470,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Slices with nothing to segment are expected (most LGG slices); MONAI warns once per such crop otherwise.
+    warnings.filterwarnings("ignore", message="Num foregrounds 0", category=UserWarning)
     try:
         cfg = parse_args(argv)
         result = train(cfg)

@@ -209,3 +209,33 @@ def test_stack_slices_rebuilds_one_volume_per_patient_in_slice_order(tmp_path, c
     assert preprocess.main([str(raw), str(tmp_path / "prep2"), "--stack-slices"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "slice 7 is missing" in err[0] and "p2" in err[0]
+
+
+class _Echo(torch.nn.Module):
+    """A 'network' whose logits are its input rescaled: predicts exactly the mask it is given as image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.5) * self.scale
+
+
+def test_validation_pools_a_patients_slices():
+    """Training's validation Dice for slices is the patient's Dice over its slices stacked, not a slice mean."""
+    rng = np.random.default_rng(5)
+    pred = rng.random((6, 1, 1, 1, 16, 16)) > 0.6
+    truth = rng.random((6, 1, 1, 1, 16, 16)) > 0.6
+    truth[0] = pred[0] = False  # nothing to find, nothing found: Dice 1.0 on its own
+    groups = ["a", "a", "a", "b", "b", "b"]
+    loader = [{"image": torch.from_numpy(p).float(), "label": torch.from_numpy(t).float(), "name": [f"s{i}"],
+               "group": [g]} for i, (p, t, g) in enumerate(zip(pred, truth, groups))]
+    cfg = train.TrainConfig(overlap=0.0)
+    per_slice, _ = train.validate(_Echo(), loader, [0, 1], cfg, (1, 16, 16), amp=False)
+    pooled, _ = train.validate(_Echo(), loader, [0, 1], cfg, (1, 16, 16), amp=False, pool_groups=True)
+    slice_dice = dice_binary(pred[:, 0], truth[:, 0])[:, 0]
+    assert per_slice[1] == pytest.approx(float(slice_dice.mean()))
+    patients = [dice_binary(np.concatenate(list(pred[s]), 2), np.concatenate(list(truth[s]), 2)).item()
+                for s in (slice(0, 3), slice(3, 6))]
+    assert pooled[1] == pytest.approx(np.mean(patients)) and pooled[1] != pytest.approx(per_slice[1])

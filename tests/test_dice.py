@@ -8,7 +8,7 @@ import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
-from dice import dice_binary, dice_per_class, dice_regions, mean_foreground_dice
+from dice import dice_binary, dice_from_counts, dice_per_class, dice_regions, mean_foreground_dice, overlap_counts
 
 
 def test_hand_computed():
@@ -72,3 +72,18 @@ def test_region_dice_is_the_dice_of_the_union():
     swapped = np.where(truth == 1, 2, np.where(truth == 2, 1, truth))
     assert dice_regions(swapped, truth, {"12": [1, 2]})["12"].eq(1).all()
     assert dice_per_class(swapped, truth, [1]).lt(0.5).all()
+
+
+def test_pooled_counts_give_the_dice_of_the_stacked_volume():
+    """Summing a patient's per-slice counts gives the Dice of its slices stacked, not their mean Dice."""
+    rng = np.random.default_rng(4)
+    pred, truth = rng.integers(0, 3, (5, 1, 1, 9, 9)), rng.integers(0, 3, (5, 1, 1, 9, 9))
+    truth[0] = pred[0] = 0  # a slice with nothing to find and nothing found
+    targets = [[1], [2], [1, 2]]
+    pooled = sum(overlap_counts(pred[i : i + 1], truth[i : i + 1], targets) for i in range(5))
+    stacked = np.concatenate(list(pred), axis=1)[None], np.concatenate(list(truth), axis=1)[None]
+    expected = torch.cat([dice_per_class(*stacked, [1, 2])[0], dice_binary(stacked[0] > 0, stacked[1] > 0)[0]])
+    assert torch.allclose(dice_from_counts(pooled), expected)
+    per_slice = dice_per_class(pred, truth, [1]).mean()
+    assert not torch.isclose(dice_from_counts(pooled)[0], per_slice.double())  # the empty slice counts 1.0 there
+    assert dice_from_counts(torch.zeros(3, dtype=torch.int64)).item() == 1.0

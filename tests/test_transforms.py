@@ -93,3 +93,22 @@ def test_body_mask_crops_dark_background_but_not_a_bright_frame(depth):
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (16, 47, 20, 39)
     photo = 200 - head / 2  # bright skin filling the frame around a darker lesion
     assert BodyMask(PrepParams(modality="mr"))(torch.from_numpy(photo)[None]).all()
+
+
+@pytest.mark.parametrize("depth", [1, 5])
+def test_augmentation_turns_slices_in_plane_and_keeps_them(tmp_path, depth):
+    """Rotations and flips act in the (H, W) plane: a centred disc keeps its size in every slice, even depth 1."""
+    import nibabel as nib
+
+    rows, cols = np.ogrid[:64, :64]
+    disc = ((rows - 32) ** 2 + (cols - 32) ** 2 < 12**2).astype(np.uint8)
+    label = np.repeat(disc[None], depth, axis=0)  # (D, H, W), the prepared layout
+    for name, array in (("image", label.astype(np.float32)), ("label", label)):
+        nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
+    xforms = get_transforms("train", (0, 1), AugmentParams(roi=(depth, 64, 64), num_samples=1))
+    for seed in range(12):
+        xforms.set_random_state(seed=seed)
+        out = xforms(item)[0]["label"][0]
+        assert out.shape == (depth, 64, 64)
+        assert np.allclose(out.sum((1, 2)).numpy(), disc.sum(), rtol=0.05)  # every slice keeps the disc
