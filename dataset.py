@@ -276,6 +276,37 @@ def reader_for(path: str | Path) -> ImageReader:
     return NibabelReader() if suffix in NIFTI_SUFFIXES else SimpleITKReader()
 
 
+def tissue_mask(image: torch.Tensor, params: PrepParams, threshold_hu: float | None = None) -> np.ndarray:
+    """Voxels that are not background, (C, D, H, W) → bool (D, H, W). ``threshold_hu`` replaces the CT
+    threshold (for an image already scaled to [0, 1]); the MR rule is relative, so it holds before and after
+    normalization."""
+    x = np.asarray(image.detach().cpu(), dtype=np.float32).mean(0)  # channels averaged
+    if params.modality == "ct":
+        return x > (params.body_threshold_hu if threshold_hu is None else threshold_hu)
+    # MR has no absolute scale: background is what the volume's border holds (the faces of the axes
+    # that have them: a single slice's border is its edge, not the slice itself), ...
+    faces = [np.moveaxis(x, a, 0)[[0, -1]].ravel() for a in range(3) if x.shape[a] > 2]
+    background = np.median(np.concatenate(faces)) if faces else x.min()
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    mask = np.abs(x - background) > params.body_fraction * max(hi - lo, 1e-6)
+    if mask.any() and x[mask].mean() < background:
+        # ... when it is darker than the body. Skin filling a photograph, around a darker lesion, is not.
+        return np.ones_like(mask)
+    return mask
+
+
+def prepared_tissue(image: torch.Tensor, params: PrepParams) -> torch.Tensor:
+    """``tissue_mask`` of a prepared (normalized) image (C, D, H, W) → bool (1, D, H, W), dilated by 2 voxels
+    in-plane: inference skips the windows that hold none of it."""
+    threshold = None
+    if params.modality == "ct":
+        lo, hi = params.window
+        threshold = (params.body_threshold_hu - lo) / (hi - lo)  # the HU threshold on the [0, 1] scale
+    mask = tissue_mask(image, params, threshold)
+    mask = ndimage.binary_dilation(mask, structure=np.ones((1, 5, 5), bool)) if mask.any() else mask
+    return torch.from_numpy(mask)[None]
+
+
 class BodyMask:
     """``select_fn`` for ``CropForegroundd``: largest connected component of a thresholded body, (C,D,H,W)→bool."""
 
@@ -283,19 +314,9 @@ class BodyMask:
         self.params = params
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        x = np.asarray(image.detach().cpu(), dtype=np.float32).mean(0)  # channels averaged
-        if self.params.modality == "ct":
-            mask = x > self.params.body_threshold_hu
-        else:
-            # MR has no absolute scale: background is what the volume's border holds (the faces of the axes
-            # that have them: a single slice's border is its edge, not the slice itself), ...
-            faces = [np.moveaxis(x, a, 0)[[0, -1]].ravel() for a in range(3) if x.shape[a] > 2]
-            background = np.median(np.concatenate(faces)) if faces else x.min()
-            lo, hi = np.percentile(x, [0.5, 99.5])
-            mask = np.abs(x - background) > self.params.body_fraction * max(hi - lo, 1e-6)
-            if mask.any() and x[mask].mean() < background:
-                # ... when it is darker than the body. Skin filling a photograph, around a darker lesion, is not.
-                return torch.ones_like(image, dtype=torch.bool)
+        mask = tissue_mask(image, self.params)
+        if mask.all():
+            return torch.ones_like(image, dtype=torch.bool)
         labels, n = ndimage.label(mask)
         if n > 1:
             sizes = np.bincount(labels.ravel())

@@ -37,6 +37,7 @@ from dataset import (
     is_case_label,
     match_channel,
     prepare_transforms,
+    prepared_tissue,
     read_channels,
     read_stack,
     read_volume,
@@ -46,7 +47,7 @@ from dataset import (
     write_nifti,
 )
 from dice import dice_binary
-from model import load_checkpoint, model_from_checkpoint
+from model import axis_divisors, load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger("infer")
 
@@ -65,14 +66,60 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=amp_dtype(device) if on else torch.bfloat16, enabled=on)
 
 
+BACKGROUND_LOGIT = 12.0  # how sure a window without tissue is of background: sigmoid(-12) ≈ 6e-6
+
+
+class TissueWindows(torch.nn.Module):
+    """Sliding-window predictor for inputs whose last channel marks tissue (``prepared_tissue``): a window
+    without any tissue gets certain-background logits instead of a network pass; the others run channels-last
+    (1.14× faster on the CPU, the layout cuDNN's 3D kernels prefer)."""
+
+    def __init__(self, model: torch.nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.model, self.out_channels = model, out_channels
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        """(N, C+1, d, h, w) windows → (N, K, d, h, w) logits."""
+        x, tissue = windows[:, :-1], windows[:, -1]
+        keep = tissue.flatten(1).amax(1) > 0
+        n_keep = int(keep.sum())  # one sync per window batch, not per voxel: decides whether the net runs
+        if n_keep == len(keep):
+            return self.model(x.contiguous(memory_format=torch.channels_last_3d))
+        out = torch.full((len(x), self.out_channels, *x.shape[2:]), -BACKGROUND_LOGIT, dtype=x.dtype,
+                         device=x.device)
+        if self.out_channels > 1:
+            out[:, 0] = BACKGROUND_LOGIT
+        if n_keep:
+            kept = self.model(x[keep].contiguous(memory_format=torch.channels_last_3d))
+            out = out.to(kept.dtype)
+            out[keep] = kept
+        return out
+
+
+def fit_window(roi: Sequence[int], shape: Sequence[int], divisors: Sequence[int]) -> tuple[int, ...]:
+    """The window for a volume of ``shape`` (D, H, W): ``roi`` rounded up to the network's multiples, but no
+    larger than the volume itself rounded up to them (a volume smaller than the window is one pass, not padded
+    to the window)."""
+    return tuple(min(-(-r // d) * d, -(-s // d) * d) for r, s, d in zip(roi, shape, divisors))
+
+
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], overlap: float = 0.75,
-                   sw_batch_size: int = 4, amp: bool = False) -> torch.Tensor:
-    """Gaussian-weighted sliding-window logits (B, K, D, H, W) for an image (B, C, D, H, W) on the model's device."""
+                   sw_batch_size: int = 4, amp: bool = False, tissue: torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian-weighted sliding-window logits (B, K, D, H, W) for an image (B, C, D, H, W) on the model's device.
+
+    ``roi`` is fitted to the image (``fit_window``); with ``tissue`` (B, 1, D, H, W) the windows without any
+    are skipped. Stitching happens on the model's device.
+    """
     device = next(model.parameters()).device
+    divisors = axis_divisors({"strides": model.strides}) if hasattr(model, "strides") else (1, 1, 1)
+    window = fit_window(roi, image.shape[2:], divisors)
+    x, predictor = image.to(device, non_blocking=True), model
+    if tissue is not None:
+        x = torch.cat([x, tissue.to(device, x.dtype)], dim=1)
+        predictor = TissueWindows(model, getattr(model, "out_channels", 1))
     with autocast(device, amp):
-        logits = sliding_window_inference(image.to(device), tuple(roi), sw_batch_size, model, overlap=overlap,
-                                          mode="gaussian")
+        logits = sliding_window_inference(x, window, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
     return logits.float()
 
 
@@ -128,7 +175,8 @@ def segment_case(case: InferCase, model: torch.nn.Module, ckpt: dict, roi: Seque
                          f"{ckpt['model_args']['in_channels']}")
     chain = prepare_transforms(params, with_label=False)
     prepared = chain({"image": raw})["image"]
-    probs = probabilities(predict_logits(model, prepared[None], roi, overlap, sw_batch_size, amp))[0]
+    tissue = prepared_tissue(prepared, params)[None]
+    probs = probabilities(predict_logits(model, prepared[None], roi, overlap, sw_batch_size, amp, tissue))[0]
     classes = to_classes(invert_to_original(probs, prepared, chain)[None])[0, 0]
     values = np.asarray(ckpt["label_values"])
     mask = values[classes.numpy()].astype(np.uint8 if values.max() < 256 else np.int16)
@@ -455,7 +503,8 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
         raise InputError(f"{existing[0]}: mask exists already (pass --overwrite to replace it)")
     if len(set(targets)) < len(targets):
         raise InputError(f"{out_dir}: two inputs would write the same mask name; segment them separately")
-    model = model_from_checkpoint(ckpt, Path(config.checkpoint)).to(device).eval()
+    model = model_from_checkpoint(ckpt, Path(config.checkpoint)).to(device, memory_format=torch.channels_last_3d)
+    model.eval()
     roi = config.roi or ckpt["inference"]["roi"]
     overlap = ckpt["inference"]["overlap"] if config.overlap is None else config.overlap
     labels = ckpt["label_values"]

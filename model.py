@@ -77,6 +77,15 @@ def divisor(args: dict[str, Any]) -> int:
     return out
 
 
+def axis_divisors(args: dict[str, Any]) -> tuple[int, int, int]:
+    """(D, H, W) multiples an input needs to come back the same size: the product of the strides per axis."""
+    out = [1, 1, 1]
+    for s in args["strides"]:
+        step = [int(k) for k in s] if isinstance(s, list | tuple) else [int(s)] * 3
+        out = [o * k for o, k in zip(out, step)]
+    return out[0], out[1], out[2]
+
+
 def anisotropic_args(args: dict[str, Any], spacing: list[float], ratio: float = 3.0) -> dict[str, Any]:
     """For volumes whose slices are ``ratio`` times thicker than their pixels (spacing (D, H, W) in mm), the
     first levels downsample in-plane only, as nnU-Net does, until depth and in-plane spacing are within 2×."""

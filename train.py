@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,21 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
 
-from dataset import ArgumentParser, AugmentParams, InputError, atomic_write, make_dataset, region_arg
+from dataset import (
+    ArgumentParser,
+    AugmentParams,
+    InputError,
+    PrepParams,
+    atomic_write,
+    make_dataset,
+    prepared_tissue,
+    region_arg,
+)
 from dice import dice_from_counts, overlap_counts
 from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
 from model import (
     anisotropic_args,
+    axis_divisors,
     build_model,
     flat_args,
     load_checkpoint,
@@ -80,6 +91,7 @@ class TrainConfig:
     norm: str | None = None
     dropout: float | None = None
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()  # label unions also scored, e.g. (("WT", (1, 2, 3, 4)),)
+    window: tuple[int, int, int] | None = None  # inference/validation window; None: chosen from the data
     batch_dice: bool | None = None  # None: on for depth-1 data (nnU-Net's 2D choice), off for volumes
 
 
@@ -177,9 +189,11 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device,
 
 
 def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: tuple[int, ...],
-             amp: bool, pool_groups: bool = False) -> tuple[dict[int, float], dict[str, float]]:
+             amp: bool, pool_groups: bool = False, params: PrepParams | None = None
+             ) -> tuple[dict[int, float], dict[str, float]]:
     """Dice (dice.py) per foreground label value and per ``cfg.regions`` union, averaged over whole validation
-    volumes (sliding ``window``); with ``pool_groups`` over patients instead, each patient's slices pooled (the
+    volumes (sliding ``window``, skipping windows without tissue when ``params`` are given, as inference
+    does); with ``pool_groups`` over patients instead, each patient's slices pooled (the
     figure the LGG literature reports; a mean over slices would be dominated by the slices with nothing to find)."""
     model.eval()
     # Predictions and labels hold class indices 0..K-1; regions are given in label values.
@@ -187,7 +201,8 @@ def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: t
     targets += [[label_values.index(v) for v in values] for _, values in cfg.regions]
     counts: dict[str, torch.Tensor] = {}  # case (or patient) → (targets, 3)
     for batch in loader:
-        logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp)
+        tissue = prepared_tissue(batch["image"][0], params)[None] if params else None
+        logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp, tissue)
         pred = to_classes(probabilities(logits)).cpu()
         unit = batch["group"][0] if pool_groups else batch["name"][0]
         counts[unit] = counts.get(unit, 0) + overlap_counts(pred, batch["label"], targets)
@@ -290,7 +305,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise InputError(f"--regions: label values {unknown} are not in the data's labels {label_values}")
     margs = model_args(in_channels=in_channels, out_channels=1 if n_classes == 2 else n_classes, channels=cfg.channels,
                        strides=cfg.strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)
-    window = tuple(cfg.roi)
+    window = tuple(cfg.window) if cfg.window else None
     spacings = [c["prepared_spacing"] for c in manifest["cases"] if "prepared_spacing" in c]
     if spacings:
         spacing = np.median(np.asarray(spacings), axis=0)
@@ -305,12 +320,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         margs = flat_args(margs)
         cfg = dataclasses.replace(cfg, roi=(1, *cfg.roi[1:]),
                                   batch_dice=True if cfg.batch_dice is None else cfg.batch_dice)
-        window = (1, manifest["params"]["inplane"], manifest["params"]["inplane"])
+        window = window or (1, manifest["params"]["inplane"], manifest["params"]["inplane"])
         log.info("depth-1 data: kernels %s, strides %s, crops %s, window %s", margs["kernel_size"],
                  margs["strides"], cfg.roi, window)
         if pool_groups:
             log.info("validation Dice per patient: %d slices of %d patients pooled", len(val_items),
                      len({item["group"] for item in val_items}))
+    if window is None:
+        shapes = [c["prepared_shape"] for c in manifest["cases"] if c.get("split") in ("train", "val")]
+        window = choose_window(shapes, cfg.roi, axis_divisors(margs))
+        log.info("inference window %s (training crops %s)", window, cfg.roi)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(cfg.seed)
     model = build_model(margs).to(device)
@@ -347,7 +366,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loss = train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp)
         dice, per_label, per_region = None, {}, {}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            per_label, per_region = validate(model, val_loader, label_values, cfg, window, amp, pool_groups)
+            per_label, per_region = validate(model, val_loader, label_values, cfg, window, amp, pool_groups,
+                                             PrepParams.from_dict(manifest["params"]))
             dice = sum(per_label.values()) / len(per_label)  # mean over foreground labels
         history.append({"epoch": epoch, "train_loss": round(loss, 6),
                         "val_dice": None if dice is None else round(dice, 6),
@@ -374,6 +394,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             break
     writer.close()
     return {"best_dice": best["dice"], "best_epoch": best["epoch"], "epochs_run": len(history)}
+
+
+WINDOW_VOXELS = 64 * 256 * 256  # largest inference window chosen by default: ~2 GB of activations on the CPU
+
+
+def choose_window(shapes: Sequence[Sequence[int]], roi: Sequence[int], divisors: Sequence[int],
+                  max_voxels: int = WINDOW_VOXELS) -> tuple[int, int, int]:
+    """Inference window: the largest prepared volume (D, H, W) rounded up to the network's multiples, so that
+    most volumes take a single pass (the UNet is fully convolutional; 75% overlap of training-sized windows
+    computes each voxel about 20 times), shrunk along its longest axis (relative to ``roi``) to ``max_voxels``,
+    never smaller than the training crop."""
+    up = [-(-r // d) * d for r, d in zip(roi, divisors)]
+    window = [max(u, -(-max(s[k] for s in shapes) // d) * d) for k, (u, d) in enumerate(zip(up, divisors))]
+    while math.prod(window) > max_voxels:
+        k = max((k for k in range(3) if window[k] > up[k]), key=lambda k: window[k] / up[k], default=None)
+        if k is None:
+            break
+        window[k] = max(up[k], window[k] - divisors[k])
+    return window[0], window[1], window[2]
 
 
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:
@@ -450,6 +489,9 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--num-res-units", type=int, default=None)
     p.add_argument("--norm", default=None, help="instance | batch")
     p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                   help="sliding window of validation and inference (default: the largest prepared volume, "
+                        f"up to {WINDOW_VOXELS} voxels)")
     p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=None,
                    help="Dice loss pooled over the batch's crops (default: on for 2D slices, off for volumes)")
     p.add_argument("--regions", type=region_arg, nargs="+", default=[], metavar="NAME=V,V",
@@ -462,6 +504,9 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     if a.lr <= 0 or not 0 <= a.overlap < 1 or not 0 <= a.cache_rate <= 1 or a.patience < 0:
         p.error("need --lr > 0, 0 <= --overlap < 1, 0 <= --cache-rate <= 1, --patience >= 0")
     a.roi = tuple(a.roi)
+    a.window = tuple(a.window) if a.window else None
+    if a.window and (min(a.window) < 1 or max(a.window) > 1024):
+        p.error("--window sizes must lie in 1..1024")
     a.channels = tuple(a.channels) if a.channels else None
     a.strides = tuple(a.strides) if a.strides else None
     a.regions = tuple(a.regions)

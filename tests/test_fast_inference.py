@@ -1,0 +1,82 @@
+"""infer.py's fast path: the inference window, windows without tissue skipped, channels-last; same answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+import infer
+import train
+from dataset import PrepParams, prepared_tissue
+from model import axis_divisors, build_model, model_args
+
+
+def _net(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(model_args(channels=[4, 8, 16], strides=[2, 2], num_res_units=1, **kw)).eval()
+
+
+def test_window_fits_the_volume_and_the_network():
+    assert infer.fit_window((64, 256, 256), (30, 150, 201), (4, 4, 4)) == (32, 152, 204)  # volume rounded up
+    assert infer.fit_window((48, 96, 96), (30, 150, 201), (4, 4, 4)) == (32, 96, 96)
+    assert infer.fit_window((1, 250, 250), (1, 90, 120), (1, 8, 8)) == (1, 96, 120)
+    assert axis_divisors({"strides": [[1, 2, 2], 2, [2, 2, 2]]}) == (4, 8, 8)
+
+
+def test_chosen_window_covers_the_largest_volume_within_the_budget():
+    shapes = [(30, 150, 201), (20, 180, 100)]
+    assert train.choose_window(shapes, (16, 64, 64), (8, 8, 8)) == (32, 184, 208)
+    small = train.choose_window(shapes, (16, 64, 64), (8, 8, 8), max_voxels=64 * 128 * 128)
+    assert np.prod(small) <= 64 * 128 * 128 and all(s >= r for s, r in zip(small, (16, 64, 64)))
+    # never below the training crop, even when the budget is smaller than the crop
+    assert train.choose_window(shapes, (16, 64, 64), (8, 8, 8), max_voxels=10) == (16, 64, 64)
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_fast_path_equals_the_plain_call_when_nothing_is_skipped(norm):
+    """Same window, tissue everywhere: channels-last and inference_mode change nothing but speed."""
+    net = _net(norm=norm)
+    image = torch.randn(1, 1, 16, 40, 40)
+    plain = sliding_window_inference(image, (8, 16, 16), 4, net, overlap=0.75, mode="gaussian")
+    fast = infer.predict_logits(net.to(memory_format=torch.channels_last_3d), image, (8, 16, 16), 0.75, 4,
+                                tissue=torch.ones(1, 1, 16, 40, 40))
+    assert torch.allclose(plain, fast, atol=1e-4)
+
+
+def test_windows_without_tissue_are_skipped_and_background():
+    calls = []
+    net = _net()
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return net(x)
+
+    counting.strides, counting.parameters = net.strides, net.parameters  # what predict_logits reads
+    image = torch.randn(1, 1, 8, 64, 64)
+    tissue = torch.zeros(1, 1, 8, 64, 64, dtype=torch.bool)
+    tissue[..., 4:20, 4:20] = True  # tissue in one corner only
+    logits = infer.predict_logits(counting, image, (8, 16, 16), 0.0, 1, tissue=tissue)
+    assert sum(calls) == 4  # of the 16 non-overlapping windows, only the 4 touching the corner ran
+    assert torch.allclose(logits[..., 32:, 32:], torch.tensor(-infer.BACKGROUND_LOGIT))
+    reference = sliding_window_inference(image, (8, 16, 16), 1, net, overlap=0.0, mode="gaussian")
+    assert torch.allclose(logits[..., :32, :32], reference[..., :32, :32], atol=1e-5)
+
+
+def test_multiclass_skipped_windows_are_background_class():
+    net = build_model(model_args(out_channels=3, channels=[4, 8], strides=[2], num_res_units=0)).eval()
+    logits = infer.predict_logits(net, torch.randn(1, 1, 4, 16, 16), (4, 8, 8), 0.0, 2,
+                                  tissue=torch.zeros(1, 1, 4, 16, 16))
+    assert (infer.to_classes(infer.probabilities(logits)) == 0).all()
+
+
+def test_tissue_of_a_prepared_ct_uses_the_body_threshold_on_the_0_1_scale():
+    params = PrepParams(modality="ct", window=(-1000.0, 1000.0), body_threshold_hu=-500.0)
+    image = torch.zeros(1, 4, 32, 32)  # air: 0 on the [0, 1] scale
+    image[:, :, 10:20, 10:20] = 0.5  # water, 0 HU
+    image[:, :, 0:2, 0:2] = 0.2  # -600 HU: below the threshold
+    tissue = prepared_tissue(image, params)
+    assert tissue.shape == (1, 4, 32, 32)
+    assert tissue[0, :, 15, 15].all() and tissue[0, :, 8, 15].all()  # dilated by 2 in-plane
+    assert not tissue[0, :, 0, 0].any() and not tissue[0, :, 25, 25].any()
