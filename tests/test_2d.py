@@ -77,7 +77,7 @@ def test_2d_pipeline_end_to_end(png_raw, tmp_path):
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["model_args"]["kernel_size"] == [1, 3, 3]
     assert ckpt["model_args"]["strides"] == [[1, 2, 2], [1, 2, 2]] and ckpt["model_args"]["in_channels"] == 3
-    assert ckpt["inference"]["roi"] == [1, 256, 256]  # whole-slice window
+    assert ckpt["inference"]["roi"] == [1, 96, 96]  # instance norm: windows like the crops
     assert ckpt["config"]["roi"] == [1, 96, 96]  # depth-1 crops, not padded to 48 slices
     assert infer.main([str(png_raw / "pic3.png"), "--checkpoint", str(out / "best.pt"), "--out", str(out)]) == 0
     mask = nib.load(out / "pic3_mask.nii.gz")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from monai.inferers import sliding_window_inference
 import infer
 import train
 from dataset import PrepParams, prepared_tissue
-from model import axis_divisors, build_model, model_args
+from model import axis_divisors, build_model, load_checkpoint, model_args
 
 
 def _net(**kw) -> torch.nn.Module:
@@ -80,3 +82,17 @@ def test_tissue_of_a_prepared_ct_uses_the_body_threshold_on_the_0_1_scale():
     assert tissue.shape == (1, 4, 32, 32)
     assert tissue[0, :, 15, 15].all() and tissue[0, :, 8, 15].all()  # dilated by 2 in-plane
     assert not tissue[0, :, 0, 0].any() and not tissue[0, :, 25, 25].any()
+
+
+def test_a_batch_norm_model_infers_whole_volumes_an_instance_norm_model_its_crops(prep_dir, tmp_path):
+    """Batch norm is window-independent: its checkpoint records a window covering the largest prepared volume.
+    Instance norm normalizes over the window, so its window stays the training crop."""
+    shapes = np.array([c["prepared_shape"] for c in json.loads((prep_dir / "dataset.json").read_text())["cases"]])
+    net = ["--channels", "4", "8", "16", "--strides", "2", "2", "--num-res-units", "0", "--roi", "8", "32", "32"]
+    for norm in ("batch", "instance"):
+        out = tmp_path / norm
+        assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "1", "--device", "cpu",
+                           "--norm", norm, *net]) == 0
+        window = load_checkpoint(out / "best.pt")["inference"]["roi"]
+        expected = [int(-(-s // 4) * 4) for s in shapes.max(0)] if norm == "batch" else [8, 32, 32]
+        assert window == expected
