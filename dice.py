@@ -6,7 +6,7 @@ when exactly one is empty it is 0.0. This is ``monai.metrics.DiceMetric(ignore_e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -35,17 +35,6 @@ def dice_per_class(pred: Array, truth: Array, labels: Sequence[int]) -> torch.Te
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {tuple(p.shape)} differs from truth shape {tuple(t.shape)}")
     return torch.cat([dice_binary(p == v, t == v) for v in labels], dim=1)
-
-
-def dice_regions(pred: Array, truth: Array, regions: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
-    """Dice (B,) of each region, the union of its labels, for label maps (B, 1, *spatial): BraTS's whole tumour
-    is ``{"WT": [1, 2, 3, 4]}``."""
-    p, t = _as_tensor(pred), _as_tensor(truth)
-    out = {}
-    for name, values in regions.items():
-        v = torch.as_tensor(list(values), dtype=p.dtype)
-        out[name] = dice_binary(torch.isin(p, v), torch.isin(t, v.to(t.dtype)))[:, 0]
-    return out
 
 
 def overlap_counts(pred: Array, truth: Array, targets: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -46,7 +46,7 @@ from dataset import (
     volume_suffix,
     write_nifti,
 )
-from dice import dice_binary
+from dice import dice_binary, dice_from_counts, overlap_counts
 from model import axis_divisors, load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger("infer")
@@ -243,24 +243,19 @@ class PatientDice:
 
     def __init__(self, labels: Sequence[int], regions: dict[str, Sequence[int]] | None = None) -> None:
         self.targets = scored_targets(labels, regions)
-        self.counts: dict[str, np.ndarray] = {}  # patient → (targets, [intersection, predicted, true, slices])
+        self.counts: dict[str, torch.Tensor] = {}  # patient → (targets, [intersection, predicted, true])
+        self.slices: dict[str, int] = {}
 
     def add(self, patient: str, mask: np.ndarray, truth: np.ndarray) -> None:
-        counts = self.counts.setdefault(patient, np.zeros((len(self.targets), 4), np.int64))
-        for row, values in zip(counts, self.targets.values()):
-            p, t = np.isin(mask, values), np.isin(truth, values)
-            row += [int((p & t).sum()), int(p.sum()), int(t.sum()), 1]
+        counts = overlap_counts(mask, truth, list(self.targets.values()))
+        self.counts[patient] = self.counts.get(patient, 0) + counts
+        self.slices[patient] = self.slices.get(patient, 0) + 1
 
     def rows(self) -> dict[str, dict[str, float]]:
         """Per patient with at least two slices: ``dice_<label>`` (1.0 when nothing to find and none found)."""
-        out = {}
-        for patient, counts in self.counts.items():
-            if counts[0, 3] < 2:
-                continue
-            out[patient] = {"slices": float(counts[0, 3])}
-            for (inter, pred, true, _), key in zip(counts, self.targets):
-                out[patient][f"dice_{key}"] = 1.0 if pred + true == 0 else 2.0 * inter / (pred + true)
-        return out
+        return {patient: {"slices": float(self.slices[patient]),
+                          **{f"dice_{key}": float(d) for key, d in zip(self.targets, dice_from_counts(counts))}}
+                for patient, counts in self.counts.items() if self.slices[patient] >= 2}
 
 
 def write_evaluation(rows: dict[str, dict], path: Path) -> dict[str, float]:
