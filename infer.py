@@ -347,16 +347,9 @@ def expand_inputs(items: Sequence[str], channels: Sequence[str] | None = None, s
         if item.is_dir() and dicom_dir(item):
             found = [InferCase(item.name, (item,), group=item.parent.name)]  # one DICOM series
         elif item.is_dir() and stacked:
-            folders = [item] if _holds_volumes(item) else [d for d in sorted(item.iterdir()) if _holds_volumes(d)]
-            if not folders:
-                raise InputError(f"{item}: folder holds no slices")
-            found = [_stack_case(d) for d in folders]
+            found = [_stack_case(d) for d in _case_folders(item, "slices")]
         elif item.is_dir() and channels and not nnunet:
-            # The case folder itself, or a folder of case folders (BraTS's test/).
-            folders = [item] if _holds_volumes(item) else [d for d in sorted(item.iterdir()) if _holds_volumes(d)]
-            if not folders:
-                raise InputError(f"{item}: folder holds no volumes")
-            found = [_case_folder(d, channels) for d in folders]
+            found = [_case_folder(d, channels) for d in _case_folders(item, "volumes")]
         elif item.is_dir():
             files = sorted(p for p in item.iterdir() if volume_suffix(p) and not case_name(p).endswith(LABEL_SUFFIXES))
             if not files:
@@ -390,6 +383,14 @@ def _mask_slices(folder: Path, case: InferCase) -> tuple[Path, ...]:
     if missing is not None:
         raise InputError(f"{folder}: no mask for slice {missing} of {case.name} (give the folder of its masks)")
     return tuple(masks[n] for n in wanted)
+
+
+def _case_folders(item: Path, what: str) -> list[Path]:
+    """The case folder itself, or a folder of case folders (BraTS's test/, LGG's patients)."""
+    folders = [item] if _holds_volumes(item) else [d for d in sorted(item.iterdir()) if _holds_volumes(d)]
+    if not folders:
+        raise InputError(f"{item}: folder holds no {what}")
+    return folders
 
 
 def _holds_volumes(folder: Path) -> bool:

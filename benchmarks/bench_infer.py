@@ -10,7 +10,7 @@
 Both start from the same prepared volume and end with a mask on the original grid (the same inversion), scored
 against the true mask. Runs alternate (a, b, a, b …) so that machine load hits both alike. Prints per case and
 overall: seconds (median of the repeats), the ratio, each Dice against the truth, the Dice between the masks.
-Not a test: nothing here asserts; tests/test_benchmarks.py only smoke-runs it.
+Not a test: nothing here asserts; tests/test_fast_inference.py only smoke-runs it.
 """
 
 from __future__ import annotations
