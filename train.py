@@ -405,10 +405,9 @@ WINDOW_VOXELS = 64 * 256 * 256  # largest inference window chosen by default: ~2
 def choose_window(shapes: Sequence[Sequence[int]], roi: Sequence[int], divisors: Sequence[int],
                   max_voxels: int = WINDOW_VOXELS) -> tuple[int, int, int]:
     """Inference window of a batch-norm network: the largest prepared volume (D, H, W) rounded up to the
-    network's multiples, so that
-    most volumes take a single pass (the UNet is fully convolutional; 75% overlap of training-sized windows
-    computes each voxel about 20 times), shrunk along its longest axis (relative to ``roi``) to ``max_voxels``,
-    never smaller than the training crop."""
+    network's multiples, so that most volumes take a single pass (the UNet is fully convolutional; 75% overlap
+    of training-sized windows computes each voxel about 20 times), shrunk along its longest axis (relative to
+    ``roi``) to ``max_voxels``, never smaller than the training crop."""
     up = [-(-r // d) * d for r, d in zip(roi, divisors)]
     window = [max(u, -(-max(s[k] for s in shapes) // d) * d) for k, (u, d) in enumerate(zip(up, divisors))]
     while math.prod(window) > max_voxels:
@@ -494,8 +493,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--norm", default=None, help="instance | batch")
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                   help="sliding window of validation and inference (default: the largest prepared volume, "
-                        f"up to {WINDOW_VOXELS} voxels)")
+                   help="sliding window of validation and inference (default: the training crop; with --norm "
+                        f"batch the largest prepared volume, up to {WINDOW_VOXELS} voxels)")
     p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=None,
                    help="Dice loss pooled over the batch's crops (default: on for 2D slices, off for volumes)")
     p.add_argument("--regions", type=region_arg, nargs="+", default=[], metavar="NAME=V,V",
