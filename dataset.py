@@ -41,8 +41,10 @@ from monai.transforms import (
     Resized,
     ScaleIntensityRanged,
     SpatialPadd,
+    ToDeviced,
 )
 from monai.transforms.spatial.functional import resize
+from monai.transforms.utils import map_binary_to_indices
 from monai.utils import get_equivalent_dtype
 from nibabel.filebasedimages import ImageFileError
 from scipy import ndimage
@@ -564,11 +566,48 @@ class AugmentParams:
     rotate_degrees: float = 15.0  # small random in-plane rotation, on top of 90° turns
 
 
+class CropCentresd(MapTransform):
+    """Where ``RandCropByPosNegLabeld`` may centre its crops, computed once for the cache instead of at every
+    draw: ``label_fg``/``label_bg``, flat int32 indices of foreground and background voxels of (1, D, H, W)
+    ``label``. More than ``max_indices`` of either are thinned to every k-th, as nnU-Net keeps a sample of each
+    class's locations: a regular subset, so that memory stays at most 4 bytes × ``max_indices`` per volume."""
+
+    def __init__(self, key: str = "label", max_indices: int = 2**20) -> None:
+        super().__init__([key])
+        self.max_indices = max_indices
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.keys:
+            # As bool: given uint8, MONAI's ``~`` flips bits, not truth, and every voxel counts as background.
+            fg, bg = map_binary_to_indices(torch.as_tensor(d[key]) > 0)
+            for name, idx in (("fg", fg), ("bg", bg)):
+                idx = np.asarray(idx)
+                step = -(-len(idx) // self.max_indices)
+                d[f"{key}_{name}"] = np.ascontiguousarray(idx[::max(step, 1)], dtype=np.int32)
+        return d
+
+
+class Tissued(MapTransform):
+    """``tissue``: the windows validation may skip (``prepared_tissue`` of ``image``), cached with the volume."""
+
+    def __init__(self, params: PrepParams) -> None:
+        super().__init__(["image"])
+        self.params = params
+
+    def __call__(self, data: dict) -> dict:
+        return {**data, "tissue": prepared_tissue(data["image"], self.params)}
+
+
 def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: AugmentParams | None = None,
-                   in_channels: int = 1) -> Compose:
+                   in_channels: int = 1, params: PrepParams | None = None,
+                   device: torch.device | str | None = None) -> Compose:
     """Chain over *prepared* files for ``"train"`` or ``"val"``; both share the deterministic prefix.
 
-    ``"train"`` pads to the ROI and adds ``RandCropByPosNegLabeld`` plus 90° turns, small rotations and flips.
+    ``"train"`` pads to the ROI, precomputes crop centres and adds ``RandCropByPosNegLabeld`` plus 90° turns,
+    small rotations and flips; ``"val"`` adds the tissue mask when ``params`` are given. With ``device`` the
+    deterministic part ends by moving the volumes there, so that a GPU caches them and crops them itself
+    (MONAI's fast-training recipe); crop centres stay on the CPU, where they are drawn.
     """
     aug = aug or AugmentParams()
     keys = ["image", "label"]
@@ -578,11 +617,15 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
         *label_mapping(label_values),
         EnsureTyped("label", dtype=torch.uint8),
     ]
+    to_device = [ToDeviced(keys, device=str(device))] if device is not None else []
     if mode == "train":
         xforms += [
             SpatialPadd(keys, spatial_size=aug.roi),  # volumes smaller than the ROI
+            CropCentresd("label"),
+            *to_device,
             RandCropByPosNegLabeld(keys, "label", spatial_size=aug.roi, pos=aug.pos, neg=aug.neg,
-                                   num_samples=aug.num_samples),
+                                   num_samples=aug.num_samples, fg_indices_key="label_fg",
+                                   bg_indices_key="label_bg"),
             RandRotate90d(keys, prob=0.5, spatial_axes=(1, 2)),
             # range_x turns the (H, W) plane, about the depth axis; MONAI's range_z would tilt depth into
             # height, which empties most of a depth-1 crop.
@@ -592,22 +635,39 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
             RandFlipd(keys, prob=0.5, spatial_axis=2),
             EnsureTyped("label", dtype=torch.uint8),  # rotation resampled it as float
             EnsureTyped(keys, track_meta=False),
+            OwnCrops(keys),  # the crop-centre indices stay behind
         ]
     elif mode == "val":
-        xforms += [EnsureTyped(keys, track_meta=False)]
+        xforms += [*([Tissued(params)] if params is not None else []), *to_device,
+                   EnsureTyped(keys, track_meta=False)]
     else:
         raise ValueError(f"mode must be 'train' or 'val', not {mode!r}")
     return Compose(xforms)
 
 
+class OwnCrops(MapTransform):
+    """Keep only ``keys`` (plus the item's ``name`` and ``group``), each in memory of its own: an unturned,
+    unflipped crop is a view into the cached volume, which is not copied at each draw."""
+
+    def __call__(self, data: dict) -> dict:
+        out = {k: v for k, v in data.items() if k in ("name", "group")}
+        return out | {k: data[k].clone(memory_format=torch.contiguous_format) for k in self.keys}
+
+
 def make_dataset(items: list[dict], mode: str, label_values: Sequence[int], aug: AugmentParams,
-                 cache_rate: float = 1.0, num_workers: int = 0, in_channels: int = 1) -> Dataset:
-    """``CacheDataset`` over prepared ``{"image", "label"}`` items: the deterministic prefix is cached once."""
-    xforms = get_transforms(mode, label_values, aug, in_channels)
+                 cache_rate: float = 1.0, num_workers: int = 0, in_channels: int = 1,
+                 params: PrepParams | None = None, device: torch.device | str | None = None) -> Dataset:
+    """``CacheDataset`` over prepared ``{"image", "label"}`` items: the deterministic prefix is cached once
+    (``cache_rate`` of the items; the rest are read at every use), on ``device`` when given."""
+    xforms = get_transforms(mode, label_values, aug, in_channels, params, device)
     if cache_rate <= 0:
         return Dataset(items, xforms)
     try:
-        return CacheDataset(items, xforms, cache_rate=cache_rate, num_workers=num_workers or None, progress=False)
+        # copy_cache=False: the random transforms never write into the cached arrays and the crops end in memory
+        # of their own (OwnCrops; tests/test_transforms.py checks), so a deep copy of each volume at each draw
+        # would be wasted.
+        return CacheDataset(items, xforms, cache_rate=cache_rate, num_workers=num_workers or None, progress=False,
+                            copy_cache=False)
     except RuntimeError:
         for item in items:  # find and name the file that broke caching
             for key in ("image", "label"):

@@ -45,8 +45,8 @@ def overlap_counts(pred: Array, truth: Array, targets: Sequence[Sequence[int]]) 
         raise ValueError(f"prediction shape {tuple(p.shape)} differs from truth shape {tuple(t.shape)}")
     rows = []
     for values in targets:
-        v = torch.as_tensor(list(values), dtype=p.dtype)
-        pm, tm = torch.isin(p, v), torch.isin(t, v.to(t.dtype))
+        v = torch.as_tensor(list(values), dtype=p.dtype, device=p.device)
+        pm, tm = torch.isin(p, v), torch.isin(t, v.to(t.device, t.dtype))
         rows.append(torch.stack([(pm & tm).sum(), pm.sum(), tm.sum()]))
     return torch.stack(rows).to(torch.int64)
 

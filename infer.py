@@ -72,11 +72,16 @@ BACKGROUND_LOGIT = 12.0  # how sure a window without tissue is of background: si
 class TissueWindows(torch.nn.Module):
     """Sliding-window predictor for inputs whose last channel marks tissue (``prepared_tissue``): a window
     without any tissue gets certain-background logits instead of a network pass; the others run channels-last
-    (1.14× faster on the CPU, the layout cuDNN's 3D kernels prefer)."""
+    when the model's weights are (1.14× faster on the CPU, the layout cuDNN's 3D kernels prefer; mixing the two
+    layouts is slower than either)."""
 
     def __init__(self, model: torch.nn.Module, out_channels: int) -> None:
         super().__init__()
         self.model, self.out_channels = model, out_channels
+        # A 3D convolution weight with several input channels (the layout of a 1-channel one is ambiguous).
+        weight = next((p for p in model.parameters() if p.ndim == 5 and p.shape[1] > 1 and p.shape[2] > 1), None)
+        last = weight is not None and weight.is_contiguous(memory_format=torch.channels_last_3d)
+        self.layout = torch.channels_last_3d if last else torch.contiguous_format
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         """(N, C+1, d, h, w) windows → (N, K, d, h, w) logits."""
@@ -84,13 +89,13 @@ class TissueWindows(torch.nn.Module):
         keep = tissue.flatten(1).amax(1) > 0
         n_keep = int(keep.sum())  # one sync per window batch, not per voxel: decides whether the net runs
         if n_keep == len(keep):
-            return self.model(x.contiguous(memory_format=torch.channels_last_3d))
+            return self.model(x.contiguous(memory_format=self.layout))
         out = torch.full((len(x), self.out_channels, *x.shape[2:]), -BACKGROUND_LOGIT, dtype=x.dtype,
                          device=x.device)
         if self.out_channels > 1:
             out[:, 0] = BACKGROUND_LOGIT
         if n_keep:
-            kept = self.model(x[keep].contiguous(memory_format=torch.channels_last_3d))
+            kept = self.model(x[keep].contiguous(memory_format=self.layout))
             out = out.to(kept.dtype)
             out[keep] = kept
         return out

@@ -112,3 +112,49 @@ def test_augmentation_turns_slices_in_plane_and_keeps_them(tmp_path, depth):
         out = xforms(item)[0]["label"][0]
         assert out.shape == (depth, 64, 64)
         assert np.allclose(out.sum((1, 2)).numpy(), disc.sum(), rtol=0.05)  # every slice keeps the disc
+
+
+def test_random_crops_leave_the_cached_volumes_alone(prep_dir):
+    """The cache is not deep-copied at each draw (copy_cache=False): the random part must make new arrays."""
+    items, _ = _items(prep_dir, "train")
+    ds = make_dataset(items, "train", (0, 1), AugmentParams(roi=(8, 32, 32), num_samples=3))
+    before = [{k: torch.as_tensor(v).clone() for k, v in c.items() if k in ("image", "label")} for c in ds._cache]
+    for seed in range(6):
+        ds.transform.set_random_state(seed=seed)
+        for i in range(len(ds)):
+            for crop in ds[i]:
+                crop["image"].add_(1.0)  # a consumer writing into its crop must not reach the cache either
+                crop["label"].zero_()
+    for cached, saved in zip(ds._cache, before):
+        assert torch.equal(torch.as_tensor(cached["image"]), saved["image"])
+        assert torch.equal(torch.as_tensor(cached["label"]), saved["label"])
+
+
+def test_crop_centres_are_computed_once_and_point_at_their_class(prep_dir):
+    from dataset import CropCentresd
+
+    label = torch.zeros(1, 4, 10, 12, dtype=torch.uint8)
+    label[0, 1:3, 2:5, 3:9] = 1
+    out = CropCentresd("label")({"label": label})
+    flat = label.flatten().numpy()
+    assert out["label_fg"].dtype == np.int32 and len(out["label_fg"]) == int(flat.sum())
+    assert (flat[out["label_fg"]] == 1).all() and (flat[out["label_bg"]] == 0).all()
+    assert len(out["label_fg"]) + len(out["label_bg"]) == flat.size
+    thin = CropCentresd("label", max_indices=10)({"label": label})
+    assert 0 < len(thin["label_bg"]) <= 10 and (flat[thin["label_bg"]] == 0).all()
+    # the training chain hands the crops on without them
+    xforms = get_transforms("train", (0, 1), AugmentParams(roi=(4, 8, 8), num_samples=2))
+    assert all(set(s) == {"image", "label"} for s in xforms(_items(prep_dir, "train")[0][0]))
+
+
+def test_validation_caches_the_tissue_mask_inference_uses(prep_dir):
+    from dataset import PrepParams, prepared_tissue
+
+    items, manifest = _items(prep_dir, "val")
+    params = PrepParams.from_dict(manifest["params"])
+    ds = make_dataset(items, "val", (0, 1), AugmentParams(), params=params)
+    out = ds[0]
+    assert out["tissue"].dtype == torch.bool and out["tissue"].shape == out["image"].shape
+    assert torch.equal(out["tissue"], prepared_tissue(out["image"], params))
+    assert 0 < out["tissue"].float().mean() < 1  # the synthetic body, not the air around it
+    assert "tissue" in ds._cache[0]  # computed once, with the volume
