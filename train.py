@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import math
+import os
+import resource
 import signal
 import sys
 import threading
@@ -23,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from monai.data import DataLoader
+from monai.data import DataLoader, ThreadDataLoader, partition_dataset
 from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
@@ -37,7 +40,6 @@ from dataset import (
     PrepParams,
     atomic_write,
     make_dataset,
-    prepared_tissue,
     region_arg,
 )
 from dice import dice_from_counts, overlap_counts
@@ -139,7 +141,62 @@ def prepared_path(data_dir: Path, case: dict, key: str) -> Path:
     return data_dir / name
 
 
-# ---------------------------------------------------------------- 2. loss
+def cache_device(device: torch.device, cases: Sequence[dict], in_channels: int, cache_rate: float
+                 ) -> torch.device | None:
+    """The GPU when the cached volumes (float32 image, uint8 label) take at most a quarter of its free memory,
+    so that crops are cut and turned where the network runs (MONAI's fast-training recipe); else None."""
+    if device.type != "cuda" or cache_rate <= 0:
+        return None
+    need = cache_rate * sum(math.prod(c["prepared_shape"]) * (4 * in_channels + 1) for c in cases)
+    free, _ = torch.cuda.mem_get_info(device)
+    log.info("cache: %.0f MB of volumes, %s", need / 2**20, "on the GPU" if need < free / 4 else "in host memory")
+    return device if need < free / 4 else None
+
+
+# ---------------------------------------------------------------- 2. distributed (torchrun)
+
+
+def distributed() -> bool:
+    """Whether this process is one of several in a torchrun job."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join the job torchrun describes in the environment (WORLD_SIZE > 1): NCCL with one GPU per local rank,
+    gloo on the CPU. Returns (rank, world size, device); (0, 1, device) without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's per-case overlap counts, summed by case (a patient's slices may lie on several ranks)."""
+    if not distributed():
+        return counts
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: v.tolist() for k, v in counts.items()})
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for k, v in part.items():
+            merged[k] = merged.get(k, 0) + torch.tensor(v, dtype=torch.int64)
+    return merged
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) everywhere: DDP broadcasts them before each forward, so
+    after an epoch's last step each rank holds its own; validation and checkpoints need one set."""
+    if distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# ---------------------------------------------------------------- 3. loss
 
 
 class BinaryDiceBCELoss(torch.nn.Module):
@@ -167,7 +224,7 @@ def make_loss(n_classes: int, cfg: TrainConfig) -> torch.nn.Module:
                       batch=batch)
 
 
-# ---------------------------------------------------------------- 3. one epoch
+# ---------------------------------------------------------------- 4. one epoch
 
 
 def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device, amp: bool) -> float:
@@ -185,33 +242,38 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device,
         scaler.update()
         total += loss.detach()
         steps += 1
-    return float(total) / max(steps, 1)
+    stats = torch.stack([total, torch.tensor(float(steps), device=device)])
+    if distributed():
+        dist.all_reduce(stats)  # mean over every rank's steps
+    return float(stats[0] / stats[1].clamp_min(1))
 
 
 def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: tuple[int, ...],
-             amp: bool, pool_groups: bool = False, params: PrepParams | None = None
-             ) -> tuple[dict[int, float], dict[str, float]]:
+             amp: bool, pool_groups: bool = False) -> tuple[dict[int, float], dict[str, float]]:
     """Dice (dice.py) per foreground label value and per ``cfg.regions`` union, averaged over whole validation
-    volumes (sliding ``window``, skipping windows without tissue when ``params`` are given, as inference
-    does); with ``pool_groups`` over patients instead, each patient's slices pooled (the
-    figure the LGG literature reports; a mean over slices would be dominated by the slices with nothing to find)."""
+    volumes (sliding ``window``, skipping windows without tissue where the batch holds a ``tissue`` mask, as
+    inference does); with ``pool_groups`` over patients instead, each patient's slices pooled (the
+    figure the LGG literature reports; a mean over slices would be dominated by the slices with nothing to find).
+    Under torchrun each rank scores its share of the volumes and the counts are summed across ranks."""
     model.eval()
     # Predictions and labels hold class indices 0..K-1; regions are given in label values.
     targets = [[c] for c in range(1, len(label_values))]
     targets += [[label_values.index(v) for v in values] for _, values in cfg.regions]
     counts: dict[str, torch.Tensor] = {}  # case (or patient) → (targets, 3)
     for batch in loader:
-        tissue = prepared_tissue(batch["image"][0], params)[None] if params else None
-        logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp, tissue)
-        pred = to_classes(probabilities(logits)).cpu()
+        logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp,
+                                batch.get("tissue"))
+        # Counted where the prediction lies: one small (targets, 3) tensor per volume comes back to the host.
+        label = batch["label"].to(logits.device, non_blocking=True)
         unit = batch["group"][0] if pool_groups else batch["name"][0]
-        counts[unit] = counts.get(unit, 0) + overlap_counts(pred, batch["label"], targets)
+        counts[unit] = counts.get(unit, 0) + overlap_counts(to_classes(probabilities(logits)), label, targets).cpu()
+    counts = gather_counts(counts)
     dice = dice_from_counts(torch.stack(list(counts.values()))).mean(0).tolist()
     n = len(label_values) - 1
     return dict(zip(label_values[1:], dice[:n])), dict(zip((name for name, _ in cfg.regions), dice[n:]))
 
 
-# ---------------------------------------------------------------- 4. outputs
+# ---------------------------------------------------------------- 5. outputs
 
 
 def write_metrics(history: list[dict], path: Path) -> None:
@@ -244,7 +306,7 @@ def plot_dice(history: list[dict], path: Path) -> None:
         fig.savefig(tmp)
 
 
-# ---------------------------------------------------------------- 5. the run
+# ---------------------------------------------------------------- 6. the run
 
 
 class DeferredInterrupt:
@@ -287,12 +349,26 @@ def make_checkpoint(model, cfg: TrainConfig, manifest: dict, margs: dict, window
     }
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training; returns ``{"best_dice", "best_epoch", "epochs_run"}``."""
-    # 1. data and model
-    data_dir, out_dir = Path(cfg.data), Path(cfg.output)
-    device = resolve_device(cfg.device)
-    amp = device.type == "cuda" if cfg.amp is None else cfg.amp and device.type == "cuda"
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run trains, decided from its config and the data: cases, network, crops, validation window."""
+
+    cfg: TrainConfig  # as given, with the crop and batch Dice settled for depth-1 data
+    manifest: dict
+    train_items: list[dict]
+    val_items: list[dict]
+    label_values: list[int]
+    in_channels: int
+    margs: dict
+    window: tuple[int, int, int]
+    pool_groups: bool  # validation Dice per patient (slices pooled) rather than per volume
+    params: PrepParams
+
+
+def plan(cfg: TrainConfig) -> Plan:
+    """Read the manifest and settle the network (anisotropic strides, 2D kernels for depth-1 data) and the
+    inference window (the training crop for instance norm, ``choose_window`` for batch norm)."""
+    data_dir = Path(cfg.data)
     manifest = load_manifest(data_dir)
     train_items, val_items = split_items(manifest, data_dir)
     label_values = manifest["label_values"]
@@ -333,44 +409,74 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # answer (measured: whole-slice windows took LGG's per-patient Dice from 0.65 to 0.15).
         window = tuple(cfg.roi)
     log.info("inference window %s (training crops %s, %s norm)", window, cfg.roi, margs["norm"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    set_determinism(cfg.seed)
-    model = build_model(margs).to(device)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Loss scaling only for fp16; bf16 has fp32's range.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
-    loss_fn = make_loss(n_classes, cfg).to(device)
+    return Plan(cfg, manifest, train_items, val_items, label_values, in_channels, margs, window, pool_groups,
+                PrepParams.from_dict(manifest["params"]))
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training (one process, or one rank of a torchrun job); returns ``{"best_dice", "best_epoch",
+    "epochs_run", "peak_rss_mb", "train_cases", "model"}`` (the cases this rank trained on, the trained network)."""
+    rank, world, device = init_distributed(resolve_device(cfg.device))
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """``train`` as rank ``rank`` of ``world``: each rank caches and trains on its share of the cases, scores its
+    share of the validation cases; rank 0 alone writes outputs."""
+    # 1. data and model
+    run = plan(cfg)
+    cfg, manifest, margs, window, label_values = run.cfg, run.manifest, run.margs, run.window, run.label_values
+    train_items, val_items = run.train_items, run.val_items
+    data_dir, out_dir = Path(cfg.data), Path(cfg.output)
+    main_rank = rank == 0
+    amp = device.type == "cuda" if cfg.amp is None else cfg.amp and device.type == "cuda"
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    model, optimizer, scaler, loss_fn = make_training(run, device, amp)  # the same initial weights on every rank
 
     # 2. resume
     start, best, history = 1, {"dice": -1.0, "epoch": 0}, []
     if cfg.resume:
         start, best, history = resume_from(out_dir / "last.pt", model, optimizer, scaler, margs)
 
-    # 3. datasets: the deterministic prefix is cached once
-    aug = AugmentParams(roi=cfg.roi, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
-    train_ds = make_dataset(train_items, "train", label_values, aug, cfg.cache_rate, in_channels=in_channels)
-    val_ds = make_dataset(val_items, "val", label_values, aug, cfg.cache_rate, in_channels=in_channels)
-    val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start)
+    net = model  # what trains: under torchrun the DDP wrapper, which averages gradients across ranks
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+                                                        else None)
+        log.info("rank %d of %d", rank, world)
+
+    # 3. datasets: each rank caches its share; the deterministic prefix is cached once
+    if world > 1:
+        if len(train_items) < world:
+            raise InputError(f"{data_dir}: {len(train_items)} training case(s) cannot be shared by {world} ranks")
+        # Equal shares (short ones repeat a case): every rank must take the same number of steps.
+        train_items = partition_dataset(train_items, num_partitions=world, shuffle=True, seed=cfg.seed,
+                                        even_divisible=True)[rank]
+        val_items = val_items[rank::world]  # uneven is fine (a rank may score none): the counts are summed
+    train_ds, val_ds, on_gpu = make_datasets(run, train_items, val_items, device)
+    val_loader = make_loader(val_ds, 1, None, on_gpu, device, shuffle=False)
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start) if main_rank else None
 
     # 4. epochs
     stale = 0
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         # Seeding per epoch makes a resumed run draw the same crops as an uninterrupted one.
-        train_ds.transform.set_random_state(seed=cfg.seed + epoch)
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        seed = cfg.seed + epoch + 100_003 * rank
+        train_ds.transform.set_random_state(seed=seed)
+        loader = make_loader(train_ds, cfg.batch_size, seed, on_gpu, device, cfg.num_workers)
         lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp)
+        loss = train_epoch(net, loader, loss_fn, optimizer, scaler, device, amp)
+        sync_buffers(model)
         dice, per_label, per_region = None, {}, {}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            per_label, per_region = validate(model, val_loader, label_values, cfg, window, amp, pool_groups,
-                                             PrepParams.from_dict(manifest["params"]))
+            per_label, per_region = validate(model, val_loader, label_values, cfg, window, amp, run.pool_groups)
             dice = sum(per_label.values()) / len(per_label)  # mean over foreground labels
         history.append({"epoch": epoch, "train_loss": round(loss, 6),
                         "val_dice": None if dice is None else round(dice, 6),
@@ -383,20 +489,69 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             stale = 0
         elif dice is not None:
             stale += 1
-        ckpt = make_checkpoint(model, cfg, manifest, margs, window, epoch, best, history)
-        with DeferredInterrupt():  # Ctrl-C waits until this epoch's files are all written
-            if improved:
-                save_checkpoint(ckpt, out_dir / "best.pt")
-            save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
-                            out_dir / "last.pt")
-            write_metrics(history, out_dir / "metrics.csv")
-            plot_dice(history, out_dir / "dice.png")
-        log_epoch(writer, history[-1], best)
+        if main_rank:
+            ckpt = make_checkpoint(model, cfg, manifest, margs, window, epoch, best, history)
+            with DeferredInterrupt():  # Ctrl-C waits until this epoch's files are all written
+                if improved:
+                    save_checkpoint(ckpt, out_dir / "best.pt")
+                save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+                                out_dir / "last.pt")
+                write_metrics(history, out_dir / "metrics.csv")
+                plot_dice(history, out_dir / "dice.png")
+            log_epoch(writer, history[-1], best)
+        # Every rank sees the same reduced Dice, so every rank stops at the same epoch.
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no better validation Dice for %d validations", stale)
             break
-    writer.close()
-    return {"best_dice": best["dice"], "best_epoch": best["epoch"], "epochs_run": len(history)}
+    if writer is not None:
+        writer.close()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    log.info("peak memory: %.0f MB resident%s", peak_mb, f", {torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
+             " MB on the GPU" if device.type == "cuda" else "")
+    return {"best_dice": best["dice"], "best_epoch": best["epoch"], "epochs_run": len(history),
+            "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in train_items], "model": model}
+
+
+def make_training(run: Plan, device: torch.device, amp: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                                                   torch.amp.GradScaler, torch.nn.Module]:
+    """(model, optimizer, scaler, loss) on ``device``; the weights depend only on ``run.cfg.seed``."""
+    cfg = run.cfg
+    set_determinism(cfg.seed)
+    # cuDNN picks the fastest kernels for the crop size once; the crops never change shape.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    model = build_model(run.margs).to(device)
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Loss scaling only for fp16; bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
+    return model, optimizer, scaler, make_loss(len(run.label_values), cfg).to(device)
+
+
+def make_datasets(run: Plan, train_items: list[dict], val_items: list[dict], device: torch.device
+                  ) -> tuple[Any, Any, torch.device | None]:
+    """(train, val) datasets with their deterministic prefix cached, on the GPU when it fits (the device
+    returned, else None)."""
+    cfg = run.cfg
+    names = {item["name"] for item in train_items + val_items}
+    on_gpu = cache_device(device, [c for c in run.manifest["cases"] if c["name"] in names], run.in_channels,
+                          cfg.cache_rate)
+    aug = AugmentParams(roi=cfg.roi, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
+    train_ds = make_dataset(train_items, "train", run.label_values, aug, cfg.cache_rate, in_channels=run.in_channels,
+                            device=on_gpu)
+    val_ds = make_dataset(val_items, "val", run.label_values, aug, cfg.cache_rate, in_channels=run.in_channels,
+                          params=run.params, device=on_gpu)
+    return train_ds, val_ds, on_gpu
+
+
+def make_loader(ds, batch_size: int, seed: int | None, on_gpu: torch.device | None, device: torch.device,
+                num_workers: int = 0, shuffle: bool = True) -> DataLoader:
+    """Batches of ``ds``, shuffled by ``seed``. Volumes cached on the GPU cannot go to worker processes: a thread
+    prepares the next batch there instead (MONAI's ``ThreadDataLoader``); host batches are pinned for a GPU."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if on_gpu is not None:
+        return ThreadDataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
+                      pin_memory=device.type == "cuda")
 
 
 WINDOW_VOXELS = 64 * 256 * 256  # largest inference window chosen by default: ~2 GB of activations on the CPU

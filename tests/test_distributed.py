@@ -1,0 +1,76 @@
+"""torchrun: two CPU processes (gloo) train as one data-parallel job; rank 0 alone writes outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from conftest import ROOT, TINY_NET
+
+import train
+from model import load_checkpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, argv: list[str], outputs: list[str], results: str) -> None:
+    """One rank, set up as torchrun would (environment variables), with its own output folder so that the test
+    can see which ranks wrote."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)  # two processes on two cores
+    result = train.train(train.parse_args([*argv, "--output", outputs[rank]]))
+    torch.save({"state": result["model"].state_dict(), "cases": result["train_cases"],
+                "best_dice": result["best_dice"]}, Path(results) / f"rank{rank}.pt")
+
+
+def test_two_ranks_train_one_model_and_rank_0_writes(prep_dir, tmp_path):
+    argv = ["--data", str(prep_dir), "--epochs", "2", *TINY_NET, "--norm", "batch"]
+    outputs = [str(tmp_path / "rank0"), str(tmp_path / "rank1")]
+    mp.spawn(_rank, args=(2, _free_port(), argv, outputs, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    # Each rank trained on its own share of the three training cases (padded to equal shares).
+    manifest = json.loads((prep_dir / "dataset.json").read_text())
+    train_names = {c["name"] for c in manifest["cases"] if c["split"] == "train"}
+    assert [len(r["cases"]) for r in ranks] == [2, 2]
+    assert set(ranks[0]["cases"]) | set(ranks[1]["cases"]) == train_names
+    # Gradients were averaged and batch-norm statistics shared: one model, bit for bit.
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    assert any("running_mean" in k for k in ranks[0]["state"])
+    # The validation Dice was reduced across ranks (rank 1 holds no validation case, yet agrees).
+    assert ranks[0]["best_dice"] == ranks[1]["best_dice"]
+
+    # Rank 0 wrote what a single-process run writes, with the same shapes; rank 1 wrote nothing.
+    assert not Path(outputs[1]).exists()
+    assert train.main([*argv, "--output", str(tmp_path / "single")]) == 0
+    ddp, single = load_checkpoint(Path(outputs[0]) / "last.pt"), load_checkpoint(tmp_path / "single" / "last.pt")
+    assert ddp["epoch"] == single["epoch"] == 2 and ddp["inference"] == single["inference"]
+    assert {k: v.shape for k, v in ddp["model_state"].items()} == {k: v.shape for k, v in single["model_state"].items()}
+    for key, value in ddp["model_state"].items():
+        assert torch.equal(value, ranks[0]["state"][key]), key
+    assert (Path(outputs[0]) / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_torchrun_runs_train_py_unchanged(prep_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--data", str(prep_dir), "--output", str(out), "--epochs", "1", *TINY_NET]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rank 1 of 2" in proc.stderr and "rank 0 of 2" in proc.stderr
+    assert load_checkpoint(out / "best.pt")["epoch"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "dice.png", "last.pt", "metrics.csv", "tensorboard"]
