@@ -7,9 +7,10 @@
 (a) plain, as the seed CT project did it: ``monai.data.Dataset`` (every file read and decompressed, every crop
     centre searched, at every epoch) + ``DataLoader``, fp32, ``loss.item()`` at every step; validation by
     ``sliding_window_inference`` at the training crop (75% overlap, gaussian, sw_batch_size 4).
-(b) ours, train.py's own functions: ``CacheDataset`` (deterministic prefix and crop centres computed once, on the
-    GPU when it fits, then ``ThreadDataLoader``), AMP (bf16) and ``cudnn.benchmark`` on CUDA, the loss synchronised
-    once per epoch; validation with the run's inference window, windows without tissue skipped.
+(b) ours, train.py's own functions: a channels-last network, ``CacheDataset`` (deterministic prefix and crop
+    centres computed once, on the GPU when it fits, then ``ThreadDataLoader``), AMP (bf16) and
+    ``cudnn.benchmark`` on CUDA, the loss synchronised once per epoch; validation with the run's inference
+    window, windows without tissue skipped.
 
 Both start from the same initial weights and draw crops from the same seeds; epochs alternate (a, b, a, b …) so
 that machine load hits both alike. Prints each epoch's seconds, the median epoch of each and their ratio, the
@@ -126,6 +127,7 @@ def bench(epochs: int, cfg: train.TrainConfig) -> dict:
     plain_train = Dataset(run.train_items, get_transforms("train", run.label_values, aug, run.in_channels))
     plain_val = Dataset(run.val_items, get_transforms("val", run.label_values, aug, run.in_channels))
     plain_model, plain_opt, _, plain_loss = train.make_training(run, device, False)
+    plain_model.to(memory_format=torch.contiguous_format)  # train.py's model is channels-last; the seed's was not
     # (b) ours
     t0 = time.perf_counter()
     phase("ours")
