@@ -158,3 +158,12 @@ def test_validation_caches_the_tissue_mask_inference_uses(prep_dir):
     assert torch.equal(out["tissue"], prepared_tissue(out["image"], params))
     assert 0 < out["tissue"].float().mean() < 1  # the synthetic body, not the air around it
     assert "tissue" in ds._cache[0]  # computed once, with the volume
+
+
+def test_cache_rate_caches_only_its_share(prep_dir):
+    items, _ = _items(prep_dir, "train")
+    half = make_dataset(items * 2, "train", (0, 1), AugmentParams(roi=(8, 32, 32), num_samples=1), cache_rate=0.5)
+    assert len(half._cache) == len(items)  # the other half is read at every use
+    assert all(len(half[i]) == 1 for i in range(len(half)))
+    none = make_dataset(items, "train", (0, 1), AugmentParams(roi=(8, 32, 32), num_samples=1), cache_rate=0)
+    assert not hasattr(none, "_cache") and len(none[0]) == 1
