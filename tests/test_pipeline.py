@@ -296,3 +296,23 @@ def test_evaluate_case_by_hand():
     assert empty["dice_1"] == 0.0 and np.isnan(empty["hd95_mm_1"])
     flat = infer.evaluate_case(truth[:, :, 4:5], truth[:, :, 4:5], affine, [0, 1])
     assert flat["true_mm2_1"] == pytest.approx(100 * 0.25)  # a single slice reports an area
+
+
+def test_device_cache_path_draws_the_same_crops(prep_dir, tmp_path, monkeypatch):
+    """The GPU recipe (volumes moved to the device at the end of the cached prefix, ThreadDataLoader) exercised
+    with the CPU as the device: same crops, same losses as the host path."""
+    argv = ["--data", str(prep_dir), "--epochs", "2", *TINY_NET]
+    train.main([*argv, "--output", str(tmp_path / "host")])
+    calls = []
+
+    def on_cpu(device, cases, in_channels, cache_rate):
+        calls.append(len(cases))
+        return torch.device("cpu")
+
+    monkeypatch.setattr(train, "cache_device", on_cpu)
+    assert isinstance(train.make_loader([0], 1, 0, torch.device("cpu"), torch.device("cpu")), train.ThreadDataLoader)
+    train.main([*argv, "--output", str(tmp_path / "device")])
+    assert calls == [4]
+    host, device = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("host", "device"))
+    assert [r["train_loss"] for r in host] == [r["train_loss"] for r in device]
+    assert [r["val_dice"] for r in host] == [r["val_dice"] for r in device]
