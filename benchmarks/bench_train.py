@@ -6,7 +6,7 @@
 
 (a) plain, as the seed CT project did it: ``monai.data.Dataset`` (every file read and decompressed, every crop
     centre searched, at every epoch) + ``DataLoader``, fp32, ``loss.item()`` at every step; validation by
-    ``sliding_window_inference`` at the training crop (75% overlap, gaussian, sw_batch_size 4).
+    ``sliding_window_inference`` at the training crop (gaussian, sw_batch_size 4, train.py's --overlap: 75%).
 (b) ours, train.py's own functions: a channels-last network, ``CacheDataset`` (deterministic prefix and crop
     centres computed once, on the GPU when it fits, then ``ThreadDataLoader``), AMP (bf16) and
     ``cudnn.benchmark`` on CUDA, the loss synchronised once per epoch; validation with the run's inference
@@ -93,13 +93,14 @@ def plain_epoch(model, loader, loss_fn, optimizer, device: torch.device) -> floa
     return total / max(steps, 1)
 
 
-def plain_validate(model, loader, roi, n_classes: int, device: torch.device) -> float:
+def plain_validate(model, loader, roi, overlap: float, n_classes: int, device: torch.device) -> float:
     """Mean over volumes and foreground classes of the Dice, windows of the training crop."""
     model.eval()
     scores = []
     with torch.no_grad():
         for batch in loader:
-            logits = sliding_window_inference(batch["image"].to(device), roi, 4, model, overlap=0.75, mode="gaussian")
+            logits = sliding_window_inference(batch["image"].to(device), roi, 4, model, overlap=overlap,
+                                              mode="gaussian")
             pred = to_classes(probabilities(logits)).cpu()
             scores.append(dice_per_class(pred, batch["label"], range(1, n_classes)))
     return float(torch.cat(scores).mean())
@@ -173,8 +174,8 @@ def bench(epochs: int, cfg: train.TrainConfig) -> dict:
         phase(name)
         t0 = time.perf_counter()
         if name == "plain":
-            dice = plain_validate(plain_model, DataLoader(plain_val, batch_size=1), cfg.roi, len(run.label_values),
-                                  device)
+            dice = plain_validate(plain_model, DataLoader(plain_val, batch_size=1), cfg.roi, cfg.overlap,
+                                  len(run.label_values), device)
         else:
             loader = train.make_loader(val_ds, 1, None, on_gpu, device, shuffle=False)
             per_label, _ = train.validate(model, loader, run.label_values, cfg, run.window, amp, run.pool_groups)
