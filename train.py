@@ -43,7 +43,15 @@ from dataset import (
     region_arg,
 )
 from dice import dice_from_counts, overlap_counts
-from infer import amp_dtype, autocast, predict_logits, probabilities, resolve_device, to_classes
+from infer import (
+    amp_dtype,
+    autocast,
+    default_sw_batch_size,
+    predict_logits,
+    probabilities,
+    resolve_device,
+    to_classes,
+)
 from model import (
     anisotropic_args,
     axis_divisors,
@@ -80,7 +88,7 @@ class TrainConfig:
     pos_weight: float = 3.0
     val_every: int = 1
     overlap: float = 0.75
-    sw_batch_size: int = 4
+    sw_batch_size: int | None = None  # None: infer.default_sw_batch_size of the device
     patience: int = 0
     amp: bool | None = None
     seed: int = 0
@@ -260,9 +268,9 @@ def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: t
     targets = [[c] for c in range(1, len(label_values))]
     targets += [[label_values.index(v) for v in values] for _, values in cfg.regions]
     counts: dict[str, torch.Tensor] = {}  # case (or patient) → (targets, 3)
+    sw_batch_size = cfg.sw_batch_size or default_sw_batch_size(next(model.parameters()).device)
     for batch in loader:
-        logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp,
-                                batch.get("tissue"))
+        logits = predict_logits(model, batch["image"], window, cfg.overlap, sw_batch_size, amp, batch.get("tissue"))
         # Counted where the prediction lies: one small (targets, 3) tensor per volume comes back to the host.
         label = batch["label"].to(logits.device, non_blocking=True)
         unit = batch["group"][0] if pool_groups else batch["name"][0]
@@ -635,7 +643,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--pos-weight", type=float, default=d.pos_weight, help="BCE pos_weight for binary targets")
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in validation")
-    p.add_argument("--sw-batch-size", type=int, default=d.sw_batch_size)
+    p.add_argument("--sw-batch-size", type=int, default=d.sw_batch_size,
+                   help="validation windows per network pass (default: 2 on the CPU, 4 on a GPU)")
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision, bf16 or fp16 (CUDA only)")
@@ -658,8 +667,10 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     a = p.parse_args(argv)
     if not 1 <= a.epochs <= 100_000 or a.batch_size < 1 or a.num_samples < 1 or a.val_every < 1 or min(a.roi) < 1:
         p.error("--epochs (up to 100000), --batch-size, --num-samples, --val-every and --roi must be at least 1")
-    if a.batch_size * a.num_samples > 4096 or max(a.roi) > 1024 or a.num_workers < 0:
-        p.error("--batch-size × --num-samples above 4096, --roi above 1024 or negative --num-workers")
+    if a.batch_size * a.num_samples > 4096 or max(a.roi) > 1024 or a.num_workers < 0 or (
+            a.sw_batch_size is not None and a.sw_batch_size < 1):
+        p.error("--batch-size × --num-samples above 4096, --roi above 1024, negative --num-workers or "
+                "--sw-batch-size below 1")
     if a.lr <= 0 or not 0 <= a.overlap < 1 or not 0 <= a.cache_rate <= 1 or a.patience < 0:
         p.error("need --lr > 0, 0 <= --overlap < 1, 0 <= --cache-rate <= 1, --patience >= 0")
     a.roi = tuple(a.roi)

@@ -5,7 +5,8 @@
 (a) plain: ``monai.inferers.sliding_window_inference`` with the seed project's settings (the training crop as
     roi, (48, 96, 96) there; 75% overlap, gaussian, sw_batch_size 4), fp32, under ``torch.no_grad``;
 (b) ours: ``infer.predict_logits`` as ``infer.py`` runs it (the checkpoint's inference window, fitted to the
-    volume, windows without tissue skipped, channels-last, ``inference_mode``, AMP on CUDA).
+    volume, windows without tissue skipped, channels-last, the device's windows per pass, ``inference_mode``,
+    AMP on CUDA).
 
 Both start from the same prepared volume and end with a mask on the original grid (the same inversion), scored
 against the true mask. Runs alternate (a, b, a, b …) so that machine load hits both alike. Prints per case and
@@ -33,6 +34,7 @@ from dataset import PrepParams, as_label_map, prepare_transforms, prepared_tissu
 from dice import dice_binary  # noqa: E402
 from infer import (  # noqa: E402
     cases_from_manifest,
+    default_sw_batch_size,
     invert_to_original,
     predict_logits,
     probabilities,
@@ -77,6 +79,7 @@ def bench(args: argparse.Namespace) -> dict:
     window = tuple(args.window or ckpt["inference"]["roi"])
     plain_roi = tuple(args.plain_roi or ckpt["config"]["roi"])
     amp = device.type == "cuda"
+    sw_batch_size = args.sw_batch_size or default_sw_batch_size(device)
     cases = [c for c in cases_from_manifest(Path(args.prep), args.split) if c.truth and not c.slices]
     cases = cases[: args.cases] if args.cases else cases
     if not cases:
@@ -99,7 +102,7 @@ def bench(args: argparse.Namespace) -> dict:
                     out = plain_logits(plain, prepared[None], plain_roi)
                 else:
                     tissue = prepared_tissue(prepared, params)[None]
-                    out = predict_logits(ours, prepared[None], window, 0.75, args.sw_batch_size, amp, tissue)
+                    out = predict_logits(ours, prepared[None], window, 0.75, sw_batch_size, amp, tissue)
                 synchronize(device)
                 times[name].append(time.perf_counter() - t0)
                 logits[name] = out
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, nargs=3, default=None, help="our window (default: the checkpoint's)")
     p.add_argument("--plain-roi", type=int, nargs=3, default=None,
                    help="plain call's window (default: the training crop, (48, 96, 96) in the seed project)")
-    p.add_argument("--sw-batch-size", type=int, default=4)
+    p.add_argument("--sw-batch-size", type=int, default=None, help="ours (default: infer.py's for the device)")
     p.add_argument("--json", default=None, help="also write the summary here")
     args = p.parse_args(argv)
     summary = bench(args)

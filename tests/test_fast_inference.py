@@ -60,7 +60,7 @@ def test_windows_without_tissue_are_skipped_and_background():
     tissue = torch.zeros(1, 1, 8, 64, 64, dtype=torch.bool)
     tissue[..., 4:20, 4:20] = True  # tissue in one corner only
     logits = infer.predict_logits(counting, image, (8, 16, 16), 0.0, 1, tissue=tissue)
-    assert sum(calls) == 4  # of the 16 non-overlapping windows, only the 4 touching the corner ran
+    assert len(calls) == 4  # of the 16 non-overlapping windows, only the 4 touching the corner ran
     assert torch.allclose(logits[..., 32:, 32:], torch.tensor(-infer.BACKGROUND_LOGIT))
     reference = sliding_window_inference(image, (8, 16, 16), 1, net, overlap=0.0, mode="gaussian")
     assert torch.allclose(logits[..., :32, :32], reference[..., :32, :32], atol=1e-5)
@@ -96,3 +96,18 @@ def test_a_batch_norm_model_infers_whole_volumes_an_instance_norm_model_its_crop
         window = load_checkpoint(out / "best.pt")["inference"]["roi"]
         expected = [int(-(-s // 4) * 4) for s in shapes.max(0)] if norm == "batch" else [8, 32, 32]
         assert window == expected
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_a_lone_small_window_runs_in_a_pair_with_the_same_answer(norm):
+    """PyTorch's CPU convolution takes a slow path for a batch of one small window: it runs as two copies."""
+    net, sizes = _net(norm=norm), []
+    net.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    x = torch.randn(1, 1, 8, 32, 32)
+    windows = infer.Windows(net, 1, tissue=False)
+    with torch.inference_mode():
+        assert torch.allclose(windows(x), net(x), atol=1e-5)
+        assert sizes == [2, 1]  # the pair, then the reference call
+        big = torch.randn(1, 1, 32, 1024, 8)  # C·D·H above 20480: oneDNN takes it alone
+        windows(big)
+        assert sizes[-1] == 1
