@@ -430,7 +430,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if rank:
             log.setLevel(logging.WARNING)  # one copy of the log, rank 0's, for the rest of this process
     try:
-        return _train(cfg, rank, world, device)
+        result = _train(cfg, rank, world, device)
+        if world > 1:
+            # Rank 0 is still writing when the others finish: none may tear the group down under it (seen once:
+            # the rank that left first aborted).
+            dist.barrier()
+        return result
     finally:
         if world > 1:
             dist.destroy_process_group()
