@@ -68,7 +68,8 @@ def test_torchrun_runs_train_py_unchanged(prep_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            "--data", str(prep_dir), "--output", str(out), "--epochs", "1", *TINY_NET]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A rank that aborts prints where (Python and C++ stacks), so that a failure here can be told apart.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "rank 1 of 2" in proc.stderr and "rank 0 of 2" in proc.stderr
