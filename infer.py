@@ -124,11 +124,13 @@ def default_sw_batch_size(device: torch.device) -> int:
     return 2 if device.type == "cpu" else 4
 
 
-def fit_window(roi: Sequence[int], shape: Sequence[int], divisors: Sequence[int]) -> tuple[int, ...]:
-    """The window for a volume of ``shape`` (D, H, W): ``roi`` rounded up to the network's multiples, but no
-    larger than the volume itself rounded up to them (a volume smaller than the window is one pass, not padded
-    to the window)."""
-    return tuple(min(-(-r // d) * d, -(-s // d) * d) for r, s, d in zip(roi, shape, divisors))
+def fit_window(roi: Sequence[int], shape: Sequence[int], divisors: Sequence[int], shrink: bool = True
+               ) -> tuple[int, ...]:
+    """The window for a volume of ``shape`` (D, H, W): ``roi`` rounded up to the network's multiples and, with
+    ``shrink``, no larger than the volume itself rounded up to them (a volume smaller than the window is one pass,
+    not padded to the window)."""
+    return tuple(min(-(-r // d) * d, -(-s // d) * d) if shrink else -(-r // d) * d
+                 for r, s, d in zip(roi, shape, divisors))
 
 
 @torch.inference_mode()
@@ -141,7 +143,10 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[in
     """
     device = next(model.parameters()).device
     divisors = axis_divisors({"strides": model.strides}) if hasattr(model, "strides") else (1, 1, 1)
-    window = fit_window(roi, image.shape[2:], divisors)
+    # A batch-norm network gives the same answer in any window, so a small volume is one pass of its own size.
+    # Instance norm's statistics include the zero padding that training crops of small volumes had, and that
+    # the plain call gives them: its window stays the crop.
+    window = fit_window(roi, image.shape[2:], divisors, shrink=getattr(model, "norm", None) == "batch")
     x = image.to(device, non_blocking=True)
     if tissue is not None:
         x = torch.cat([x, tissue.to(device, x.dtype)], dim=1)

@@ -4,9 +4,9 @@
 
 (a) plain: ``monai.inferers.sliding_window_inference`` with the seed project's settings (the training crop as
     roi, (48, 96, 96) there; 75% overlap, gaussian, sw_batch_size 4), fp32, under ``torch.no_grad``;
-(b) ours: ``infer.predict_logits`` as ``infer.py`` runs it (the checkpoint's inference window, fitted to the
-    volume, windows without tissue skipped, channels-last, the device's windows per pass, ``inference_mode``,
-    AMP on CUDA).
+(b) ours: ``infer.predict_logits`` as ``infer.py`` runs it (the checkpoint's inference window, shrunk to a
+    smaller volume for batch norm, windows without tissue skipped, channels-last, the device's windows per
+    pass, ``inference_mode``, AMP on CUDA).
 
 Both start from the same prepared volume and end with a mask on the original grid (the same inversion), scored
 against the true mask. Runs alternate (a, b, a, b …) so that machine load hits both alike. Prints per case and
@@ -85,7 +85,7 @@ def bench(args: argparse.Namespace) -> dict:
     if not cases:
         raise SystemExit(f"{args.prep}: no labelled {args.split} cases")
     rows = []
-    print(f"device {device}; plain roi {plain_roi}, ours window {window} (fitted to each volume); "
+    print(f"device {device}; plain roi {plain_roi}, ours window {window} (a batch-norm one shrunk to smaller volumes); "
           f"{args.repeats} interleaved repeats per case")
     for case in cases:
         raw = read_channels(case.sources, params.channel)

@@ -23,8 +23,8 @@ def test_bench_infer_smoke(prep_dir, trained, tmp_path):
     summary = json.loads(out.read_text())
     assert summary["cases"] == 1 and summary["plain_s"] > 0 and summary["ours_s"] > 0
     assert 0.0 <= summary["agreement"] <= 1.0 and 0.0 <= summary["ours_dice"] <= 1.0
-    # same window as the plain call (instance norm): the two masks agree
-    assert summary["agreement"] > 0.9 or summary["plain_dice"] == summary["ours_dice"] == 0.0
+    # same window as the plain call (instance norm, padded alike on volumes smaller than it): the masks agree
+    assert summary["agreement"] > 0.99 or summary["plain_dice"] == summary["ours_dice"] == 0.0
 
 
 def test_bench_train_smoke(prep_dir, tmp_path):

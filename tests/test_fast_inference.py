@@ -24,6 +24,7 @@ def test_window_fits_the_volume_and_the_network():
     assert infer.fit_window((64, 256, 256), (30, 150, 201), (4, 4, 4)) == (32, 152, 204)  # volume rounded up
     assert infer.fit_window((48, 96, 96), (30, 150, 201), (4, 4, 4)) == (32, 96, 96)
     assert infer.fit_window((1, 250, 250), (1, 90, 120), (1, 8, 8)) == (1, 96, 120)
+    assert infer.fit_window((48, 90, 96), (30, 150, 201), (4, 4, 4), shrink=False) == (48, 92, 96)
     assert axis_divisors({"strides": [[1, 2, 2], 2, [2, 2, 2]]}) == (4, 8, 8)
 
 
@@ -45,6 +46,20 @@ def test_fast_path_equals_the_plain_call_when_nothing_is_skipped(norm):
     fast = infer.predict_logits(net.to(memory_format=torch.channels_last_3d), image, (8, 16, 16), 0.75, 4,
                                 tissue=torch.ones(1, 1, 16, 40, 40))
     assert torch.allclose(plain, fast, atol=1e-4)
+
+
+def test_an_instance_norm_network_keeps_its_crop_on_a_smaller_volume():
+    """Instance norm's statistics count the zero padding a small volume's crops had in training, as the plain
+    call pads: the same answer, not that of a window shrunk to the volume. Batch norm's window shrinks."""
+    image = torch.randn(1, 1, 6, 20, 40)
+    net = _net(norm="instance")
+    plain = sliding_window_inference(image, (8, 32, 48), 4, net, overlap=0.75, mode="gaussian")
+    assert torch.allclose(infer.predict_logits(net, image, (8, 32, 48), 0.75, 4), plain, atol=1e-4)
+    seen = []
+    bn = _net(norm="batch")
+    bn.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[2:])))
+    infer.predict_logits(bn, image, (8, 32, 48), 0.75, 4)
+    assert set(seen) == {(8, 20, 40)}  # depth 6 rounded up to the network's multiple of 4
 
 
 def test_windows_without_tissue_are_skipped_and_background():
