@@ -4,6 +4,8 @@ Timings are never asserted (benchmarks/ prints them; the README's Performance se
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -38,3 +40,21 @@ def test_bench_train_smoke(prep_dir, tmp_path):
     assert summary["plain_epoch_s"] > 0 and summary["ours_epoch_s"] > 0 and summary["speedup"] > 0
     assert 0.0 <= summary["plain_val_dice"] <= 1.0 and 0.0 <= summary["ours_val_dice"] <= 1.0
     assert summary["ours_peak_rss_mb"] > 0 and summary["ours_cache_mb"] >= 0
+
+
+def test_gpu_script_smoke(tmp_path):
+    """benchmarks/gpu.sh (what a lent GPU runs) end to end with the CPU standing in and tiny sizes: it makes its
+    data, runs both benchmarks and leaves their summaries and a checkpoint in $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "data"), "DEVICE": "cpu",
+           "PYTHON": sys.executable, "TESTS": "0", "CASES": "3", "SHAPE": "8 64 64", "TRAIN_EPOCHS": "1",
+           "BENCH_EPOCHS": "1", "REPEATS": "1", "NET": " ".join(TINY_NET[:-2])}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "out"
+    train_summary = json.loads((out / "bench_train.json").read_text())
+    infer_summary = json.loads((out / "bench_infer.json").read_text())
+    assert train_summary["device"] == "cpu" and train_summary["window"] == [8, 64, 64]  # NET's crop
+    assert infer_summary["cases"] >= 1 and infer_summary["ours_s"] > 0
+    assert (out / "train" / "best.pt").is_file() and not (out / "train" / "last.pt").exists()
+    assert "no GPU" in (out / "machine.txt").read_text()
