@@ -47,7 +47,7 @@ from dataset import (
     write_nifti,
 )
 from dice import dice_binary, dice_from_counts, overlap_counts
-from model import axis_divisors, load_checkpoint, model_from_checkpoint
+from model import axis_divisors, load_checkpoint, model_from_checkpoint, window_independent
 
 log = logging.getLogger("infer")
 
@@ -135,18 +135,21 @@ def fit_window(roi: Sequence[int], shape: Sequence[int], divisors: Sequence[int]
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], overlap: float = 0.75,
-                   sw_batch_size: int = 4, amp: bool = False, tissue: torch.Tensor | None = None) -> torch.Tensor:
+                   sw_batch_size: int | None = None, amp: bool = False, tissue: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Gaussian-weighted sliding-window logits (B, K, D, H, W) for an image (B, C, D, H, W) on the model's device.
 
-    ``roi`` is fitted to the image (``fit_window``); with ``tissue`` (B, 1, D, H, W) the windows without any
-    are skipped. Stitching happens on the model's device.
+    ``roi`` is fitted to the image (``fit_window``); ``sw_batch_size`` windows per pass, by default the device's
+    (``default_sw_batch_size``); with ``tissue`` (B, 1, D, H, W) the windows without any are skipped. Stitching
+    happens on the model's device.
     """
     device = next(model.parameters()).device
+    sw_batch_size = sw_batch_size or default_sw_batch_size(device)
     divisors = axis_divisors({"strides": model.strides}) if hasattr(model, "strides") else (1, 1, 1)
     # A batch-norm network gives the same answer in any window, so a small volume is one pass of its own size.
     # Instance norm's statistics include the zero padding that training crops of small volumes had, and that
     # the plain call gives them: its window stays the crop.
-    window = fit_window(roi, image.shape[2:], divisors, shrink=getattr(model, "norm", None) == "batch")
+    window = fit_window(roi, image.shape[2:], divisors, shrink=window_independent(getattr(model, "norm", None)))
     x = image.to(device, non_blocking=True)
     if tissue is not None:
         x = torch.cat([x, tissue.to(device, x.dtype)], dim=1)
@@ -196,7 +199,7 @@ class InferCase:
 
 
 def segment_case(case: InferCase, model: torch.nn.Module, ckpt: dict, roi: Sequence[int], overlap: float,
-                 sw_batch_size: int, amp: bool) -> tuple[np.ndarray, MetaTensor]:
+                 sw_batch_size: int | None, amp: bool) -> tuple[np.ndarray, MetaTensor]:
     """Mask (X, Y, Z) in label values on the input's own grid, and the input as read (C, X, Y, Z) with its affine."""
     params = PrepParams.from_dict(ckpt["prep_params"])
     raw = read_stack(case.sources, params.channel) if case.slices else read_channels(case.sources, params.channel)
@@ -537,7 +540,6 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
     model.eval()
     roi = config.roi or ckpt["inference"]["roi"]
     overlap = ckpt["inference"]["overlap"] if config.overlap is None else config.overlap
-    sw_batch_size = config.sw_batch_size or default_sw_batch_size(device)
     labels = ckpt["label_values"]
     regions = dict(config.regions) if config.regions is not None else ckpt.get("regions") or {}
     unknown = sorted({v for values in regions.values() for v in values} - set(labels))
@@ -545,7 +547,7 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float]]:
         raise InputError(f"--regions: label values {unknown} are not among the model's labels {labels}")
     results, scores, patients = [], {}, PatientDice(labels, regions)
     for case in cases:
-        mask, raw = segment_case(case, model, ckpt, roi, overlap, sw_batch_size, config.amp)
+        mask, raw = segment_case(case, model, ckpt, roi, overlap, config.sw_batch_size, config.amp)
         affine = np.asarray(raw.affine, dtype=np.float64)
         truth = None
         if case.truth:

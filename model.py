@@ -69,6 +69,12 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Path) -> torch.nn.Module:
     return model
 
 
+def window_independent(norm: Any) -> bool:
+    """Whether a network with this ``norm`` gives the same answer in any inference window: batch norm uses its
+    running statistics in eval mode; instance norm normalizes over whatever window it is given."""
+    return norm == "batch"
+
+
 def divisor(args: dict[str, Any]) -> int:
     """In-plane sizes must be multiples of this (the product of the strides) to come back the same size."""
     out = 1

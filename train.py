@@ -46,7 +46,6 @@ from dice import dice_from_counts, overlap_counts
 from infer import (
     amp_dtype,
     autocast,
-    default_sw_batch_size,
     predict_logits,
     probabilities,
     resolve_device,
@@ -61,6 +60,7 @@ from model import (
     model_args,
     model_from_checkpoint,
     save_checkpoint,
+    window_independent,
 )
 
 MANIFEST_VERSION = 1
@@ -268,9 +268,8 @@ def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: t
     targets = [[c] for c in range(1, len(label_values))]
     targets += [[label_values.index(v) for v in values] for _, values in cfg.regions]
     counts: dict[str, torch.Tensor] = {}  # case (or patient) → (targets, 3)
-    sw_batch_size = cfg.sw_batch_size or default_sw_batch_size(next(model.parameters()).device)
     for batch in loader:
-        logits = predict_logits(model, batch["image"], window, cfg.overlap, sw_batch_size, amp, batch.get("tissue"))
+        logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp, batch.get("tissue"))
         # Counted where the prediction lies: one small (targets, 3) tensor per volume comes back to the host.
         label = batch["label"].to(logits.device, non_blocking=True)
         unit = batch["group"][0] if pool_groups else batch["name"][0]
@@ -408,7 +407,7 @@ def plan(cfg: TrainConfig) -> Plan:
         if pool_groups:
             log.info("validation Dice per patient: %d slices of %d patients pooled", len(val_items),
                      len({item["group"] for item in val_items}))
-    if window is None and margs["norm"] == "batch":
+    if window is None and window_independent(margs["norm"]):
         # Batch norm in eval mode is the same function whatever the window: a large one only saves passes.
         shapes = [c["prepared_shape"] for c in manifest["cases"] if c.get("split") in ("train", "val")]
         window = choose_window(shapes, cfg.roi, axis_divisors(margs))
@@ -450,7 +449,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     train_items, val_items = run.train_items, run.val_items
     data_dir, out_dir = Path(cfg.data), Path(cfg.output)
     main_rank = rank == 0
-    amp = device.type == "cuda" if cfg.amp is None else cfg.amp and device.type == "cuda"
+    amp = use_amp(cfg, device)
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
     model, optimizer, scaler, loss_fn = make_training(run, device, amp)  # the same initial weights on every rank
@@ -526,6 +525,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
              " MB on the GPU" if device.type == "cuda" else "")
     return {"best_dice": best["dice"], "best_epoch": best["epoch"], "epochs_run": len(history),
             "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in train_items], "model": model}
+
+
+def use_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    """Mixed precision: on CUDA unless ``--no-amp``; never on the CPU."""
+    return device.type == "cuda" if cfg.amp is None else cfg.amp and device.type == "cuda"
 
 
 def make_training(run: Plan, device: torch.device, amp: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,

@@ -34,7 +34,6 @@ from dataset import PrepParams, as_label_map, prepare_transforms, prepared_tissu
 from dice import dice_binary  # noqa: E402
 from infer import (  # noqa: E402
     cases_from_manifest,
-    default_sw_batch_size,
     invert_to_original,
     predict_logits,
     probabilities,
@@ -79,7 +78,6 @@ def bench(args: argparse.Namespace) -> dict:
     window = tuple(args.window or ckpt["inference"]["roi"])
     plain_roi = tuple(args.plain_roi or ckpt["config"]["roi"])
     amp = device.type == "cuda"
-    sw_batch_size = args.sw_batch_size or default_sw_batch_size(device)
     cases = [c for c in cases_from_manifest(Path(args.prep), args.split) if c.truth and not c.slices]
     cases = cases[: args.cases] if args.cases else cases
     if not cases:
@@ -102,7 +100,7 @@ def bench(args: argparse.Namespace) -> dict:
                     out = plain_logits(plain, prepared[None], plain_roi)
                 else:
                     tissue = prepared_tissue(prepared, params)[None]
-                    out = predict_logits(ours, prepared[None], window, 0.75, sw_batch_size, amp, tissue)
+                    out = predict_logits(ours, prepared[None], window, 0.75, args.sw_batch_size, amp, tissue)
                 synchronize(device)
                 times[name].append(time.perf_counter() - t0)
                 logits[name] = out

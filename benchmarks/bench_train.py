@@ -109,7 +109,7 @@ def plain_validate(model, loader, roi, overlap: float, n_classes: int, device: t
 def bench(epochs: int, cfg: train.TrainConfig) -> dict:
     """Run the comparison; returns the summary printed at the end."""
     device = resolve_device(cfg.device)
-    amp = device.type == "cuda" if cfg.amp is None else cfg.amp and device.type == "cuda"
+    amp = train.use_amp(cfg, device)
     run = train.plan(cfg)
     cfg = run.cfg
     memory = PeakRSS()
