@@ -30,6 +30,8 @@ from monai.inferers import sliding_window_inference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_train import synchronize  # noqa: E402  (this folder)
+
 from dataset import PrepParams, as_label_map, prepare_transforms, prepared_tissue, read_channels, read_volume  # noqa: E402
 from dice import dice_binary  # noqa: E402
 from infer import (  # noqa: E402
@@ -41,12 +43,6 @@ from infer import (  # noqa: E402
     to_classes,
 )
 from model import load_checkpoint, model_from_checkpoint  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a timer measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plain_logits(model: torch.nn.Module, image: torch.Tensor, roi: tuple[int, ...]) -> torch.Tensor:
