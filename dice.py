@@ -6,7 +6,7 @@ when exactly one is empty it is 0.0. This is ``monai.metrics.DiceMetric(ignore_e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,8 @@ def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, 2 * c[..., 0] / total.clamp_min(1), torch.ones_like(total))
 
 
-def mean_foreground_dice(pred: Array, truth: Array, labels: Sequence[int]) -> float:
-    """Mean Dice over the foreground labels (every label but the first, background) and over the batch."""
-    return float(dice_per_class(pred, truth, list(labels)[1:]).mean())
+def mean_dice(per_label: Iterable[float]) -> float:
+    """The one summary over labels: the mean of per-label Dice values (foreground labels, or regions), NaN (a label
+    that could not be scored) left out; NaN when none could."""
+    values = np.asarray(list(per_label), dtype=np.float64)
+    return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")

@@ -12,7 +12,6 @@ import logging
 import multiprocessing
 import os
 import random
-import re
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,303 +23,16 @@ from monai.transforms import Compose, CropForegroundd
 from scipy import ndimage
 from tqdm import tqdm
 
-from dataset import (
-    CASE_LABEL_NAMES,
-    LABEL_SUFFIXES,
-    NNUNET_CHANNEL,
-    ArgumentParser,
-    InputError,
-    PrepParams,
-    as_label_map,
-    atomic_write,
-    case_name,
-    check_image,
-    dicom_dir,
-    is_case_label,
-    match_channel,
-    partial_path,
-    prepare_transforms,
-    read_channels,
-    read_stack,
-    read_volume,
-    slice_number,
-    volume_suffix,
-    write_nifti,
-)
+from cases import LAYOUTS, MANIFEST_VERSION, NNUNET_CHANNEL, Case, case_name, find_cases, read_case
+from common import ArgumentParser, InputError, partial_path, write_json
+from dataset import PrepParams, prepare_transforms
+from readers import label_dtype, spacing_mm, write_nifti
 
-MANIFEST_VERSION = 1
-MAX_LABELS = 256
 log = logging.getLogger("preprocess")
+SYNTHETIC_SHAPE = (32, 512, 512)  # (D, H, W): a 512×512 CT of 32 slices, downsampled ×2 in-plane
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One image, with its label when there is one."""
-
-    name: str
-    image: Path  # the file (or DICOM folder) that messages name; the first channel when there are several
-    label: Path | None
-    group: str = ""  # cases of one group (a patient's slices) stay on one side of the split
-    channels: tuple[Path, ...] = ()  # one file per modality (nnU-Net _0000/_0001, BraTS Flair/T1c), in order
-    split: str = ""  # "train" | "val" | "test" when the dataset's folders say so; "" for a seeded split
-    slices: tuple[Path, ...] = ()  # --stack-slices: a patient's numbered 2D images, in slice order (image: folder)
-    label_slices: tuple[Path, ...] = ()
-
-    @property
-    def split_group(self) -> str:
-        return self.group or self.name
-
-    @property
-    def sources(self) -> tuple[Path, ...]:
-        """The image files: one per input channel, or a stack's slices."""
-        return self.slices or self.channels or (self.image,)
-
-
-def stack_slices(cases: list[Case]) -> list[Case]:
-    """One 3D case per group (a patient's folder) of numbered 2D slices, slices ordered by number, never by name.
-
-    Every slice must be labelled (or none) and numbered; one missing is an error naming it.
-    """
-    groups: dict[str, list[Case]] = {}
-    for case in cases:
-        if not case.group:
-            raise InputError(f"{case.image}: --stack-slices needs a patient's slices together in one folder")
-        if slice_number(case.image) is None:
-            raise InputError(f"{case.image}: --stack-slices needs numbered slices (<patient>_<n>.tif)")
-        groups.setdefault(case.group, []).append(case)
-    stacked = []
-    for group, members in sorted(groups.items()):
-        members.sort(key=lambda c: slice_number(c.image))
-        numbers = [slice_number(c.image) for c in members]
-        if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
-            gap = next(n + 1 for n, m in zip(numbers, numbers[1:]) if m != n + 1)
-            raise InputError(f"{members[0].image.parent}: slice {gap} is missing or repeated; cannot stack")
-        folder = members[0].image.parent
-        labelled = all(c.label for c in members)
-        stacked.append(Case(group, folder, folder if labelled else None, slices=tuple(c.image for c in members),
-                            label_slices=tuple(c.label for c in members) if labelled else ()))
-    return stacked
-
-
-LAYOUTS = ("auto", "msd", "pairs", "lgg", "ph2", "dicom", "casefolders")
-# Folder names that carry a dataset's own split (BraTS train/validation/test).
-SPLIT_FOLDERS = {"train": "train", "training": "train", "tr": "train", "val": "val", "validation": "val",
-                 "valid": "val", "test": "test", "testing": "test", "ts": "test"}
-
-
-# ---------------------------------------------------------------- 1. finding pairs
-
-
-def find_cases(root: Path, layout: str = "auto", channels: Sequence[str] | None = None, stack: bool = False
-               ) -> tuple[list[Case], list[Case]]:
-    """(labelled, unlabelled) cases under ``root`` in one of ``LAYOUTS``; ``auto`` tells them apart:
-
-    - ``msd``: ``imagesTr/labelsTr[/imagesTs]``; nnU-Net's ``<case>_0000``, ``<case>_0001`` … are one case's channels;
-    - ``casefolders``: a folder per case, one file per modality (``--channels`` picks them) and a label named
-      ``seg``, ``OTMultiClass`` … (BraTS);
-    - ``pairs``: ``<case>`` + ``<case>_seg|_mask|_label|_lesion`` anywhere below (flat, LGG, PH2), where ``<case>``
-      may be a folder holding a DICOM series; ``lgg``, ``ph2``, ``dicom`` take only TIFF, BMP or DICOM cases.
-
-    ``stack``: each folder of numbered 2D slices becomes one 3D case (``--stack-slices``).
-    """
-    if not root.is_dir():
-        raise InputError(f"{root}: input folder does not exist")
-    if layout == "auto":
-        layout = detect_layout(root, channels)
-    if layout == "msd":
-        if not (root / "imagesTr").is_dir():
-            raise InputError(f"{root}: --layout msd needs an imagesTr folder")
-        labelled, unlabelled = _find_msd(root, channels)
-    elif layout == "casefolders":
-        labelled, unlabelled = _find_case_folders(root, channels)
-    else:
-        if channels:
-            raise InputError(f"{root}: --channels needs a folder per case (--layout casefolders) or nnU-Net files")
-        labelled, unlabelled = _find_flat(root, {"lgg": (".tif", ".tiff"), "ph2": (".bmp",), "dicom": ()}.get(layout))
-    if stack:
-        stacks = stack_slices(labelled + unlabelled)
-        labelled, unlabelled = [c for c in stacks if c.label], [c for c in stacks if not c.label]
-    return _with_folder_splits(root, labelled), _with_folder_splits(root, unlabelled)
-
-
-def detect_layout(root: Path, channels: Sequence[str] | None) -> str:
-    """``msd`` when ``imagesTr`` exists; ``casefolders`` when channels are named or a folder holds a label file
-    named ``seg``, ``OTMultiClass`` … beside other volumes; else ``pairs``."""
-    if (root / "imagesTr").is_dir():
-        return "msd"
-    if channels:
-        return "casefolders"
-    for folder in [root, *sorted(d for d in root.rglob("*") if d.is_dir())]:
-        files = _volumes(folder) if not folder.name.startswith(".") else []
-        names = {case_name(f).lower() for f in files}
-        if len(files) > 1 and names & {n.lower() for n in CASE_LABEL_NAMES}:
-            return "casefolders"
-    return "pairs"
-
-
-def _with_folder_splits(root: Path, cases: list[Case]) -> list[Case]:
-    """Cases below ``train/``, ``validation/``, ``test/`` folders take that split."""
-    out = []
-    for case in cases:
-        parts = [p.lower() for p in case.image.relative_to(root).parts[:-1]]
-        split = next((SPLIT_FOLDERS[p] for p in parts if p in SPLIT_FOLDERS), "")
-        out.append(dataclasses.replace(case, split=split))
-    return out
-
-
-def _volumes(folder: Path, recursive: bool = False) -> list[Path]:
-    """Volume files in ``folder`` (and below), hidden files and folders left out."""
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and volume_suffix(p)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def _find_msd(root: Path, channels: Sequence[str] | None) -> tuple[list[Case], list[Case]]:
-    """MSD folders; ``<case>_0000`` … files whose ``<case>`` has a label (or none has) are one case's channels."""
-    labels_dir = root / "labelsTr"
-    labels = {case_name(p): p for p in _volumes(labels_dir)} if labels_dir.is_dir() else {}
-    found = [p for sub in ("imagesTr", "imagesTs") if (root / sub).is_dir() for p in _volumes(root / sub)]
-    nnunet = all(NNUNET_CHANNEL.match(case_name(p)) for p in found) and not labels.keys() & {
-        case_name(p) for p in found}
-    per_case: dict[str, list[Path]] = {}
-    for path in found:
-        name = NNUNET_CHANNEL.match(case_name(path))["case"] if nnunet else case_name(path)
-        per_case.setdefault(name, []).append(path)
-    orphans = sorted(set(labels) - set(per_case))
-    if orphans:
-        raise InputError(f"{labels[orphans[0]]}: label has no image in {root / 'imagesTr'}")
-    cases = [_msd_case(n, sorted(paths), labels.get(n), channels if nnunet else None)
-             for n, paths in sorted(per_case.items())]
-    if nnunet:
-        counts = {len(c.sources) for c in cases}
-        if len(counts) > 1:
-            odd = min(cases, key=lambda c: len(c.sources))
-            raise InputError(f"{odd.image}: case {odd.name} has {len(odd.sources)} channel file(s), others "
-                             f"{max(counts)}")
-    return [c for c in cases if c.label], [c for c in cases if not c.label]
-
-
-def _msd_case(name: str, paths: list[Path], label: Path | None, channels: Sequence[str] | None) -> Case:
-    """One MSD/nnU-Net case; ``channels`` (``0000`` …) picks nnU-Net channel files, all of them when None."""
-    if channels:
-        by_id = {NNUNET_CHANNEL.match(case_name(p))["channel"]: p for p in paths}
-        missing = [c for c in channels if c.zfill(4) not in by_id]
-        if missing:
-            raise InputError(f"{paths[0].parent}: case {name} has no channel file {name}_{missing[0].zfill(4)}")
-        paths = [by_id[c.zfill(4)] for c in channels]
-    return Case(name, paths[0], label, channels=tuple(paths) if len(paths) > 1 else ())
-
-
-def _find_case_folders(root: Path, channels: Sequence[str] | None) -> tuple[list[Case], list[Case]]:
-    """A case per folder that holds volumes directly: its modality files by ``channels``, its label by name."""
-    labelled, unlabelled = [], []
-    seen: dict[str, Path] = {}
-    for folder in [root, *sorted(d for d in root.rglob("*") if d.is_dir())]:
-        if any(part.startswith(".") for part in folder.relative_to(root).parts):
-            continue
-        files = _volumes(folder)
-        if not files:
-            continue
-        label_files = [f for f in files if is_case_label(f)]
-        images = [f for f in files if f not in label_files]
-        if len(label_files) > 1:
-            raise InputError(f"{folder}: several label files ({', '.join(case_name(f) for f in label_files)}); "
-                             "keep one per case folder")
-        if not images:
-            raise InputError(f"{label_files[0]}: label has no image beside it")
-        if channels:
-            images = [match_channel(images, c, folder) for c in channels]
-        elif len(images) > 1:
-            raise InputError(f"{folder}: holds {len(images)} images ({', '.join(case_name(f) for f in images)}); "
-                             "choose the input channels with --channels, e.g. --channels "
-                             f"{','.join(case_name(f).split('_')[0] for f in images[:2])}")
-        if folder.name in seen:
-            raise InputError(f"{folder}: case name {folder.name!r} also used by {seen[folder.name]}")
-        seen[folder.name] = folder
-        case = Case(folder.name, images[0], label_files[0] if label_files else None,
-                    channels=tuple(images) if len(images) > 1 else ())
-        (labelled if case.label else unlabelled).append(case)
-    return labelled, unlabelled
-
-
-def _find_flat(root: Path, only: tuple[str, ...] | None = None) -> tuple[list[Case], list[Case]]:
-    """Pairs anywhere below ``root``: ``<case>[_image].ext`` + ``<case>_seg|_mask|_label|_lesion.ext`` (LGG, PH2 …).
-
-    A folder holding one DICOM series is the image of the case it is named after; a volume of that name is its
-    mask. Slices kept in one folder (LGG: a patient's) form a group that the split keeps together. ``only``: the
-    image suffixes to take (``()``: DICOM cases only; None: all).
-    """
-    images: dict[str, Path] = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and dicom_dir(d)}
-    labels: dict[str, Path] = {}
-    for path in _volumes(root, recursive=True):
-        name = case_name(path)
-        base = next((name[: -len(s)] for s in LABEL_SUFFIXES if name.endswith(s)), None)
-        if base is None and name.endswith("_image"):  # <case>_image + <case>_label (pyradiomics, Slicer)
-            name = name[: -len("_image")]
-        target = labels if base is not None or name in images else images
-        key = name if base is None else base
-        if target is images and only is not None and volume_suffix(path) not in only:
-            continue
-        if key in target and target[key] != path:
-            raise InputError(f"{path}: case name {key!r} also used by {target[key]}; case names must be unique")
-        target[key] = path
-    labels = {k: v for k, v in labels.items() if k in images or only is None}  # others belong to skipped images
-    orphans = sorted(set(labels) - set(images))
-    if orphans:
-        raise InputError(f"{labels[orphans[0]]}: label has no image named {orphans[0]}.* beside it")
-    per_folder: dict[Path, int] = {}
-    for path in images.values():
-        per_folder[path.parent] = per_folder.get(path.parent, 0) + 1
-    groups = {n: p.parent.name if p.parent != root and per_folder[p.parent] > 1 else "" for n, p in images.items()}
-    labelled = [Case(n, images[n], labels[n], groups[n]) for n in sorted(images) if n in labels]
-    unlabelled = [Case(n, images[n], None, groups[n]) for n in sorted(images) if n not in labels]
-    return labelled, unlabelled
-
-
-# ---------------------------------------------------------------- 2. reading and checking
-
-
-def load_raw(case: Case, labels: Sequence[int] | None = None, channel: int | None = None) -> dict:
-    """``{"image": (1, X, Y, Z), "label": (1, X, Y, Z)}`` as stored, after the checks on their content.
-
-    ``labels``: the only values a mask may hold (any non-negative integers when None); ``channel``: which
-    channel of a colour image to keep (all when None).
-    """
-    out = {"image": read_stack(case.slices, channel) if case.slices else read_channels(case.sources, channel)}
-    if case.label_slices:
-        out["label"] = as_label_map(read_stack(case.label_slices), case.label)
-    elif case.label:
-        out["label"] = as_label_map(read_volume(case.label), case.label)
-    for k, path in enumerate(case.channels):  # each modality file answers for its own content
-        check_image(out["image"][k : k + 1], path)
-    check_image(out["image"], case.image)
-    if case.label:
-        check_geometry(case, out["image"], out["label"])
-        check_label_values(out["label"], case.label, labels)
-    return out
-
-
-def check_label_values(label: torch.Tensor, path: Path, allowed: Sequence[int] | None) -> None:
-    """Labels are non-negative integers, few of them, and within ``allowed`` when that is given."""
-    values = torch.unique(label)
-    if not torch.equal(values, values.round()) or values.min() < 0:
-        raise InputError(f"{path}: mask values are not non-negative integers ({values[:4].tolist()}…)")
-    if len(values) > MAX_LABELS:
-        raise InputError(f"{path}: mask holds {len(values)} distinct values; is it an image, not a label map?")
-    extra = sorted(set(int(v) for v in values) - set(allowed)) if allowed is not None else []
-    if extra:
-        raise InputError(f"{path}: mask values {extra} are not in --labels {list(allowed)}")
-
-
-def check_geometry(case: Case, image: torch.Tensor, label: torch.Tensor, atol_mm: float = 1e-3) -> None:
-    """Image and label must share shape and affine (spacing, origin, direction) within ``atol_mm``."""
-    if image.shape[1:] != label.shape[1:]:
-        raise InputError(f"{case.label}: shape {tuple(label.shape[1:])} differs from image shape "
-                         f"{tuple(image.shape[1:])} (case {case.name})")
-    a, b = np.asarray(image.affine), np.asarray(label.affine)
-    if not np.allclose(a, b, atol=atol_mm, rtol=0):
-        raise InputError(f"{case.label}: affine differs from the image's by up to {np.abs(a - b).max():.4g} mm "
-                         f"(case {case.name})")
+# ---------------------------------------------------------------- 1. checking and preparing one case
 
 
 def detect_modality(image: torch.Tensor) -> str:
@@ -337,7 +49,7 @@ def detect_modality(image: torch.Tensor) -> str:
 
 def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence[int] | None = None) -> dict:
     """Preprocess one case into ``out_dir`` and return its manifest record (JSON-ready)."""
-    raw = load_raw(case, labels, params.channel)
+    raw = read_case(case, params.channel, labels)
     image = raw["image"]
     looks_like = detect_modality(image)
     if looks_like != params.modality:
@@ -354,17 +66,17 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
         "name": case.name,
         "group": case.split_group,
         "image": str(case.image),
-        **({"images": [str(p) for p in case.channels]} if case.channels else {}),
+        **({"images": [str(p) for p in case.modalities]} if case.modalities else {}),
         **({"slices": [str(p) for p in case.slices]} if case.slices else {}),
         **({"label_slices": [str(p) for p in case.label_slices]} if case.label_slices else {}),
         "label": str(case.label) if case.label else None,
         "original_shape": list(image.shape[1:]),
         "original_affine": np.asarray(image.affine, dtype=float).round(6).tolist(),
-        "original_spacing": np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0).round(6).tolist(),
+        "original_spacing": spacing_mm(image.affine).round(6).tolist(),
         "inplane_factor": _inplane_factor(prepared["image"]),
         "crop_box": crop,
         "prepared_shape": list(prepared["image"].shape[1:]),
-        "prepared_spacing": np.linalg.norm(np.asarray(prepared["image"].affine)[:3, :3], axis=0).round(6).tolist(),
+        "prepared_spacing": spacing_mm(prepared["image"].affine).round(6).tolist(),
         "in_channels": int(prepared["image"].shape[0]),
         "prepared_image": f"{case.name}_image.nii.gz",
     }
@@ -378,7 +90,7 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
                         label_before_crop - foreground)
         if values == [0]:
             log.warning("%s: empty mask (no foreground)", case.label)
-        _write(prepared["label"], out_dir / record["prepared_label"], np.uint8 if max(values) < 256 else np.int16)
+        _write(prepared["label"], out_dir / record["prepared_label"], label_dtype(max(values)))
     _write(prepared["image"], out_dir / record["prepared_image"], np.float32)
     return record
 
@@ -407,7 +119,7 @@ def _inplane_factor(prepared: torch.Tensor) -> list[float]:
 # ---------------------------------------------------------------- 4. synthetic data
 
 
-def make_synthetic(folder: Path, n: int, seed: int = 0, shape: tuple[int, int, int] = (32, 512, 512)) -> list[Path]:
+def make_synthetic(folder: Path, n: int, seed: int = 0, shape: tuple[int, int, int] = SYNTHETIC_SHAPE) -> list[Path]:
     """Write ``n`` CT-like volumes (int16 HU, ``(D, H, W)`` = ``shape``) with blob-shaped targets as flat pairs."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -488,14 +200,14 @@ def run(config: argparse.Namespace) -> dict:
     src, dst = Path(config.input), Path(config.output)
     if config.synthetic:
         make_synthetic(src, config.synthetic, config.seed, tuple(config.synthetic_shape))
-    labelled, unlabelled = find_cases(src, config.layout, config.channels, config.stack_slices)
+    labelled, unlabelled = find_cases(src, config.layout, config.modalities, config.stack_slices, skip=[dst])
     if not labelled:
         raise InputError(f"{src}: no image/label pairs found (MSD imagesTr/labelsTr, <case> + <case>_seg, or a "
                          "folder per case with a seg file)")
     for case in unlabelled:
         log.warning("%s: no label; prepared for inference only", case.image)
     modality = config.modality if config.modality != "auto" else first_modality(labelled, config)
-    params = PrepParams(modality=modality, window=tuple(config.window), inplane=config.inplane,
+    params = PrepParams(modality=modality, window=tuple(config.ct_window), inplane=config.inplane,
                         channel=config.channel)
     records, skipped = process_all(labelled + unlabelled, params, dst, config)
     for message in skipped:
@@ -518,7 +230,7 @@ def run(config: argparse.Namespace) -> dict:
         "params": dataclasses.asdict(params),
         "label_values": sorted({v for r in records for v in r.get("label_values", [])}),
         "in_channels": records[0]["in_channels"],
-        "channels": channel_names(labelled, config.channels),  # modality per input channel (None: one file a case)
+        "channels": modality_names(labelled, config.modalities),  # modality per input channel (None: one file a case)
         "layout": config.layout,
         "stack_slices": config.stack_slices,
         "split": {"seed": config.seed, "val_fraction": config.val_fraction,
@@ -530,12 +242,12 @@ def run(config: argparse.Namespace) -> dict:
     return manifest
 
 
-def channel_names(cases: list[Case], channels: list[str] | None) -> list[str] | None:
-    """What inference needs to find a case's files: nnU-Net channel numbers, or the ``--channels`` names."""
-    first = cases[0].channels
+def modality_names(cases: list[Case], modalities: list[str] | None) -> list[str] | None:
+    """What inference needs to find a case's files: nnU-Net channel numbers, or the ``--modalities`` names."""
+    first = cases[0].modalities
     if first and all(NNUNET_CHANNEL.match(case_name(p)) for p in first):
         return [NNUNET_CHANNEL.match(case_name(p))["channel"] for p in first]
-    return channels
+    return modalities
 
 
 def assign_splits(labelled: list[Case], records: list[dict], config: argparse.Namespace) -> dict[str, str]:
@@ -556,7 +268,7 @@ def first_modality(cases: list[Case], config: argparse.Namespace) -> str:
     """The modality of the first readable labelled case."""
     for case in cases:
         try:
-            return detect_modality(load_raw(case, channel=config.channel)["image"])
+            return detect_modality(read_case(case, config.channel)["image"])
         except InputError:
             if not config.skip_bad:
                 raise
@@ -633,47 +345,41 @@ def process_all(cases: list[Case], params: PrepParams, dst: Path, config: argpar
     return records, sorted(skipped)
 
 
-def write_json(obj: dict, path: Path) -> None:
-    """Write JSON atomically."""
-    text = json.dumps(obj, indent=1)
-    # One line per innermost list (shapes, affine rows, boxes) keeps the manifest readable.
-    text = re.sub(r"\[[^\[\]{}]*\]", lambda m: re.sub(r"\s+", " ", m.group(0)), text)
-    with atomic_write(path) as tmp:
-        tmp.write_text(text + "\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
     p.add_argument("input", help="folder of raw image/label pairs (never modified, except by --synthetic)")
     p.add_argument("output", help="folder for prepared volumes and dataset.json")
     p.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto")
-    p.add_argument("--window", type=float, nargs=2, default=[-1000.0, 1000.0], metavar=("LO", "HI"),
+    p.add_argument("--ct-window", type=float, nargs=2, default=list(PrepParams.window), metavar=("LO", "HI"),
                    help="CT intensity window, HU")
-    p.add_argument("--inplane", type=int, default=256, help="largest in-plane size after downsampling, voxels")
+    p.add_argument("--inplane", type=int, default=PrepParams.inplane,
+                   help="largest in-plane size after downsampling, voxels")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="first write N synthetic CT volumes with labels into INPUT")
-    p.add_argument("--synthetic-shape", type=int, nargs=3, default=[32, 512, 512], metavar=("D", "H", "W"))
+    p.add_argument("--synthetic-shape", type=int, nargs=3, default=list(SYNTHETIC_SHAPE), metavar=("D", "H", "W"))
     p.add_argument("--labels", type=int, nargs="+", default=None, metavar="V",
                    help="the values masks may hold (default: any non-negative integers)")
     p.add_argument("--channel", type=int, default=None,
                    help="keep only this channel of colour 2D images (LGG FLAIR: 1); default: all, as input channels")
     p.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="how cases are stored (auto: detected; see find_cases)")
-    p.add_argument("--channels", type=lambda v: [c for c in v.split(",") if c], default=None, metavar="A,B",
+    p.add_argument("--modalities", type=lambda v: [c for c in v.split(",") if c], default=None, metavar="A,B",
                    help="input modalities, in order, by file name (BraTS: Flair,T1c) or nnU-Net number (0000,0001)")
     p.add_argument("--stack-slices", action="store_true",
                    help="rebuild one 3D volume per patient folder from numbered 2D slices (LGG), 1 mm apart")
     p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed at the end) instead of stopping")
+    p.add_alias("--window", "--ct-window")
+    p.add_alias("--channels", "--modalities")
     args = p.parse_args(argv)
     if not 8 <= args.inplane <= 4096 or not 0 <= args.val_fraction < 1 or not 1 <= args.workers <= 64:
         p.error("need 8 <= --inplane <= 4096, 0 <= --val-fraction < 1, 1 <= --workers <= 64")
     if not 0 <= args.synthetic <= 1000 or min(args.synthetic_shape) < 1 or min(args.labels or [0]) < 0:
         p.error("need 0 <= --synthetic <= 1000, a positive --synthetic-shape, non-negative --labels")
-    if args.window[0] >= args.window[1]:
-        p.error("--window LO must be below HI")
+    if args.ct_window[0] >= args.ct_window[1]:
+        p.error("--ct-window LO must be below HI")
     return args
 
 

@@ -9,7 +9,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import logging
 import math
 import os
@@ -33,37 +32,32 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
 
-from dataset import (
-    ArgumentParser,
-    AugmentParams,
-    InputError,
-    PrepParams,
-    atomic_write,
-    make_dataset,
-    region_arg,
-)
-from dice import dice_from_counts, overlap_counts
-from infer import (
-    amp_dtype,
-    autocast,
-    predict_logits,
-    probabilities,
-    resolve_device,
-    to_classes,
-)
+from cases import load_manifest
+from common import ArgumentParser, InputError, atomic_write, region_arg
+from dataset import AugmentParams, PrepParams, make_dataset
+from dice import dice_from_counts, mean_dice, overlap_counts
 from model import (
+    DEFAULT_MODEL_ARGS,
+    WINDOW_VOXELS,
+    amp_dtype,
     anisotropic_args,
+    autocast,
     axis_divisors,
     build_model,
+    choose_window,
     flat_args,
     load_checkpoint,
     model_args,
     model_from_checkpoint,
+    predict_logits,
+    probabilities,
+    resolve_device,
     save_checkpoint,
+    to_classes,
+    use_amp,
     window_independent,
 )
 
-MANIFEST_VERSION = 1
 log = logging.getLogger("train")
 
 
@@ -77,7 +71,7 @@ class TrainConfig:
     device: str = "auto"
     batch_size: int = 2
     num_samples: int = 4
-    roi: tuple[int, int, int] = (48, 96, 96)
+    crop: tuple[int, int, int] = AugmentParams.crop  # training crop (D, H, W)
     pos: float = 1.0
     neg: float = 1.0
     optimizer: str = "adamw"
@@ -88,14 +82,14 @@ class TrainConfig:
     pos_weight: float = 3.0
     val_every: int = 1
     overlap: float = 0.75
-    sw_batch_size: int | None = None  # None: infer.default_sw_batch_size of the device
+    sw_batch_size: int | None = None  # None: model.default_sw_batch_size of the device
     patience: int = 0
     amp: bool | None = None
     seed: int = 0
     resume: bool = False
     cache_rate: float = 1.0
     num_workers: int = 0
-    channels: tuple[int, ...] | None = None
+    widths: tuple[int, ...] | None = None  # UNet channels per level
     strides: tuple[int, ...] | None = None
     num_res_units: int | None = None
     norm: str | None = None
@@ -106,21 +100,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- 1. data
-
-
-def load_manifest(data_dir: Path) -> dict[str, Any]:
-    """The manifest written by preprocess.py, checked for version and content."""
-    path = data_dir / "dataset.json"
-    if not path.is_file():
-        raise InputError(f"{path}: no manifest (run preprocess.py first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: manifest is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        raise InputError(f"{path}: manifest version {manifest.get('version') if isinstance(manifest, dict) else '?'}"
-                         f" is not {MANIFEST_VERSION}; run preprocess.py again")
-    return manifest
 
 
 def split_items(manifest: dict[str, Any], data_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -336,9 +315,9 @@ class DeferredInterrupt:
             raise KeyboardInterrupt
 
 
-def make_checkpoint(model, cfg: TrainConfig, manifest: dict, margs: dict, window: tuple[int, ...], epoch: int,
-                    best: dict, history: list[dict]) -> dict[str, Any]:
+def make_checkpoint(model: torch.nn.Module, run: Plan, epoch: int, best: dict, history: list[dict]) -> dict[str, Any]:
     """What inference needs (weights, model args, preprocessing, labels, window) plus the run's record."""
+    cfg, manifest, margs, window = run.cfg, run.manifest, run.margs, run.window
     return {
         "model_state": model.state_dict(),
         "model_args": margs,
@@ -386,7 +365,7 @@ def plan(cfg: TrainConfig) -> Plan:
     unknown = sorted({v for _, values in cfg.regions for v in values} - set(label_values))
     if unknown:
         raise InputError(f"--regions: label values {unknown} are not in the data's labels {label_values}")
-    margs = model_args(in_channels=in_channels, out_channels=1 if n_classes == 2 else n_classes, channels=cfg.channels,
+    margs = model_args(in_channels=in_channels, out_channels=1 if n_classes == 2 else n_classes, channels=cfg.widths,
                        strides=cfg.strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)
     window = tuple(cfg.window) if cfg.window else None
     spacings = [c["prepared_spacing"] for c in manifest["cases"] if "prepared_spacing" in c]
@@ -401,21 +380,21 @@ def plan(cfg: TrainConfig) -> Plan:
     if flat:
         # Depth-1 data (2D slices): 2D-equivalent network, depth-1 crops, whole-slice inference.
         margs = flat_args(margs)
-        cfg = dataclasses.replace(cfg, roi=(1, *cfg.roi[1:]),
+        cfg = dataclasses.replace(cfg, crop=(1, *cfg.crop[1:]),
                                   batch_dice=True if cfg.batch_dice is None else cfg.batch_dice)
-        log.info("depth-1 data: kernels %s, strides %s, crops %s", margs["kernel_size"], margs["strides"], cfg.roi)
+        log.info("depth-1 data: kernels %s, strides %s, crops %s", margs["kernel_size"], margs["strides"], cfg.crop)
         if pool_groups:
             log.info("validation Dice per patient: %d slices of %d patients pooled", len(val_items),
                      len({item["group"] for item in val_items}))
     if window is None and window_independent(margs["norm"]):
         # Batch norm in eval mode is the same function whatever the window: a large one only saves passes.
         shapes = [c["prepared_shape"] for c in manifest["cases"] if c.get("split") in ("train", "val")]
-        window = choose_window(shapes, cfg.roi, axis_divisors(margs))
+        window = choose_window(shapes, cfg.crop, axis_divisors(margs))
     elif window is None:
         # Instance norm normalizes over the window it sees: a window unlike the training crops changes the
         # answer (measured: whole-slice windows took LGG's per-patient Dice from 0.65 to 0.15).
-        window = tuple(cfg.roi)
-    log.info("inference window %s (training crops %s, %s norm)", window, cfg.roi, margs["norm"])
+        window = tuple(cfg.crop)
+    log.info("inference window %s (training crops %s, %s norm)", window, cfg.crop, margs["norm"])
     return Plan(cfg, manifest, train_items, val_items, label_values, in_channels, margs, window, pool_groups,
                 PrepParams.from_dict(manifest["params"]))
 
@@ -440,96 +419,136 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+@dataclasses.dataclass
+class Session:
+    """One rank's run as it goes: what it trains (``run``), with what, on which cases, and its record so far."""
+
+    run: Plan
+    device: torch.device
+    amp: bool
+    rank: int
+    model: torch.nn.Module  # the network; ``net`` is what trains (under torchrun its DDP wrapper)
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    train_ds: Any
+    val_loader: Any
+    on_gpu: torch.device | None
+    writer: SummaryWriter | None  # rank 0 alone writes
+    start: int = 1
+    best: dict = dataclasses.field(default_factory=lambda: {"dice": -1.0, "epoch": 0})
+    history: list[dict] = dataclasses.field(default_factory=list)
+    stale: int = 0  # validations since the best one
+
+
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     """``train`` as rank ``rank`` of ``world``: each rank caches and trains on its share of the cases, scores its
     share of the validation cases; rank 0 alone writes outputs."""
-    # 1. data and model
-    run = plan(cfg)
-    cfg, manifest, margs, window, label_values = run.cfg, run.manifest, run.margs, run.window, run.label_values
-    train_items, val_items = run.train_items, run.val_items
-    data_dir, out_dir = Path(cfg.data), Path(cfg.output)
-    main_rank = rank == 0
-    amp = use_amp(cfg, device)
-    if main_rank:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    model, optimizer, scaler, loss_fn = make_training(run, device, amp)  # the same initial weights on every rank
-
-    # 2. resume
-    start, best, history = 1, {"dice": -1.0, "epoch": 0}, []
-    if cfg.resume:
-        start, best, history = resume_from(out_dir / "last.pt", model, optimizer, scaler, margs)
-
-    net = model  # what trains: under torchrun the DDP wrapper, which averages gradients across ranks
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
-                                                        else None)
-
-    # 3. datasets: each rank caches its share; the deterministic prefix is cached once
-    if world > 1:
-        if len(train_items) < world:
-            raise InputError(f"{data_dir}: {len(train_items)} training case(s) cannot be shared by {world} ranks")
-        # Equal shares (short ones repeat a case): every rank must take the same number of steps.
-        train_items = partition_dataset(train_items, num_partitions=world, shuffle=True, seed=cfg.seed,
-                                        even_divisible=True)[rank]
-        val_items = val_items[rank::world]  # uneven is fine (a rank may score none): the counts are summed
-    train_ds, val_ds, on_gpu = make_datasets(run, train_items, val_items, device)
-    val_loader = make_loader(val_ds, 1, None, on_gpu, device, shuffle=False)
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start) if main_rank else None
-
-    # 4. epochs
-    stale = 0
-    for epoch in range(start, cfg.epochs + 1):
+    s = setup(cfg, rank, world, device)
+    cfg = s.run.cfg
+    for epoch in range(s.start, cfg.epochs + 1):
         t0 = time.perf_counter()
-        # Seeding per epoch makes a resumed run draw the same crops as an uninterrupted one.
-        seed = cfg.seed + epoch + 100_003 * rank
-        train_ds.transform.set_random_state(seed=seed)
-        loader = make_loader(train_ds, cfg.batch_size, seed, on_gpu, device, cfg.num_workers)
-        lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = train_epoch(net, loader, loss_fn, optimizer, scaler, device, amp)
-        sync_buffers(model)
-        dice, per_label, per_region = None, {}, {}
-        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            per_label, per_region = validate(model, val_loader, label_values, cfg, window, amp, run.pool_groups)
-            dice = sum(per_label.values()) / len(per_label)  # mean over foreground labels
-        history.append({"epoch": epoch, "train_loss": round(loss, 6),
-                        "val_dice": None if dice is None else round(dice, 6),
-                        "val_dice_per_label": " ".join(f"{v}:{d:.4f}" for v, d in per_label.items()),
-                        "val_dice_regions": " ".join(f"{n}:{d:.4f}" for n, d in per_region.items()),
-                        "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
-        improved = dice is not None and dice > best["dice"]
-        if improved:
-            best = {"dice": dice, "epoch": epoch}
-            stale = 0
-        elif dice is not None:
-            stale += 1
-        if main_rank:
-            ckpt = make_checkpoint(model, cfg, manifest, margs, window, epoch, best, history)
-            with DeferredInterrupt():  # Ctrl-C waits until this epoch's files are all written
-                if improved:
-                    save_checkpoint(ckpt, out_dir / "best.pt")
-                save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
-                                out_dir / "last.pt")
-                write_metrics(history, out_dir / "metrics.csv")
-                plot_dice(history, out_dir / "dice.png")
-            log_epoch(writer, history[-1], best)
+        loss, lr = train_one_epoch(s, epoch)
+        validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
+        per_label, per_region = validate(s.model, s.val_loader, s.run.label_values, cfg, s.run.window, s.amp,
+                                         s.run.pool_groups) if validated else ({}, {})
+        improved = record(s, epoch, loss, lr, per_label, per_region, time.perf_counter() - t0)
+        if rank == 0:
+            save(s, epoch, improved)
         # Every rank sees the same reduced Dice, so every rank stops at the same epoch.
-        if cfg.patience and stale >= cfg.patience:
-            log.info("early stop: no better validation Dice for %d validations", stale)
+        if cfg.patience and s.stale >= cfg.patience:
+            log.info("early stop: no better validation Dice for %d validations", s.stale)
             break
-    if writer is not None:
-        writer.close()
+    if s.writer is not None:
+        s.writer.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     log.info("peak memory: %.0f MB resident%s", peak_mb, f", {torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
              " MB on the GPU" if device.type == "cuda" else "")
-    return {"best_dice": best["dice"], "best_epoch": best["epoch"], "epochs_run": len(history),
-            "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in train_items], "model": model}
+    return {"best_dice": s.best["dice"], "best_epoch": s.best["epoch"], "epochs_run": len(s.history),
+            "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in s.train_ds.data], "model": s.model}
 
 
-def use_amp(cfg: TrainConfig, device: torch.device) -> bool:
-    """Mixed precision: on CUDA unless ``--no-amp``; never on the CPU."""
-    return device.type == "cuda" if cfg.amp is None else cfg.amp and device.type == "cuda"
+def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Session:
+    """Plan the run, build the network (the same initial weights on every rank), resume when asked, and cache this
+    rank's share of the cases (the deterministic prefix once)."""
+    run = plan(cfg)
+    out_dir = Path(run.cfg.output)
+    amp = use_amp(run.cfg.amp, device)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    model, optimizer, scaler, loss_fn = make_training(run, device, amp)
+    start, best, history = 1, {"dice": -1.0, "epoch": 0}, []
+    if run.cfg.resume:
+        start, best, history = resume_from(out_dir / "last.pt", model, optimizer, scaler, run.margs)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+                                                        else None)
+    train_items, val_items = rank_share(run, rank, world)
+    train_ds, val_ds, on_gpu = make_datasets(run, train_items, val_items, device)
+    val_loader = make_loader(val_ds, 1, None, on_gpu, device, shuffle=False)
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start) if rank == 0 else None
+    return Session(run, device, amp, rank, model, net, optimizer, scaler, loss_fn, train_ds, val_loader, on_gpu,
+                   writer, start, best, history)
+
+
+def rank_share(run: Plan, rank: int, world: int) -> tuple[list[dict], list[dict]]:
+    """(train, val) items this rank works on: all of them alone; under torchrun equal training shares (short ones
+    repeat a case: every rank must take the same number of steps) and any validation share (counts are summed)."""
+    if world == 1:
+        return run.train_items, run.val_items
+    if len(run.train_items) < world:
+        raise InputError(f"{run.cfg.data}: {len(run.train_items)} training case(s) cannot be shared by {world} ranks")
+    train_items = partition_dataset(run.train_items, num_partitions=world, shuffle=True, seed=run.cfg.seed,
+                                    even_divisible=True)[rank]
+    return train_items, run.val_items[rank::world]
+
+
+def train_one_epoch(s: Session, epoch: int) -> tuple[float, float]:
+    """One epoch of training crops at the epoch's cosine learning rate; returns (mean loss, learning rate)."""
+    cfg = s.run.cfg
+    # Seeding per epoch makes a resumed run draw the same crops as an uninterrupted one.
+    seed = cfg.seed + epoch + 100_003 * s.rank
+    s.train_ds.transform.set_random_state(seed=seed)
+    loader = make_loader(s.train_ds, cfg.batch_size, seed, s.on_gpu, s.device, cfg.num_workers)
+    lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    loss = train_epoch(s.net, loader, s.loss_fn, s.optimizer, s.scaler, s.device, s.amp)
+    sync_buffers(s.model)
+    return loss, lr
+
+
+def record(s: Session, epoch: int, loss: float, lr: float, per_label: dict[int, float],
+           per_region: dict[str, float], seconds: float) -> bool:
+    """Add the epoch's row to the history and update the best epoch; returns whether this epoch is the new best."""
+    dice = mean_dice(per_label.values()) if per_label else None
+    s.history.append({"epoch": epoch, "train_loss": round(loss, 6),
+                      "val_dice": None if dice is None else round(dice, 6),
+                      "val_dice_per_label": " ".join(f"{v}:{d:.4f}" for v, d in per_label.items()),
+                      "val_dice_regions": " ".join(f"{n}:{d:.4f}" for n, d in per_region.items()),
+                      "lr": lr, "seconds": round(seconds, 3)})
+    improved = dice is not None and dice > s.best["dice"]
+    if improved:
+        s.best, s.stale = {"dice": dice, "epoch": epoch}, 0
+    elif dice is not None:
+        s.stale += 1
+    return improved
+
+
+def save(s: Session, epoch: int, improved: bool) -> None:
+    """The epoch's files: ``best.pt`` when improved, ``last.pt``, ``metrics.csv``, ``dice.png``, the log line."""
+    out_dir = Path(s.run.cfg.output)
+    ckpt = make_checkpoint(s.model, s.run, epoch, s.best, s.history)
+    with DeferredInterrupt():  # Ctrl-C waits until this epoch's files are all written
+        if improved:
+            save_checkpoint(ckpt, out_dir / "best.pt")
+        save_checkpoint({**ckpt, "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict()},
+                        out_dir / "last.pt")
+        write_metrics(s.history, out_dir / "metrics.csv")
+        plot_dice(s.history, out_dir / "dice.png")
+    log_epoch(s.writer, s.history[-1], s.best)
 
 
 def make_training(run: Plan, device: torch.device, amp: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,
@@ -561,7 +580,7 @@ def make_datasets(run: Plan, train_items: list[dict], val_items: list[dict], dev
     names = {item["name"] for item in train_items + val_items}
     on_gpu = cache_device(device, [c for c in run.manifest["cases"] if c["name"] in names], run.in_channels,
                           cfg.cache_rate)
-    aug = AugmentParams(roi=cfg.roi, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
+    aug = AugmentParams(crop=cfg.crop, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
     train_ds = make_dataset(train_items, "train", run.label_values, aug, cfg.cache_rate, in_channels=run.in_channels,
                             device=on_gpu)
     val_ds = make_dataset(val_items, "val", run.label_values, aug, cfg.cache_rate, in_channels=run.in_channels,
@@ -578,25 +597,6 @@ def make_loader(ds, batch_size: int, seed: int | None, on_gpu: torch.device | No
         return ThreadDataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
                       pin_memory=device.type == "cuda")
-
-
-WINDOW_VOXELS = 64 * 256 * 256  # largest inference window chosen by default: ~2 GB of activations on the CPU
-
-
-def choose_window(shapes: Sequence[Sequence[int]], roi: Sequence[int], divisors: Sequence[int],
-                  max_voxels: int = WINDOW_VOXELS) -> tuple[int, int, int]:
-    """Inference window of a batch-norm network: the largest prepared volume (D, H, W) rounded up to the
-    network's multiples, so that most volumes take a single pass (the UNet is fully convolutional; 75% overlap
-    of training-sized windows computes each voxel about 20 times), shrunk along its longest axis (relative to
-    ``roi``) to ``max_voxels``, never smaller than the training crop."""
-    up = [-(-r // d) * d for r, d in zip(roi, divisors)]
-    window = [max(u, -(-max(s[k] for s in shapes) // d) * d) for k, (u, d) in enumerate(zip(up, divisors))]
-    while math.prod(window) > max_voxels:
-        k = max((k for k in range(3) if window[k] > up[k]), key=lambda k: window[k] / up[k], default=None)
-        if k is None:
-            break
-        window[k] = max(up[k], window[k] - divisors[k])
-    return window[0], window[1], window[2]
 
 
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:
@@ -648,8 +648,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="volumes per step")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="crops per volume per step")
-    p.add_argument("--roi", type=int, nargs=3, default=list(d.roi), metavar=("D", "H", "W"),
-                   help="training crop and sliding window")
+    p.add_argument("--crop", type=int, nargs=3, default=list(d.crop), metavar=("D", "H", "W"),
+                   help="training crop (for 2D slices D becomes 1)")
     p.add_argument("--pos", type=float, default=d.pos, help="weight of crops centred on foreground")
     p.add_argument("--neg", type=float, default=d.neg, help="weight of crops centred on background")
     p.add_argument("--optimizer", choices=["adamw", "adam"], default=d.optimizer)
@@ -669,7 +669,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--cache-rate", type=float, default=d.cache_rate, help="share of volumes cached in memory")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
-    p.add_argument("--channels", type=int, nargs="+", default=None, help="UNet channels per level")
+    p.add_argument("--widths", type=int, nargs="+", default=None,
+                   help=f"UNet channels per level (default: {' '.join(map(str, DEFAULT_MODEL_ARGS['channels']))})")
     p.add_argument("--strides", type=int, nargs="+", default=None, help="UNet strides (one fewer than channels)")
     p.add_argument("--num-res-units", type=int, default=None)
     p.add_argument("--norm", default=None, help="instance | batch")
@@ -681,29 +682,34 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
                    help="Dice loss pooled over the batch's crops (default: on for 2D slices, off for volumes)")
     p.add_argument("--regions", type=region_arg, nargs="+", default=[], metavar="NAME=V,V",
                    help="label unions also scored in validation (BraTS: WT=1,2,3,4 TC=1,3,4 ET=4)")
+    p.add_alias("--roi", "--crop")
+    p.add_alias("--channels", "--widths")
     a = p.parse_args(argv)
-    if not 1 <= a.epochs <= 100_000 or a.batch_size < 1 or a.num_samples < 1 or a.val_every < 1 or min(a.roi) < 1:
-        p.error("--epochs (up to 100000), --batch-size, --num-samples, --val-every and --roi must be at least 1")
-    if a.batch_size * a.num_samples > 4096 or max(a.roi) > 1024 or a.num_workers < 0 or (
+    check_ranges(a, p)
+    for key in ("crop", "window", "widths", "strides", "regions"):  # the config is frozen: tuples, not lists
+        setattr(a, key, tuple(getattr(a, key)) if getattr(a, key) is not None else None)
+    return TrainConfig(**vars(a))
+
+
+def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
+    """Refuse numbers no run could use, before any work."""
+    if not 1 <= a.epochs <= 100_000 or a.batch_size < 1 or a.num_samples < 1 or a.val_every < 1 or min(a.crop) < 1:
+        p.error("--epochs (up to 100000), --batch-size, --num-samples, --val-every and --crop must be at least 1")
+    if a.batch_size * a.num_samples > 4096 or max(a.crop) > 1024 or a.num_workers < 0 or (
             a.sw_batch_size is not None and a.sw_batch_size < 1):
-        p.error("--batch-size × --num-samples above 4096, --roi above 1024, negative --num-workers or "
+        p.error("--batch-size × --num-samples above 4096, --crop above 1024, negative --num-workers or "
                 "--sw-batch-size below 1")
     if a.lr <= 0 or not 0 <= a.overlap < 1 or not 0 <= a.cache_rate <= 1 or a.patience < 0:
         p.error("need --lr > 0, 0 <= --overlap < 1, 0 <= --cache-rate <= 1, --patience >= 0")
-    a.roi = tuple(a.roi)
-    a.window = tuple(a.window) if a.window else None
     if a.window and (min(a.window) < 1 or max(a.window) > 1024):
         p.error("--window sizes must lie in 1..1024")
-    a.channels = tuple(a.channels) if a.channels else None
-    a.strides = tuple(a.strides) if a.strides else None
-    a.regions = tuple(a.regions)
-    return TrainConfig(**vars(a))
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Slices with nothing to segment are expected (most LGG slices); MONAI warns once per such crop otherwise.
     warnings.filterwarnings("ignore", message="Num foregrounds 0", category=UserWarning)
+    cfg = None
     try:
         cfg = parse_args(argv)
         result = train(cfg)
@@ -711,8 +717,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: {Path(cfg.output) / 'last.pt'} holds the last complete epoch; continue with --resume",
-              file=sys.stderr)
+        where = f"{Path(cfg.output) / 'last.pt'} holds the last complete epoch; continue with --resume" if cfg else \
+            "before training started"
+        print(f"interrupted: {where}", file=sys.stderr)
         return 130
     log.info("best validation Dice %.4f at epoch %d", result["best_dice"], result["best_epoch"])
     return 0

@@ -30,7 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
@@ -39,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
 from dataset import AugmentParams, get_transforms  # noqa: E402
-from dice import dice_per_class  # noqa: E402
-from infer import probabilities, resolve_device, to_classes  # noqa: E402
+from dice import dice_per_class, mean_dice  # noqa: E402
+from model import probabilities, resolve_device, to_classes, use_amp  # noqa: E402
 
 
 class PeakRSS:
@@ -106,107 +105,132 @@ def plain_validate(model, loader, roi, overlap: float, n_classes: int, device: t
     return float(torch.cat(scores).mean())
 
 
+class Phases:
+    """Which way is running now, for the memory sampler and the per-way GPU peak."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.memory, self.gpu_peak = device, PeakRSS(), {}
+
+    def __call__(self, name: str | None) -> None:
+        self.memory.phase = name
+        if self.device.type == "cuda" and name:
+            synchronize(self.device)
+            self.gpu_peak[name] = max(self.gpu_peak.get(name, 0), torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
 def bench(epochs: int, cfg: train.TrainConfig) -> dict:
     """Run the comparison; returns the summary printed at the end."""
     device = resolve_device(cfg.device)
-    amp = train.use_amp(cfg, device)
+    amp = use_amp(cfg.amp, device)
     run = train.plan(cfg)
     cfg = run.cfg
-    memory = PeakRSS()
-    gpu_peak: dict[str, int] = {}
-
-    def phase(name: str | None) -> None:
-        memory.phase = name
-        if device.type == "cuda" and name:
-            synchronize(device)
-            gpu_peak[name] = max(gpu_peak.get(name, 0), torch.cuda.max_memory_allocated(device))
-            torch.cuda.reset_peak_memory_stats(device)
-
+    phase = Phases(device)
     base_mb = PeakRSS.now_mb()
     # (a) plain: the same chains, read from disk every time.
-    aug = AugmentParams(roi=cfg.roi, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
-    plain_train = Dataset(run.train_items, get_transforms("train", run.label_values, aug, run.in_channels))
-    plain_val = Dataset(run.val_items, get_transforms("val", run.label_values, aug, run.in_channels))
-    plain_model, plain_opt, _, plain_loss = train.make_training(run, device, False)
-    plain_model.to(memory_format=torch.contiguous_format)  # train.py's model is channels-last; the seed's was not
+    aug = AugmentParams(crop=cfg.crop, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
+    plain = {"train": Dataset(run.train_items, get_transforms("train", run.label_values, aug, run.in_channels)),
+             "val": Dataset(run.val_items, get_transforms("val", run.label_values, aug, run.in_channels))}
+    plain["model"], plain["optimizer"], _, plain["loss"] = train.make_training(run, device, False)
+    plain["model"].to(memory_format=torch.contiguous_format)  # train.py's model is channels-last; the seed's was not
     # (b) ours
     t0 = time.perf_counter()
     phase("ours")
     train_ds, val_ds, on_gpu = train.make_datasets(run, run.train_items, run.val_items, device)
     synchronize(device)
-    cache_s = time.perf_counter() - t0
-    cache_mb = PeakRSS.now_mb() - base_mb
+    cache_s, cache_mb = time.perf_counter() - t0, PeakRSS.now_mb() - base_mb
     model, optimizer, scaler, loss_fn = train.make_training(run, device, amp)
+    ours = {"train": train_ds, "val": val_ds, "on_gpu": on_gpu, "model": model, "optimizer": optimizer,
+            "scaler": scaler, "loss": loss_fn, "amp": amp}
     phase(None)
     print(f"device {device}; {len(run.train_items)} training and {len(run.val_items)} validation volumes; crops "
-          f"{cfg.roi} × {cfg.num_samples} per volume, batch {cfg.batch_size}; ours caches in {cache_s:.1f} s "
+          f"{cfg.crop} × {cfg.num_samples} per volume, batch {cfg.batch_size}; ours caches in {cache_s:.1f} s "
           f"({'on the GPU' if on_gpu is not None else f'{cache_mb:.0f} MB of host memory'}), AMP {amp}")
+    times, losses = time_epochs(epochs, run, plain, ours, phase, device)
+    val = validate_both(run, plain, ours, phase, device)
+    phase.memory.stop()
+    return summarize(epochs, run, times, losses, val, phase, cache_s, cache_mb, device)
 
+
+def time_epochs(epochs: int, run: train.Plan, plain: dict, ours: dict, phase: Phases, device: torch.device
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved epochs of both ways, same seeds and learning rates: (seconds, losses) per way."""
+    cfg = run.cfg
     times: dict[str, list[float]] = {"plain": [], "ours": []}
     losses: dict[str, list[float]] = {"plain": [], "ours": []}
     for epoch in range(1, epochs + 1):
         lr = train.cosine_lr(cfg.lr, epoch, cfg.epochs)
-        for name in ("plain", "ours"):
-            ds = plain_train if name == "plain" else train_ds
-            ds.transform.set_random_state(seed=cfg.seed + epoch)
+        for name, way in (("plain", plain), ("ours", ours)):
+            way["train"].transform.set_random_state(seed=cfg.seed + epoch)
+            for group in way["optimizer"].param_groups:
+                group["lr"] = lr
             phase(name)
             synchronize(device)
             t0 = time.perf_counter()
             if name == "plain":
-                loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                                    generator=torch.Generator().manual_seed(cfg.seed + epoch))
-                for group in plain_opt.param_groups:
-                    group["lr"] = lr
-                loss = plain_epoch(plain_model, loader, plain_loss, plain_opt, device)
+                generator = torch.Generator().manual_seed(cfg.seed + epoch)
+                loader = DataLoader(way["train"], batch_size=cfg.batch_size, shuffle=True,
+                                    num_workers=cfg.num_workers, generator=generator)
+                loss = plain_epoch(way["model"], loader, way["loss"], way["optimizer"], device)
             else:
-                loader = train.make_loader(ds, cfg.batch_size, cfg.seed + epoch, on_gpu, device, cfg.num_workers)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = train.train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp)
+                loader = train.make_loader(way["train"], cfg.batch_size, cfg.seed + epoch, way["on_gpu"], device,
+                                           cfg.num_workers)
+                loss = train.train_epoch(way["model"], loader, way["loss"], way["optimizer"], way["scaler"], device,
+                                         way["amp"])
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
             losses[name].append(loss)
             phase(None)
             print(f"epoch {epoch} {name:>5}: {times[name][-1]:6.2f} s, loss {loss:.4f}")
+    return times, losses
 
-    val: dict[str, tuple[float, float]] = {}
+
+def validate_both(run: train.Plan, plain: dict, ours: dict, phase: Phases, device: torch.device
+                  ) -> dict[str, tuple[float, float]]:
+    """Validation Dice and seconds of each way: plain at the training crop, ours as train.py validates."""
+    cfg, val = run.cfg, {}
     for name in ("plain", "ours"):
         phase(name)
         t0 = time.perf_counter()
         if name == "plain":
-            dice = plain_validate(plain_model, DataLoader(plain_val, batch_size=1), cfg.roi, cfg.overlap,
+            dice = plain_validate(plain["model"], DataLoader(plain["val"], batch_size=1), cfg.crop, cfg.overlap,
                                   len(run.label_values), device)
         else:
-            loader = train.make_loader(val_ds, 1, None, on_gpu, device, shuffle=False)
-            per_label, _ = train.validate(model, loader, run.label_values, cfg, run.window, amp, run.pool_groups)
-            dice = float(np.mean(list(per_label.values())))
+            loader = train.make_loader(ours["val"], 1, None, ours["on_gpu"], device, shuffle=False)
+            per_label, _ = train.validate(ours["model"], loader, run.label_values, cfg, run.window, ours["amp"],
+                                          run.pool_groups)
+            dice = mean_dice(per_label.values())
         synchronize(device)
         val[name] = (dice, time.perf_counter() - t0)
         phase(None)
-    memory.stop()
+    return val
 
-    # The first epoch of each warms up (allocator, kernels): the median leaves it out when there are more.
+
+def summarize(epochs: int, run: train.Plan, times: dict, losses: dict, val: dict, phase: Phases, cache_s: float,
+              cache_mb: float, device: torch.device) -> dict:
+    """The summary, printed: median epochs (the first of each warms up and is left out), validation, memory."""
     steady = {name: t[1:] if len(t) > 1 else t for name, t in times.items()}
+    peak = phase.memory.peak
     summary = {
         "device": str(device), "epochs": epochs,
         "plain_epoch_s": statistics.median(steady["plain"]), "ours_epoch_s": statistics.median(steady["ours"]),
         "ours_cache_s": cache_s, "ours_cache_mb": cache_mb,
         "plain_val_dice": val["plain"][0], "ours_val_dice": val["ours"][0],
         "plain_val_s": val["plain"][1], "ours_val_s": val["ours"][1],
-        "plain_peak_rss_mb": memory.peak.get("plain", 0.0), "ours_peak_rss_mb": memory.peak.get("ours", 0.0),
+        "plain_peak_rss_mb": peak.get("plain", 0.0), "ours_peak_rss_mb": peak.get("ours", 0.0),
         "window": list(run.window), "plain_losses": losses["plain"], "ours_losses": losses["ours"],
     }
     summary["speedup"] = summary["plain_epoch_s"] / summary["ours_epoch_s"]
     print(f"median epoch: plain {summary['plain_epoch_s']:.2f} s, ours {summary['ours_epoch_s']:.2f} s, "
           f"{summary['speedup']:.2f}× faster (ours filled its cache once in {cache_s:.1f} s)")
     print(f"validation after {epochs} epochs: plain Dice {val['plain'][0]:.4f} in {val['plain'][1]:.2f} s (window "
-          f"{tuple(cfg.roi)}), ours {val['ours'][0]:.4f} in {val['ours'][1]:.2f} s (window {run.window})")
+          f"{tuple(run.cfg.crop)}), ours {val['ours'][0]:.4f} in {val['ours'][1]:.2f} s (window {run.window})")
     print(f"peak RSS while running: plain {summary['plain_peak_rss_mb']:.0f} MB, ours "
           f"{summary['ours_peak_rss_mb']:.0f} MB (ours' cache {cache_mb:.0f} MB is resident throughout)")
     if device.type == "cuda":
-        summary.update({f"{k}_peak_gpu_mb": v / 2**20 for k, v in gpu_peak.items()})
-        print(f"peak GPU memory: plain {gpu_peak.get('plain', 0) / 2**20:.0f} MB, "
-              f"ours {gpu_peak.get('ours', 0) / 2**20:.0f} MB")
+        summary.update({f"{k}_peak_gpu_mb": v / 2**20 for k, v in phase.gpu_peak.items()})
+        print(f"peak GPU memory: plain {phase.gpu_peak.get('plain', 0) / 2**20:.0f} MB, "
+              f"ours {phase.gpu_peak.get('ours', 0) / 2**20:.0f} MB")
     return summary
 
 

@@ -28,9 +28,12 @@ fi
   nproc; $PY -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)"; } \
     | tee "$OUT/machine.txt"
 
-# 1. the CUDA-only paths, for real (skipped without a GPU), and the pipeline tests on this machine's torch
+# 1. the CUDA-only paths, for real (skipped without a GPU), and the pipeline tests on this machine's torch; a
+#    failure still lets the benchmarks run, then fails the script at the end
+tests_status=0
 if [ "$TESTS" = 1 ]; then
-    $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_pipeline.py > "$OUT/pytest.txt" 2>&1 || true
+    $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_pipeline.py > "$OUT/pytest.txt" 2>&1 \
+        || tests_status=$?
     tail -3 "$OUT/pytest.txt"
 fi
 
@@ -49,3 +52,7 @@ tail -3 "$OUT/train.txt"
 $PY benchmarks/bench_infer.py --prep "$DATA/prep" --checkpoint "$OUT/train/best.pt" --device "$DEVICE" \
     --repeats "$REPEATS" --json "$OUT/bench_infer.json" 2>&1 | tee "$OUT/bench_infer.txt"
 rm -f "$OUT/train/last.pt"  # the best checkpoint is enough to bring back
+if [ "$tests_status" != 0 ]; then
+    echo "tests failed (exit $tests_status): see $OUT/pytest.txt" >&2
+    exit "$tests_status"
+fi

@@ -17,7 +17,7 @@ import train  # noqa: E402
 
 # 320×320 in-plane so that the downsampling to 256 really happens; depth 8 so that crops are padded.
 SYNTH_SHAPE = ["8", "320", "320"]
-TINY_NET = ["--channels", "4", "8", "16", "--strides", "2", "2", "--num-res-units", "1", "--roi", "8", "64", "64",
+TINY_NET = ["--widths", "4", "8", "16", "--strides", "2", "2", "--num-res-units", "1", "--crop", "8", "64", "64",
             "--num-samples", "2", "--batch-size", "2", "--device", "cpu"]
 
 
@@ -66,11 +66,13 @@ def restore_prepared_label(prep_dir: Path, case: dict, params_dict: dict):
     import torch
 
     import infer
-    from dataset import PrepParams, prepare_transforms, read_volume
+    from dataset import PrepParams, prepare_transforms
+    from model import to_classes
+    from readers import read_volume
 
     params = PrepParams.from_dict(params_dict)
     chain = prepare_transforms(params, with_label=False)
     image = chain({"image": read_volume(case["image"], params.channel)})["image"]
     label = np.asarray(nib.load(prep_dir / case["prepared_label"]).dataobj) > 0
     back = infer.invert_to_original(torch.from_numpy(label).float()[None], image, chain)
-    return infer.to_classes(back[None])[0]
+    return to_classes(back[None])[0]

@@ -12,12 +12,13 @@ import torch
 from conftest import checksums, restore_prepared_label
 from PIL import Image
 
+import cases
 import infer
 import preprocess
 import train
-from dataset import as_label_map, read_volume
 from dice import dice_binary
 from model import load_checkpoint
+from readers import as_label_map, read_volume
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -73,12 +74,12 @@ def test_2d_pipeline_end_to_end(png_raw, tmp_path):
     assert manifest["in_channels"] == 3 and manifest["label_values"] == [0, 1]
     assert all(c["prepared_shape"][0] == 1 for c in manifest["cases"])
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "2", "--device", "cpu",
-                       "--channels", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
+                       "--widths", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["model_args"]["kernel_size"] == [1, 3, 3]
     assert ckpt["model_args"]["strides"] == [[1, 2, 2], [1, 2, 2]] and ckpt["model_args"]["in_channels"] == 3
     assert ckpt["inference"]["roi"] == [1, 96, 96]  # instance norm: windows like the crops
-    assert ckpt["config"]["roi"] == [1, 96, 96]  # depth-1 crops, not padded to 48 slices
+    assert ckpt["config"]["crop"] == [1, 96, 96]  # depth-1 crops, not padded to 48 slices
     assert infer.main([str(png_raw / "pic3.png"), "--checkpoint", str(out / "best.pt"), "--out", str(out)]) == 0
     mask = nib.load(out / "pic3_mask.nii.gz")
     assert mask.shape == (120, 90, 1) and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
@@ -95,7 +96,7 @@ def test_a_2d_model_costs_what_a_slice_costs():
 
 @pytest.mark.skipif(not (SHARED / "lgg").is_dir(), reason="../shared/data/lgg is absent")
 def test_lgg_slices_pair_up_and_split_by_patient(tmp_path):
-    labelled, _ = preprocess.find_cases(SHARED / "lgg")
+    labelled, _ = cases.find_cases(SHARED / "lgg")
     assert len(labelled) > 200 and all(c.label.name == c.image.name.replace(".tif", "_mask.tif") for c in labelled)
     groups = {c.split_group for c in labelled}
     assert len(groups) == 9 and all(g.startswith("TCGA_") for g in groups)
@@ -108,10 +109,10 @@ def test_lgg_slices_pair_up_and_split_by_patient(tmp_path):
 
 @pytest.mark.skipif(not (SHARED / "ph2").is_dir(), reason="../shared/data/ph2 is absent")
 def test_ph2_pairs_and_its_rgb_mask(tmp_path):
-    labelled, _ = preprocess.find_cases(SHARED / "ph2")
+    labelled, _ = cases.find_cases(SHARED / "ph2")
     assert len(labelled) == 20 and all(c.label.name == f"{c.name}_lesion.bmp" for c in labelled)
     case = next(c for c in labelled if c.name == "IMD002")  # its mask is an RGB BMP
-    raw = preprocess.load_raw(case)
+    raw = cases.read_case(case)
     assert raw["image"].shape[0] == 3 and raw["label"].shape[0] == 1
     assert set(raw["label"].unique().tolist()) == {0.0, 1.0}
 
@@ -152,10 +153,10 @@ def test_infer_writes_per_patient_evaluation_for_slices(png_raw, tmp_path):
     prep, out = tmp_path / "prep", tmp_path / "out"
     assert preprocess.main([str(png_raw), str(prep), "--workers", "1"]) == 0
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
-                       "--channels", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
+                       "--widths", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
     images = [png_raw / f"pic{i}.png" for i in range(3)]
     masks = [png_raw / "pic0_mask.png", png_raw / "pic1_mask.bmp", png_raw / "pic2_mask.bmp"]
-    assert infer.main([*map(str, images), "--labels", *map(str, masks), "--checkpoint", str(out / "best.pt"),
+    assert infer.main([*map(str, images), "--truth", *map(str, masks), "--checkpoint", str(out / "best.pt"),
                        "--out", str(out / "eval")]) == 0
     rows = (out / "eval" / "evaluation_patients.csv").read_text().splitlines()
     assert rows[0] == "case,slices,dice_1" and rows[1].startswith(f"{png_raw.name},3,")
@@ -182,10 +183,10 @@ def _write_patients(root: Path, n_patients: int = 3, n_slices: int = 12) -> Path
 
 def test_stack_slices_rebuilds_one_volume_per_patient_in_slice_order(tmp_path, capsys):
     raw = _write_patients(tmp_path / "raw")
-    labelled, _ = preprocess.find_cases(raw, stack=True)
+    labelled, _ = cases.find_cases(raw, stack=True)
     assert [c.name for c in labelled] == ["p0", "p1", "p2"]
     assert [p.name for p in labelled[0].slices[:3]] == ["p0_1.png", "p0_2.png", "p0_3.png"]
-    volume = preprocess.load_raw(labelled[0])
+    volume = cases.read_case(labelled[0])
     assert volume["image"].shape == (1, 48, 48, 12) and volume["label"].shape == (1, 48, 48, 12)
     assert volume["image"][0, 0, 0].tolist() == [10 + 5 * n for n in range(1, 13)]
 
@@ -194,10 +195,10 @@ def test_stack_slices_rebuilds_one_volume_per_patient_in_slice_order(tmp_path, c
     manifest = json.loads((prep / "dataset.json").read_text())
     assert manifest["stack_slices"] and all(c["prepared_shape"][0] == 12 for c in manifest["cases"])
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
-                       "--channels", "4", "8", "16", "--strides", "2", "2", "--roi", "8", "32", "32"]) == 0
+                       "--widths", "4", "8", "16", "--strides", "2", "2", "--crop", "8", "32", "32"]) == 0
     assert load_checkpoint(out / "best.pt")["stack_slices"] is True
     # A patient's folder is one input; its masks folder gives the truth, scored per patient.
-    assert infer.main([str(raw / "p1"), "--labels", str(raw / "p1"), "--checkpoint", str(out / "best.pt"),
+    assert infer.main([str(raw / "p1"), "--truth", str(raw / "p1"), "--checkpoint", str(out / "best.pt"),
                        "--out", str(out / "eval")]) == 0
     assert nib.load(out / "eval" / "p1_mask.nii.gz").shape == (48, 48, 12)
     rows = (out / "eval" / "evaluation.csv").read_text().splitlines()

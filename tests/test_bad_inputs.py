@@ -349,7 +349,7 @@ def test_train_refuses_bad_manifests(name, prep_dir, tmp_path, capsys):
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
-ABSURD = [["--epochs", "0"], ["--epochs", "-5"], ["--epochs", "100000000"], ["--lr", "-1"], ["--roi", "0", "96", "96"],
+ABSURD = [["--epochs", "0"], ["--epochs", "-5"], ["--epochs", "100000000"], ["--lr", "-1"], ["--crop", "0", "96", "96"],
           ["--overlap", "1.0"], ["--batch-size", "0"], ["--strides", "2"]]
 
 
@@ -385,20 +385,20 @@ def test_the_real_command_prints_one_line(case, small_raw, tmp_path):
 
 def test_permission_denied_is_reported_even_as_root(small_raw, tmp_path, capsys, monkeypatch):
     """Root reads any file, so the refusal itself is exercised by denying access to one path."""
-    import dataset
+    import readers
 
     raw = tmp_path / "raw"
     shutil.copytree(small_raw, raw)
     denied = raw / "synth_001.nii.gz"
     real_access = os.access
-    monkeypatch.setattr(dataset.os, "access", lambda p, mode: Path(p) != denied and real_access(p, mode))
+    monkeypatch.setattr(readers.os, "access", lambda p, mode: Path(p) != denied and real_access(p, mode))
     assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1"]) == 2
     _assert_one_line(capsys, "synth_001.nii.gz", "permission denied")
 
 
 def test_evaluation_needs_one_mask_per_input(trained, small_raw, tmp_path, capsys):
-    args = [str(small_raw / "synth_000.nii.gz"), str(small_raw / "synth_001.nii.gz"), "--labels",
+    args = [str(small_raw / "synth_000.nii.gz"), str(small_raw / "synth_001.nii.gz"), "--truth",
             str(small_raw / "synth_000_seg.nii.gz"), "--checkpoint", str(trained / "best.pt"), "--out", str(tmp_path)]
     assert infer.main(args) == 2
-    _assert_one_line(capsys, "--labels")
+    _assert_one_line(capsys, "--truth")
     assert not list(tmp_path.iterdir())

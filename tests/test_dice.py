@@ -8,7 +8,7 @@ import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
-from dice import dice_binary, dice_from_counts, dice_per_class, mean_foreground_dice, overlap_counts
+from dice import dice_binary, dice_from_counts, dice_per_class, mean_dice, overlap_counts
 
 
 def test_hand_computed():
@@ -58,7 +58,13 @@ def test_per_class_matches_monai(seed):
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     expected = metric(one_hot(pred, 4), one_hot(truth, 4))
     assert torch.allclose(dice_per_class(pred, truth, range(4)), expected.double(), atol=1e-6)
-    assert mean_foreground_dice(pred, truth, range(4)) == pytest.approx(float(expected[:, 1:].mean()), abs=1e-6)
+    per_label = dice_per_class(pred, truth, range(1, 4)).mean(0).tolist()  # foreground labels, batch averaged
+    assert mean_dice(per_label) == pytest.approx(float(expected[:, 1:].mean()), abs=1e-6)
+
+
+def test_mean_dice_leaves_out_labels_that_could_not_be_scored():
+    assert mean_dice([0.5, float("nan"), 1.0]) == pytest.approx(0.75)
+    assert np.isnan(mean_dice([float("nan")])) and np.isnan(mean_dice([]))
 
 
 def test_region_dice_is_the_dice_of_the_union():

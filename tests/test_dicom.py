@@ -16,9 +16,9 @@ from conftest import restore_prepared_label
 
 import infer
 import preprocess
-from dataset import read_volume
 from dice import dice_binary
 from preprocess import synthetic_volume
+from readers import read_volume
 
 SPACING = (0.8, 0.8, 2.5)
 

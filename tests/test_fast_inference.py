@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-import infer
+import model
 import train
 from dataset import PrepParams, prepared_tissue
 from model import axis_divisors, build_model, load_checkpoint, model_args
@@ -21,20 +21,20 @@ def _net(**kw) -> torch.nn.Module:
 
 
 def test_window_fits_the_volume_and_the_network():
-    assert infer.fit_window((64, 256, 256), (30, 150, 201), (4, 4, 4)) == (32, 152, 204)  # volume rounded up
-    assert infer.fit_window((48, 96, 96), (30, 150, 201), (4, 4, 4)) == (32, 96, 96)
-    assert infer.fit_window((1, 250, 250), (1, 90, 120), (1, 8, 8)) == (1, 96, 120)
-    assert infer.fit_window((48, 90, 96), (30, 150, 201), (4, 4, 4), shrink=False) == (48, 92, 96)
+    assert model.fit_window((64, 256, 256), (30, 150, 201), (4, 4, 4)) == (32, 152, 204)  # volume rounded up
+    assert model.fit_window((48, 96, 96), (30, 150, 201), (4, 4, 4)) == (32, 96, 96)
+    assert model.fit_window((1, 250, 250), (1, 90, 120), (1, 8, 8)) == (1, 96, 120)
+    assert model.fit_window((48, 90, 96), (30, 150, 201), (4, 4, 4), shrink=False) == (48, 92, 96)
     assert axis_divisors({"strides": [[1, 2, 2], 2, [2, 2, 2]]}) == (4, 8, 8)
 
 
 def test_chosen_window_covers_the_largest_volume_within_the_budget():
     shapes = [(30, 150, 201), (20, 180, 100)]
-    assert train.choose_window(shapes, (16, 64, 64), (8, 8, 8)) == (32, 184, 208)
-    small = train.choose_window(shapes, (16, 64, 64), (8, 8, 8), max_voxels=64 * 128 * 128)
+    assert model.choose_window(shapes, (16, 64, 64), (8, 8, 8)) == (32, 184, 208)
+    small = model.choose_window(shapes, (16, 64, 64), (8, 8, 8), max_voxels=64 * 128 * 128)
     assert np.prod(small) <= 64 * 128 * 128 and all(s >= r for s, r in zip(small, (16, 64, 64)))
     # never below the training crop, even when the budget is smaller than the crop
-    assert train.choose_window(shapes, (16, 64, 64), (8, 8, 8), max_voxels=10) == (16, 64, 64)
+    assert model.choose_window(shapes, (16, 64, 64), (8, 8, 8), max_voxels=10) == (16, 64, 64)
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])
@@ -43,7 +43,7 @@ def test_fast_path_equals_the_plain_call_when_nothing_is_skipped(norm):
     net = _net(norm=norm)
     image = torch.randn(1, 1, 16, 40, 40)
     plain = sliding_window_inference(image, (8, 16, 16), 4, net, overlap=0.75, mode="gaussian")
-    fast = infer.predict_logits(net.to(memory_format=torch.channels_last_3d), image, (8, 16, 16), 0.75, 4,
+    fast = model.predict_logits(net.to(memory_format=torch.channels_last_3d), image, (8, 16, 16), 0.75, 4,
                                 tissue=torch.ones(1, 1, 16, 40, 40))
     assert torch.allclose(plain, fast, atol=1e-4)
 
@@ -54,11 +54,11 @@ def test_an_instance_norm_network_keeps_its_crop_on_a_smaller_volume():
     image = torch.randn(1, 1, 6, 20, 40)
     net = _net(norm="instance")
     plain = sliding_window_inference(image, (8, 32, 48), 4, net, overlap=0.75, mode="gaussian")
-    assert torch.allclose(infer.predict_logits(net, image, (8, 32, 48), 0.75, 4), plain, atol=1e-4)
+    assert torch.allclose(model.predict_logits(net, image, (8, 32, 48), 0.75, 4), plain, atol=1e-4)
     seen = []
     bn = _net(norm="batch")
     bn.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[2:])))
-    infer.predict_logits(bn, image, (8, 32, 48), 0.75, 4)
+    model.predict_logits(bn, image, (8, 32, 48), 0.75, 4)
     assert set(seen) == {(8, 20, 40)}  # depth 6 rounded up to the network's multiple of 4
 
 
@@ -74,18 +74,18 @@ def test_windows_without_tissue_are_skipped_and_background():
     image = torch.randn(1, 1, 8, 64, 64)
     tissue = torch.zeros(1, 1, 8, 64, 64, dtype=torch.bool)
     tissue[..., 4:20, 4:20] = True  # tissue in one corner only
-    logits = infer.predict_logits(counting, image, (8, 16, 16), 0.0, 1, tissue=tissue)
+    logits = model.predict_logits(counting, image, (8, 16, 16), 0.0, 1, tissue=tissue)
     assert len(calls) == 4  # of the 16 non-overlapping windows, only the 4 touching the corner ran
-    assert torch.allclose(logits[..., 32:, 32:], torch.tensor(-infer.BACKGROUND_LOGIT))
+    assert torch.allclose(logits[..., 32:, 32:], torch.tensor(-model.BACKGROUND_LOGIT))
     reference = sliding_window_inference(image, (8, 16, 16), 1, net, overlap=0.0, mode="gaussian")
     assert torch.allclose(logits[..., :32, :32], reference[..., :32, :32], atol=1e-5)
 
 
 def test_multiclass_skipped_windows_are_background_class():
     net = build_model(model_args(out_channels=3, channels=[4, 8], strides=[2], num_res_units=0)).eval()
-    logits = infer.predict_logits(net, torch.randn(1, 1, 4, 16, 16), (4, 8, 8), 0.0, 2,
+    logits = model.predict_logits(net, torch.randn(1, 1, 4, 16, 16), (4, 8, 8), 0.0, 2,
                                   tissue=torch.zeros(1, 1, 4, 16, 16))
-    assert (infer.to_classes(infer.probabilities(logits)) == 0).all()
+    assert (model.to_classes(model.probabilities(logits)) == 0).all()
 
 
 def test_tissue_of_a_prepared_ct_uses_the_body_threshold_on_the_0_1_scale():
@@ -103,7 +103,7 @@ def test_a_batch_norm_model_infers_whole_volumes_an_instance_norm_model_its_crop
     """Batch norm is window-independent: its checkpoint records a window covering the largest prepared volume.
     Instance norm normalizes over the window, so its window stays the training crop."""
     shapes = np.array([c["prepared_shape"] for c in json.loads((prep_dir / "dataset.json").read_text())["cases"]])
-    net = ["--channels", "4", "8", "16", "--strides", "2", "2", "--num-res-units", "0", "--roi", "8", "32", "32"]
+    net = ["--widths", "4", "8", "16", "--strides", "2", "2", "--num-res-units", "0", "--crop", "8", "32", "32"]
     for norm in ("batch", "instance"):
         out = tmp_path / norm
         assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "1", "--device", "cpu",
@@ -119,7 +119,7 @@ def test_a_lone_small_window_runs_in_a_pair_with_the_same_answer(norm):
     net, sizes = _net(norm=norm), []
     net.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
     x = torch.randn(1, 1, 8, 32, 32)
-    windows = infer.Windows(net, 1, tissue=False)
+    windows = model.Windows(net, 1, tissue=False)
     with torch.inference_mode():
         assert torch.allclose(windows(x), net(x), atol=1e-5)
         assert sizes == [2, 1]  # the pair, then the reference call

@@ -12,12 +12,15 @@ import SimpleITK as sitk
 import torch
 from conftest import checksums, restore_prepared_label
 
+import cases
 import infer
+import model
 import preprocess
 import train
-from dataset import PrepParams, prepare_transforms, read_volume, write_nifti
+from dataset import PrepParams, prepare_transforms
 from dice import dice_binary
 from model import anisotropic_args, build_model, load_checkpoint, model_args
+from readers import read_volume, write_nifti
 
 
 def _phantom(tmp_path, affine):
@@ -44,7 +47,7 @@ def test_round_trip_returns_the_label_on_the_original_grid(tmp_path):
     image = chain({"image": read_volume(tmp_path / "ct.nii.gz")})["image"]
     assert torch.allclose(image.affine, both["label"].affine)
     back = infer.invert_to_original(both["label"].float(), image, chain)
-    restored = infer.to_classes(back[None])[0, 0].numpy()
+    restored = model.to_classes(back[None])[0, 0].numpy()
     assert restored.shape == label.shape
     assert dice_binary(restored[None, None], label[None, None]).item() >= 0.98
     # the written mask carries the input's exact affine
@@ -103,7 +106,7 @@ def test_anisotropic_volumes_downsample_in_plane_first():
 def test_anisotropic_nrrd_round_trip_and_model(tmp_path):
     """pyradiomics' brain MRI at 0.78×0.78×6.5 mm: pairs found, grid restored, in-plane-first strides chosen."""
     src = SHARED / "nrrd"
-    labelled, _ = preprocess.find_cases(src)
+    labelled, _ = cases.find_cases(src)
     assert [c.name for c in labelled] == ["brain1", "brain2", "breast1"]
     assert preprocess.main([str(src), str(tmp_path / "prep"), "--workers", "1"]) == 0
     manifest = json.loads((tmp_path / "prep" / "dataset.json").read_text())
@@ -115,5 +118,5 @@ def test_anisotropic_nrrd_round_trip_and_model(tmp_path):
     assert dice_binary(restored[None], label[None] > 0).item() >= 0.98
     out = tmp_path / "out"
     assert train.main(["--data", str(tmp_path / "prep"), "--output", str(out), "--epochs", "1", "--device", "cpu",
-                       "--channels", "4", "8", "16", "--strides", "2", "2", "--roi", "16", "64", "64"]) == 0
+                       "--widths", "4", "8", "16", "--strides", "2", "2", "--crop", "16", "64", "64"]) == 0
     assert load_checkpoint(out / "best.pt")["model_args"]["strides"][0] == [1, 2, 2]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import TINY_NET
 
-import infer
+import model
 import train
-from model import build_model, model_args
+from model import amp_dtype, autocast, build_model, model_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_NET = [a if a != "cpu" else "cuda" for a in TINY_NET]
@@ -54,9 +54,9 @@ def test_gpu_inference_matches_the_cpu(trained):
     cpu_model.load_state_dict(ckpt["model_state"])
     gpu_model = build_model(ckpt["model_args"]).eval().cuda()
     gpu_model.load_state_dict(ckpt["model_state"])
-    ref = infer.predict_logits(cpu_model, image, roi, 0.75, 2)
-    fp32 = infer.predict_logits(gpu_model, image, roi, 0.75, 4).cpu()
-    amp = infer.predict_logits(gpu_model, image, roi, 0.75, 4, amp=True).cpu()
+    ref = model.predict_logits(cpu_model, image, roi, 0.75, 2)
+    fp32 = model.predict_logits(gpu_model, image, roi, 0.75, 4).cpu()
+    amp = model.predict_logits(gpu_model, image, roi, 0.75, 4, amp=True).cpu()
     assert fp32.shape == ref.shape == amp.shape
     torch.testing.assert_close(fp32, ref, atol=1e-3, rtol=1e-3)
     assert ((amp > 0) == (ref > 0)).float().mean() > 0.99
@@ -65,8 +65,8 @@ def test_gpu_inference_matches_the_cpu(trained):
 @pytest.mark.skipif(torch.cuda.device_count() < 1 or not torch.cuda.is_bf16_supported(), reason="needs bf16")
 def test_amp_picks_bf16_where_the_gpu_has_it():
     """bf16 needs no loss scaling: the training loop and inference choose it on GPUs that support it."""
-    assert infer.amp_dtype(torch.device("cuda")) == torch.bfloat16
+    assert amp_dtype(torch.device("cuda")) == torch.bfloat16
     model = build_model(model_args(channels=[4, 8], strides=[2])).cuda()
-    with infer.autocast(torch.device("cuda"), True):
+    with autocast(torch.device("cuda"), True):
         out = model(torch.rand(1, 1, 8, 32, 32, device="cuda"))
     assert out.dtype == torch.bfloat16

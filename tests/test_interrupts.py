@@ -14,7 +14,7 @@ from conftest import ROOT, TINY_NET, checksums
 
 import preprocess
 import train
-from dataset import partial_path
+from common import partial_path
 from model import load_checkpoint
 
 EPOCHS = 6

@@ -15,11 +15,12 @@ import torch
 from conftest import TINY_NET, checksums
 from monai.data import MetaTensor
 
+import cases
 import infer
 import preprocess
 import train
-from dataset import write_nifti
 from model import load_checkpoint
+from readers import write_nifti
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
@@ -53,7 +54,7 @@ def brats_like(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(raw, prepared, trained output) for a BraTS-like set: two channels, labels {0, 1, 2}, split folders."""
     raw = write_brats_like(tmp_path_factory.mktemp("brats_raw"))
     prep, out = tmp_path_factory.mktemp("brats_prep"), tmp_path_factory.mktemp("brats_out")
-    assert preprocess.main([str(raw), str(prep), "--channels", "Flair,T1c", "--workers", "1"]) == 0
+    assert preprocess.main([str(raw), str(prep), "--modalities", "Flair,T1c", "--workers", "1"]) == 0
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "2", "--regions", "WT=1,2",
                        *TINY_NET]) == 0
     return raw, prep, out
@@ -115,10 +116,10 @@ def test_case_folders_need_channels_named(tmp_path, capsys):
     raw = write_brats_like(tmp_path / "raw")
     assert preprocess.main([str(raw), str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--channels" in err[0] and "holds 3 images" in err[0]
-    assert preprocess.main([str(raw), str(tmp_path / "p"), "--channels", "Flair,DWI"]) == 2
+    assert len(err) == 1 and "--modalities" in err[0] and "holds 3 images" in err[0]
+    assert preprocess.main([str(raw), str(tmp_path / "p"), "--modalities", "Flair,DWI"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no file for channel 'DWI'" in err[0]
+    assert len(err) == 1 and "no file for modality 'DWI'" in err[0]
     assert not (tmp_path / "p" / "dataset.json").exists()
 
 
@@ -161,9 +162,9 @@ def test_layout_can_be_forced(tmp_path, capsys):
     flair, _, label = mr_case(0)
     write_nifti(flair, AFFINE, raw / "vol.nii.gz")
     write_nifti((label > 0).astype(np.uint8), AFFINE, raw / "vol_seg.nii.gz")
-    assert [c.name for c in preprocess.find_cases(raw)[0]] == ["slice_1", "vol"]
-    assert [c.name for c in preprocess.find_cases(raw, "lgg")[0]] == ["slice_1"]
-    assert preprocess.find_cases(raw, "ph2")[0] == []
+    assert [c.name for c in cases.find_cases(raw)[0]] == ["slice_1", "vol"]
+    assert [c.name for c in cases.find_cases(raw, "lgg")[0]] == ["slice_1"]
+    assert cases.find_cases(raw, "ph2")[0] == []
     assert preprocess.main([str(raw), str(tmp_path / "p"), "--layout", "msd"]) == 2
     assert "needs an imagesTr folder" in capsys.readouterr().err
 
@@ -189,7 +190,7 @@ def test_overlay_colours_the_predicted_mask_only(tmp_path):
 @pytest.mark.skipif(not (SHARED / "brats").is_dir(), reason="../shared/data/brats is absent")
 def test_real_brats_prepares_with_its_own_split(tmp_path):
     out = tmp_path / "prep"
-    assert preprocess.main([str(SHARED / "brats"), str(out), "--channels", "Flair,T1c", "--workers", "2"]) == 0
+    assert preprocess.main([str(SHARED / "brats"), str(out), "--modalities", "Flair,T1c", "--workers", "2"]) == 0
     manifest = json.loads((out / "dataset.json").read_text())
     splits = [c["split"] for c in manifest["cases"]]
     assert sorted(splits) == ["test", "test", "train", "train", "val", "val"]

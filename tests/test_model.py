@@ -7,14 +7,14 @@ import pickle
 import pytest
 import torch
 
-from dataset import InputError
-from model import build_model, divisor, load_checkpoint, model_args, save_checkpoint
+from common import InputError
+from model import axis_divisors, build_model, load_checkpoint, model_args, save_checkpoint
 
 
 def test_defaults_build_a_residual_3d_unet():
     args = model_args()
     net = build_model(args)
-    assert args["channels"] == [16, 32, 64, 128, 256] and divisor(args) == 16
+    assert args["channels"] == [16, 32, 64, 128, 256] and axis_divisors(args) == (16, 16, 16)
     out = net(torch.zeros(1, 1, 16, 32, 32))
     assert out.shape == (1, 1, 16, 32, 32)
     assert sum(p.numel() for p in net.parameters()) > 1_000_000

@@ -15,16 +15,20 @@ from conftest import SYNTH_SHAPE, TINY_NET, checksums
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import cases
 import infer
+import model
 import preprocess
+import readers
 import train
-from dataset import read_volume
+from cases import MANIFEST_VERSION
 from model import load_checkpoint
+from readers import read_volume
 
 
 def test_manifest_describes_every_case(raw_dir, prep_dir):
     manifest = json.loads((prep_dir / "dataset.json").read_text())
-    assert manifest["version"] == preprocess.MANIFEST_VERSION
+    assert manifest["version"] == MANIFEST_VERSION
     assert manifest["params"]["modality"] == "ct"  # detected from HU intensities
     assert manifest["label_values"] == [0, 1]
     cases = manifest["cases"]
@@ -63,7 +67,7 @@ def test_training_writes_checkpoints_plot_metrics_and_tensorboard(trained):
     for ckpt in (best, last):
         assert ckpt["label_values"] == [0, 1]
         assert ckpt["prep_params"]["inplane"] == 256
-        assert ckpt["config"]["roi"] == [8, 64, 64]  # training crops
+        assert ckpt["config"]["crop"] == [8, 64, 64]  # training crops
         # instance norm: inference sees windows like the training crops
         assert ckpt["inference"] == {"roi": [8, 64, 64], "overlap": 0.75, "sw_batch_size": None}  # device's
         assert ckpt["model_args"]["channels"] == [4, 8, 16]
@@ -111,14 +115,19 @@ def test_infer_takes_a_folder(trained, raw_dir, tmp_path):
     results = infer.run(infer.parse_args([str(raw_dir), "--checkpoint", str(trained / "best.pt"),
                                           "--out", str(tmp_path)]))
     # the four images, not the four _seg masks beside them
-    assert sorted(p.name for p, _ in results) == [f"synth_{i:03d}_mask.nii.gz" for i in range(4)]
-    assert all(ml >= 0 for _, ml in results)
+    assert sorted(p.name for p, _, _ in results) == [f"synth_{i:03d}_mask.nii.gz" for i in range(4)]
+    for path, amount, unit in results:  # the reported size is the written mask's
+        mask = nib.load(path)
+        voxel_ml = abs(np.linalg.det(mask.affine[:3, :3])) / 1000
+        assert unit == "mL" and amount == pytest.approx((np.asarray(mask.dataobj) > 0).sum() * voxel_ml)
 
 
-def test_volume_in_ml_uses_the_voxel_size():
+def test_segmented_size_uses_the_voxel_size():
     mask = np.zeros((10, 10, 10), np.uint8)
     mask[:5, :4] = 1  # 200 voxels
-    assert infer.volume_ml(mask, np.diag([0.5, 2.0, 3.0, 1.0])) == pytest.approx(200 * 3.0 / 1000)
+    assert readers.segmented_size(mask, np.diag([0.5, 2.0, 3.0, 1.0])) == (pytest.approx(200 * 3.0 / 1000), "mL")
+    # a single slice: an area of its in-plane pixels, whatever the (meaningless) slice thickness
+    assert readers.segmented_size(mask[:, :, :1], np.diag([0.5, 2.0, 3.0, 1.0])) == (pytest.approx(20 * 1.0), "mm²")
 
 
 def _one_line_error(capsys) -> str:
@@ -160,7 +169,7 @@ def test_msd_layout_is_found(raw_dir, tmp_path):
         shutil.copy(raw_dir / f"synth_{i:03d}.nii.gz", tmp_path / "imagesTr" / f"c{i}.nii.gz")
         shutil.copy(raw_dir / f"synth_{i:03d}_seg.nii.gz", tmp_path / "labelsTr" / f"c{i}.nii.gz")
     shutil.copy(raw_dir / "synth_003.nii.gz", tmp_path / "imagesTs" / "t0.nii.gz")
-    labelled, unlabelled = preprocess.find_cases(tmp_path)
+    labelled, unlabelled = cases.find_cases(tmp_path)
     assert [(c.name, c.label.parent.name) for c in labelled] == [("c0", "labelsTr"), ("c1", "labelsTr"),
                                                                 ("c2", "labelsTr")]
     assert [(c.name, c.label) for c in unlabelled] == [("t0", None)]
@@ -259,7 +268,7 @@ def test_multi_class_labels_survive_end_to_end(raw_dir, tmp_path):
     assert float(row["val_dice"]) == pytest.approx(sum(map(float, per_label.values())) / 2, abs=1e-4)
     logits = torch.zeros(1, 3, 2, 2, 2)
     logits[:, 2] = 1.0  # class index 2 everywhere
-    assert infer.to_classes(infer.probabilities(logits)).unique().tolist() == [2]
+    assert model.to_classes(model.probabilities(logits)).unique().tolist() == [2]
     assert infer.main([str(raw / "synth_000.nii.gz"), "--checkpoint", str(out / "best.pt"), "--out", str(out)]) == 0
     values = set(np.unique(np.asarray(nib.load(out / "synth_000_mask.nii.gz").dataobj)).tolist())
     assert values <= {0, 2, 5}
@@ -268,7 +277,7 @@ def test_multi_class_labels_survive_end_to_end(raw_dir, tmp_path):
 def test_evaluation_csv_against_true_masks(trained, raw_dir, tmp_path):
     images = [raw_dir / f"synth_00{i}.nii.gz" for i in range(2)]
     truths = [raw_dir / f"synth_00{i}_seg.nii.gz" for i in range(2)]
-    assert infer.main([*map(str, images), "--labels", *map(str, truths), "--checkpoint", str(trained / "best.pt"),
+    assert infer.main([*map(str, images), "--truth", *map(str, truths), "--checkpoint", str(trained / "best.pt"),
                        "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "evaluation.csv").open()))
     assert [r["case"] for r in rows] == ["synth_000", "synth_001", "mean", "median"]

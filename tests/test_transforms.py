@@ -20,7 +20,7 @@ def _items(prep_dir, split):
 
 def test_train_chain_gives_roi_crops_padded_to_the_roi(prep_dir):
     items, _ = _items(prep_dir, "train")
-    aug = AugmentParams(roi=(16, 64, 64), num_samples=3)  # depth 16 > the volumes' 8: padded
+    aug = AugmentParams(crop=(16, 64, 64), num_samples=3)  # depth 16 > the volumes' 8: padded
     samples = get_transforms("train", (0, 1), aug)(items[0])
     assert len(samples) == 3
     for s in samples:
@@ -31,7 +31,7 @@ def test_train_chain_gives_roi_crops_padded_to_the_roi(prep_dir):
 
 def test_positive_crops_hold_foreground(prep_dir):
     items, _ = _items(prep_dir, "train")
-    xforms = get_transforms("train", (0, 1), AugmentParams(roi=(8, 32, 32), pos=1, neg=0, num_samples=4))
+    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(8, 32, 32), pos=1, neg=0, num_samples=4))
     xforms.set_random_state(seed=0)
     assert all(s["label"].sum() > 0 for s in xforms(items[0]))
 
@@ -45,7 +45,7 @@ def test_val_chain_keeps_the_whole_volume(prep_dir):
 
 def test_cache_dataset_caches_the_deterministic_prefix(prep_dir):
     items, _ = _items(prep_dir, "train")
-    ds = make_dataset(items, "train", (0, 1), AugmentParams(roi=(8, 32, 32), num_samples=2))
+    ds = make_dataset(items, "train", (0, 1), AugmentParams(crop=(8, 32, 32), num_samples=2))
     assert len(ds._cache) == len(items)  # cached once, before the random crops
     assert len(ds[0]) == 2
 
@@ -106,7 +106,7 @@ def test_augmentation_turns_slices_in_plane_and_keeps_them(tmp_path, depth):
     for name, array in (("image", label.astype(np.float32)), ("label", label)):
         nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
     item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
-    xforms = get_transforms("train", (0, 1), AugmentParams(roi=(depth, 64, 64), num_samples=1))
+    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(depth, 64, 64), num_samples=1))
     for seed in range(12):
         xforms.set_random_state(seed=seed)
         out = xforms(item)[0]["label"][0]
@@ -117,7 +117,7 @@ def test_augmentation_turns_slices_in_plane_and_keeps_them(tmp_path, depth):
 def test_random_crops_leave_the_cached_volumes_alone(prep_dir):
     """The cache is not deep-copied at each draw (copy_cache=False): the random part must make new arrays."""
     items, _ = _items(prep_dir, "train")
-    ds = make_dataset(items, "train", (0, 1), AugmentParams(roi=(8, 32, 32), num_samples=3))
+    ds = make_dataset(items, "train", (0, 1), AugmentParams(crop=(8, 32, 32), num_samples=3))
     before = [{k: torch.as_tensor(v).clone() for k, v in c.items() if k in ("image", "label")} for c in ds._cache]
     for seed in range(6):
         ds.transform.set_random_state(seed=seed)
@@ -143,7 +143,7 @@ def test_crop_centres_are_computed_once_and_point_at_their_class(prep_dir):
     thin = CropCentresd("label", max_indices=10)({"label": label})
     assert 0 < len(thin["label_bg"]) <= 10 and (flat[thin["label_bg"]] == 0).all()
     # the training chain hands the crops on without them
-    xforms = get_transforms("train", (0, 1), AugmentParams(roi=(4, 8, 8), num_samples=2))
+    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(4, 8, 8), num_samples=2))
     assert all(set(s) == {"image", "label"} for s in xforms(_items(prep_dir, "train")[0][0]))
 
 
@@ -162,8 +162,8 @@ def test_validation_caches_the_tissue_mask_inference_uses(prep_dir):
 
 def test_cache_rate_caches_only_its_share(prep_dir):
     items, _ = _items(prep_dir, "train")
-    half = make_dataset(items * 2, "train", (0, 1), AugmentParams(roi=(8, 32, 32), num_samples=1), cache_rate=0.5)
+    half = make_dataset(items * 2, "train", (0, 1), AugmentParams(crop=(8, 32, 32), num_samples=1), cache_rate=0.5)
     assert len(half._cache) == len(items)  # the other half is read at every use
     assert all(len(half[i]) == 1 for i in range(len(half)))
-    none = make_dataset(items, "train", (0, 1), AugmentParams(roi=(8, 32, 32), num_samples=1), cache_rate=0)
+    none = make_dataset(items, "train", (0, 1), AugmentParams(crop=(8, 32, 32), num_samples=1), cache_rate=0)
     assert not hasattr(none, "_cache") and len(none[0]) == 1

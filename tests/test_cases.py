@@ -1,0 +1,87 @@
+"""cases.py: one finder for preprocess.py and infer.py (which files are images, which are labels, which form a case)."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import SYNTH_SHAPE
+
+import cases
+import preprocess
+from common import InputError
+from readers import VOLUME_SUFFIXES, write_nifti
+
+
+def _nifti(path, shape=(8, 8, 4), value=1.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_nifti(np.full(shape, value, np.float32), np.eye(4), path)
+
+
+def _slices(folder, patient, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(1, n + 1):
+        PIL.Image.fromarray(np.full((8, 8), 10 * k, np.uint8)).save(folder / f"{patient}_{k}.tif")
+        PIL.Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{patient}_{k}_mask.tif")
+
+
+def test_infer_finds_the_images_preprocess_finds(tmp_path):
+    """A dataset root of patient folders (LGG) and a folder of pairs: infer's inputs are preprocess's cases, labels
+    never among them."""
+    _slices(tmp_path / "lgg" / "pA", "pA", 3)
+    _slices(tmp_path / "lgg" / "pB", "pB", 2)
+    labelled, unlabelled = cases.find_cases(tmp_path / "lgg")
+    found = cases.find_inputs([tmp_path / "lgg"])
+    assert [c.image for c in found] == [c.image for c in labelled + unlabelled]
+    assert len(found) == 5 and all(c.label is None for c in found)
+    assert {c.group for c in found} == {"pA", "pB"}
+    # a model trained on stacked slices takes each patient folder as one case, in slice order
+    stacked = cases.find_inputs([tmp_path / "lgg"], stacked=True)
+    assert [(c.name, [p.name for p in c.slices]) for c in stacked] == [
+        ("pA", ["pA_1.tif", "pA_2.tif", "pA_3.tif"]), ("pB", ["pB_1.tif", "pB_2.tif"])]
+    # and one patient's folder given alone
+    assert [c.name for c in cases.find_inputs([tmp_path / "lgg" / "pB"], stacked=True)] == ["pB"]
+
+
+def test_hidden_files_skipped_folders_and_label_suffixes_are_one_rule(tmp_path):
+    _nifti(tmp_path / "a.nii.gz")
+    _nifti(tmp_path / "a_SEG.nii.gz")  # a label suffix in any case
+    _nifti(tmp_path / ".partial-b.nii.gz")  # hidden: a write in progress
+    _nifti(tmp_path / "out" / "a_mask.nii.gz")  # an earlier run's masks, in the output folder
+    _nifti(tmp_path / "prep" / "a_image.nii.gz")  # a prepared folder: it holds .cases/
+    (tmp_path / "prep" / ".cases").mkdir()
+    labelled, unlabelled = cases.find_cases(tmp_path, skip=[tmp_path / "out"])
+    assert [(c.name, c.label.name) for c in labelled] == [("a", "a_SEG.nii.gz")] and unlabelled == []
+    assert [c.name for c in cases.find_inputs([tmp_path], skip=[tmp_path / "out"])] == ["a"]
+    with pytest.raises(InputError, match="also used by"):  # without the skip, the old masks are a second label
+        cases.find_cases(tmp_path)
+
+
+def test_unsupported_file_names_every_readable_suffix(tmp_path):
+    (tmp_path / "scan.jpg").write_bytes(b"not read")
+    with pytest.raises(InputError) as err:
+        cases.find_inputs([tmp_path / "scan.jpg"])
+    assert all(s in str(err.value) for s in VOLUME_SUFFIXES)
+
+
+def test_nnunet_files_in_a_plain_folder_are_one_case_each(tmp_path):
+    for case in ("p1", "p2"):
+        for k in ("0000", "0001"):
+            _nifti(tmp_path / f"{case}_{k}.nii.gz")
+    found = cases.find_inputs([tmp_path], modalities=["0000", "0001"])
+    assert [(c.name, [p.name for p in c.sources]) for c in found] == [
+        ("p1", ["p1_0000.nii.gz", "p1_0001.nii.gz"]), ("p2", ["p2_0000.nii.gz", "p2_0001.nii.gz"])]
+    # a file names its case, which brings its other modality; the same case named twice is one case
+    one = cases.find_inputs([tmp_path / "p2_0001.nii.gz", tmp_path / "p2_0000.nii.gz"], modalities=["0000", "0001"])
+    assert [c.name for c in one] == ["p2"]
+
+
+def test_output_inside_the_input_can_be_prepared_again(tmp_path):
+    """``preprocess.py data data/prep`` twice: the second run does not read the prepared files as raw cases."""
+    data = tmp_path / "data"
+    preprocess.make_synthetic(data, 3, seed=2, shape=tuple(int(s) // 4 if i else int(s) for i, s in
+                                                          enumerate(SYNTH_SHAPE)))
+    for _ in range(2):
+        assert preprocess.main([str(data), str(data / "prep"), "--workers", "1", "--val-fraction", "0.34"]) == 0
+    manifest = cases.load_manifest(data / "prep")
+    assert sorted(c["name"] for c in manifest["cases"]) == ["synth_000", "synth_001", "synth_002"]
