@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -41,6 +43,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def add_alias(self, old: str, new: str) -> None:
         """``old`` does what ``new`` does, hidden from ``--help``: an old spelling kept for one release."""
         self._option_string_actions[old] = self._option_string_actions[new]
+
+
+def run_command(work: Callable[[], object]) -> int:
+    """A command's ``main``: log lines to stderr, then ``work()``: exit code 0, or 2 with one ``error:`` line for a
+    user's mistake (``InputError``), never a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        work()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def region_arg(text: str) -> tuple[str, tuple[int, ...]]:

@@ -21,7 +21,7 @@ from monai.metrics import compute_hausdorff_distance
 from monai.transforms import Compose, Invertd
 
 from cases import Case, case_name, cases_from_manifest, find_inputs, read_case, with_truth
-from common import ArgumentParser, InputError, atomic_write, region_arg
+from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
 from dataset import ORIENTATION, PrepParams, prepare_transforms, prepared_tissue
 from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts
 from model import load_checkpoint, model_from_checkpoint, predict_logits, probabilities, resolve_device, to_classes
@@ -343,13 +343,7 @@ def region_text(mean: dict[str, float], regions: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(parse_args(argv))
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from cases import LAYOUTS, MANIFEST_VERSION, NNUNET_CHANNEL, Case, case_name, find_cases, read_case
-from common import ArgumentParser, InputError, partial_path, write_json
+from common import ArgumentParser, InputError, partial_path, run_command, write_json
 from dataset import PrepParams, prepare_transforms
 from readers import label_dtype, spacing_mm, write_nifti
 
@@ -383,19 +383,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = parse_args(argv)
-        manifest = run(config)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def prepare(config: argparse.Namespace) -> dict:
+    """``run``, then one summary line; returns the manifest."""
+    manifest = run(config)
     n = {s: sum(c["split"] == s for c in manifest["cases"]) for s in ("train", "val", "test", "none")}
     log.info("prepared %d cases into %s (train %d, val %d, test %d, unlabelled %d), labels %s, %d input channel(s)",
              len(manifest["cases"]), config.output, n["train"], n["val"], n["test"], n["none"],
              manifest["label_values"], manifest["in_channels"])
-    return 0
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: prepare(parse_args(argv)))
 
 
 if __name__ == "__main__":

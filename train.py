@@ -33,7 +33,7 @@ from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
 
 from cases import load_manifest
-from common import ArgumentParser, InputError, atomic_write, region_arg
+from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
 from dataset import AugmentParams, PrepParams, make_dataset
 from dice import dice_from_counts, mean_dice, overlap_counts
 from model import (
@@ -706,23 +706,22 @@ def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Slices with nothing to segment are expected (most LGG slices); MONAI warns once per such crop otherwise.
     warnings.filterwarnings("ignore", message="Num foregrounds 0", category=UserWarning)
-    cfg = None
+    given: list[TrainConfig] = []  # the config, once parsed: Ctrl-C may come before
+
+    def work() -> None:
+        given.append(parse_args(argv))
+        result = train(given[0])
+        log.info("best validation Dice %.4f at epoch %d", result["best_dice"], result["best_epoch"])
+
     try:
-        cfg = parse_args(argv)
-        result = train(cfg)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return run_command(work)
     except KeyboardInterrupt:
-        where = f"{Path(cfg.output) / 'last.pt'} holds the last complete epoch; continue with --resume" if cfg else \
-            "before training started"
+        where = (f"{Path(given[0].output) / 'last.pt'} holds the last complete epoch; continue with --resume"
+                 if given else "before training started")
         print(f"interrupted: {where}", file=sys.stderr)
         return 130
-    log.info("best validation Dice %.4f at epoch %d", result["best_dice"], result["best_epoch"])
-    return 0
 
 
 if __name__ == "__main__":
