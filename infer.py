@@ -8,24 +8,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.metrics import compute_hausdorff_distance
 from monai.transforms import Compose, Invertd
+from tqdm import tqdm
 
 from cases import Case, case_name, cases_from_manifest, find_inputs, read_case, with_truth
 from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
 from dataset import ORIENTATION, PrepParams, prepare_transforms, prepared_tissue
 from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts
 from model import load_checkpoint, model_from_checkpoint, predict_logits, probabilities, resolve_device, to_classes
-from readers import NIFTI_SUFFIXES, label_dtype, segmented_size, spacing_mm, volume_suffix, voxel_size, write_nifti
+from readers import (
+    MASK_FORMATS,
+    is_blank,
+    label_dtype,
+    mask_suffix,
+    segmented_size,
+    spacing_mm,
+    voxel_size,
+    write_mask,
+)
 
 log = logging.getLogger("infer")
 
@@ -82,23 +93,25 @@ class Segmenter:
         return values[classes.numpy()].astype(label_dtype(int(values.max())))
 
 
-def save_mask(mask: np.ndarray, affine: np.ndarray, source: Path, out_dir: Path, name: str | None = None) -> Path:
-    """Write ``<name>_mask.nii.gz`` (name: the source's stem by default); NIfTI inputs lend their header so that
-    the mask overlays them exactly."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = mask_path(Path(name) if name else source, out_dir)
-    header = None
-    if volume_suffix(source) in NIFTI_SUFFIXES:
-        ref = nib.load(str(source))
-        header, affine = ref.header.copy(), ref.affine
-    write_nifti(mask, affine, out, header=header)
-    return out
-
-
-def mask_path(source: Path, out_dir: Path) -> Path:
-    """``out_dir/<input stem>_mask.nii.gz`` (a case name works too): a file name only, so it cannot point outside
+def mask_path(source: Path, out_dir: Path, suffix: str = ".nii.gz") -> Path:
+    """``out_dir/<input stem>_mask<suffix>`` (a case name works too): a file name only, so it cannot point outside
     ``out_dir``."""
-    return out_dir / f"{Path(case_name(source)).name}_mask.nii.gz"
+    return out_dir / f"{Path(case_name(source)).name}_mask{suffix}"
+
+
+def mask_targets(cases: Sequence[Case], out_dir: Path, forced: str | None = None) -> list[Path]:
+    """Where each case's mask goes, in its input's format (``forced``: one for all): ``out_dir/<case>_mask.<ext>``;
+    cases that share a name keep the folders that tell them apart (``out_dir/a/scan_mask.nii.gz``,
+    ``out_dir/b/scan_mask.nii.gz``), so that no two masks collide."""
+    targets = [mask_path(Path(c.name), out_dir, mask_suffix(c.image, forced)) for c in cases]
+    parents = [c.image.resolve().parent for c in cases]
+    out = list(targets)
+    for target in {t for t in targets if targets.count(t) > 1}:
+        clash = [k for k, t in enumerate(targets) if t == target]
+        root = Path(os.path.commonpath([parents[k] for k in clash]))
+        for k in clash:
+            out[k] = out_dir / parents[k].relative_to(root) / target.name
+    return out
 
 
 def evaluate_case(mask: np.ndarray, truth: np.ndarray, affine: np.ndarray, labels: Sequence[int],
@@ -242,6 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", choices=["val", "test", "train"], default="val", help="which cases --evaluate takes")
     p.add_argument("--regions", type=region_arg, nargs="+", default=None, metavar="NAME=V,V",
                    help="label unions also scored (default: the checkpoint's; BraTS: WT=1,2,3,4 TC=1,3,4 ET=4)")
+    p.add_argument("--format", choices=MASK_FORMATS, default=None,
+                   help="mask file format (default: the input's own: NIfTI, NRRD, MHA, PNG, BMP, TIFF; DICOM: NIfTI)")
     p.add_argument("--overlays", action="store_true",
                    help="also write OUT/overlays/<case>.png: image, predicted mask, true outline")
     p.add_alias("--roi", "--window")
@@ -269,9 +284,11 @@ def input_cases(config: argparse.Namespace, ckpt: dict) -> list[Case]:
     return [with_truth(c, t) for c, t in zip(cases, truths)] if truths else cases
 
 
-def check_outputs(cases: Sequence[Case], out_dir: Path, overwrite: bool) -> None:
-    """Refuse before any work when a mask would overwrite one (without ``overwrite``) or another input's."""
-    targets = [mask_path(Path(c.name), out_dir) for c in cases]
+def check_outputs(targets: Sequence[Path], out_dir: Path, overwrite: bool) -> None:
+    """Refuse before any work when the output folder is a file, or a mask would overwrite one (without
+    ``overwrite``) or another input's."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: --out is a file, not a folder")
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
         raise InputError(f"{existing[0]}: mask exists already (pass --overwrite to replace it)")
@@ -294,13 +311,15 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
                                config.overlap, config.sw_batch_size, config.amp)
     cases = input_cases(config, segmenter.ckpt)
     out_dir = Path(config.out)
-    check_outputs(cases, out_dir, config.overwrite)
+    targets = mask_targets(cases, out_dir, config.format)
+    check_outputs(targets, out_dir, config.overwrite)
     labels = segmenter.ckpt["label_values"]
     regions = model_regions(config, labels, segmenter.ckpt)
     channel = PrepParams.from_dict(segmenter.ckpt["prep_params"]).channel
-    scores, patients, results = {}, PatientDice(labels, regions), []
-    for case in cases:
+    scores, patients, results, blank, t0 = {}, PatientDice(labels, regions), [], 0, time.perf_counter()
+    for case, out in zip(tqdm(cases, desc="infer", unit="case", disable=None), targets):  # quiet off a terminal
         raw = read_case(case, channel)
+        blank += is_blank(raw["image"])
         mask = segmenter(raw["image"], case.image)
         affine = np.asarray(raw["image"].affine, dtype=np.float64)
         truth = raw["label"][0].numpy().astype(np.int64) if "label" in raw else None
@@ -308,13 +327,18 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
             scores[case.name] = evaluate_case(mask, truth, affine, labels, regions)
             if 1 in mask.shape:  # a slice: it also counts towards its patient's Dice
                 patients.add(case.group, mask, truth)
-        out = save_mask(mask, affine, case.sources[0], out_dir, case.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_mask(mask, affine, out, binary=list(labels) == [0, 1], source=case.image)
         if config.overlays:
             overlay = out_dir / "overlays" / f"{Path(case.name).name}.png"
             write_overlay(raw["image"], mask, truth, labels, case.name, overlay)
         amount, unit = segmented_size(mask, affine)
         results.append((out, amount, unit))
         log.info("%s: %.2f %s segmented → %s", case.sources[0], amount, unit, out)
+    totals = {u: sum(a for _, a, unit in results if unit == u) for u in ("mL", "mm²")}
+    log.info("segmented %d cases in %.1f s: %s%s → %s", len(results), time.perf_counter() - t0,
+             ", ".join(f"{a:.2f} {u}" for u, a in totals.items() if any(r[2] == u for r in results)),
+             f"; {blank} blank images (constant: empty masks)" if blank else "", out_dir)
     report(scores, patients, labels, regions, out_dir)
     return results
 

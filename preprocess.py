@@ -26,7 +26,7 @@ from tqdm import tqdm
 from cases import LAYOUTS, MANIFEST_VERSION, NNUNET_CHANNEL, Case, case_name, find_cases, read_case
 from common import ArgumentParser, InputError, partial_path, run_command, write_json
 from dataset import PrepParams, prepare_transforms
-from readers import label_dtype, spacing_mm, write_nifti
+from readers import is_blank, label_dtype, spacing_mm, write_nifti
 
 log = logging.getLogger("preprocess")
 SYNTHETIC_SHAPE = (32, 512, 512)  # (D, H, W): a 512×512 CT of 32 slices, downsampled ×2 in-plane
@@ -78,6 +78,7 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
         "prepared_shape": list(prepared["image"].shape[1:]),
         "prepared_spacing": spacing_mm(prepared["image"].affine).round(6).tolist(),
         "in_channels": int(prepared["image"].shape[0]),
+        "blank": is_blank(image),  # constant: nothing to segment (a blank slice at the end of a stack)
         "prepared_image": f"{case.name}_image.nii.gz",
     }
     if "label" in keys:
@@ -88,8 +89,6 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
         if label_before_crop > foreground:
             log.warning("%s: %d foreground voxels lie outside the body crop and are lost", case.label,
                         label_before_crop - foreground)
-        if values == [0]:
-            log.warning("%s: empty mask (no foreground)", case.label)
         _write(prepared["label"], out_dir / record["prepared_label"], label_dtype(max(values)))
     _write(prepared["image"], out_dir / record["prepared_image"], np.float32)
     return record
@@ -387,9 +386,12 @@ def prepare(config: argparse.Namespace) -> dict:
     """``run``, then one summary line; returns the manifest."""
     manifest = run(config)
     n = {s: sum(c["split"] == s for c in manifest["cases"]) for s in ("train", "val", "test", "none")}
-    log.info("prepared %d cases into %s (train %d, val %d, test %d, unlabelled %d), labels %s, %d input channel(s)",
-             len(manifest["cases"]), config.output, n["train"], n["val"], n["test"], n["none"],
-             manifest["label_values"], manifest["in_channels"])
+    blank = sum(bool(c.get("blank")) for c in manifest["cases"])
+    empty = sum(c.get("label_values") == [0] for c in manifest["cases"])
+    log.info("prepared %d cases into %s (train %d, val %d, test %d, unlabelled %d), labels %s, %d input channel(s); "
+             "%d blank images (constant: nothing to segment), %d empty masks", len(manifest["cases"]),
+             config.output, n["train"], n["val"], n["test"], n["none"], manifest["label_values"],
+             manifest["in_channels"], blank, empty)
     return manifest
 
 

@@ -106,6 +106,52 @@ class SimpleITKReader(ImageReader):
         return array, meta
 
 
+# A mask is written in its input's format (nnU-Net does the same): NIfTI as NIfTI (with the input's header), NRRD and
+# MHA/MHD through SimpleITK, PNG/BMP/TIFF as the same kind of picture; a DICOM series (or anything else) as NIfTI.
+MASK_SUFFIXES = {".nii.gz": ".nii.gz", ".nii": ".nii.gz", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha",
+                 ".mhd": ".mha", ".png": ".png", ".bmp": ".bmp", ".tif": ".tif", ".tiff": ".tif"}
+MASK_FORMATS = ("nii.gz", "nrrd", "mha", "png", "bmp", "tif")  # what --format may force
+
+
+def mask_suffix(source: Path, forced: str | None = None) -> str:
+    """The suffix of the mask of ``source`` (an image file or a DICOM/slice folder): its own format, or ``forced``."""
+    if forced:
+        return "." + forced.lstrip(".")
+    return MASK_SUFFIXES.get(volume_suffix(source) or "", ".nii.gz") if not source.is_dir() else ".nii.gz"
+
+
+def write_mask(mask: np.ndarray, affine: np.ndarray, path: Path, binary: bool, source: Path | None = None) -> None:
+    """Write a mask (X, Y, Z) in label values, on the grid ``affine`` describes, in the format of ``path``'s suffix,
+    atomically. A picture (PNG/BMP/TIFF) holds one slice as rows × columns, lined up pixel for pixel with the image
+    it came from: 0/255 when ``binary``, else the label values. A NIfTI ``source`` lends its header."""
+    suffix = volume_suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        header = None
+        if source is not None and volume_suffix(source) in NIFTI_SUFFIXES:
+            ref = nib.load(str(source))
+            header, affine = ref.header.copy(), ref.affine
+        write_nifti(mask, affine, path, header=header)
+        return
+    if suffix in IMAGE_2D_SUFFIXES:
+        if mask.shape[2] != 1:
+            raise InputError(f"{path}: a {suffix} picture holds one slice, this mask has {mask.shape[2]}; write a "
+                             "volume format (--format nii.gz, nrrd or mha)")
+        pixels = mask[:, :, 0].T  # Image2DReader reads x as the column: rows × columns again
+        pixels = np.where(pixels > 0, 255, 0) if binary else pixels
+        if pixels.max() > (255 if suffix == ".bmp" else 65535):
+            raise InputError(f"{path}: label values up to {pixels.max()} do not fit a {suffix} picture")
+        img = sitk.GetImageFromArray(pixels.astype(np.uint8 if pixels.max() < 256 else np.uint16))
+    else:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0)))  # SimpleITK wants (k, j, i)
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)  # RAS back to ITK's LPS
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        img.SetSpacing(spacing.tolist())
+        img.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+        img.SetOrigin(lps[:3, 3].tolist())
+    with atomic_write(path) as tmp:
+        sitk.WriteImage(img, str(tmp), True)  # compressed
+
+
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, header: nib.Nifti1Header | None = None) -> None:
     """Write ``array`` (X, Y, Z[, C]) with ``affine`` as NIfTI atomically (temporary file, then rename)."""
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64), header=header)
@@ -246,11 +292,15 @@ def read_stack(paths: Sequence[Path], channel: int | None = None) -> MetaTensor:
 
 
 def check_image(volume: torch.Tensor, path: str | Path) -> None:
-    """An image must hold finite, non-constant intensities."""
+    """An image must hold finite intensities. A constant one (a blank slice at the end of a stack) is valid: there
+    is nothing in it to find, and its mask is empty."""
     if not torch.isfinite(volume).all():
         raise InputError(f"{path}: image contains NaN or Inf intensities")
-    if volume.min() == volume.max():
-        raise InputError(f"{path}: image is constant ({float(volume.min())}); nothing to segment")
+
+
+def is_blank(volume: torch.Tensor) -> bool:
+    """Whether an image (C, …) is constant: nothing to segment (counted in the commands' summaries)."""
+    return bool(volume.min() == volume.max())
 
 
 def check_same_grid(volume: torch.Tensor, path: str | Path, ref: torch.Tensor, ref_path: str | Path) -> None:

@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import re
 import resource
 import signal
 import sys
@@ -96,6 +97,7 @@ class TrainConfig:
     dropout: float | None = None
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()  # label unions also scored, e.g. (("WT", (1, 2, 3, 4)),)
     window: tuple[int, int, int] | None = None  # inference/validation window; None: chosen from the data
+    time_limit: float | None = None  # seconds of training and validation; None: --epochs alone decides
     batch_dice: bool | None = None  # None: on for depth-1 data (nnU-Net's 2D choice), off for volumes
 
 
@@ -395,6 +397,10 @@ def plan(cfg: TrainConfig) -> Plan:
         # answer (measured: whole-slice windows took LGG's per-patient Dice from 0.65 to 0.15).
         window = tuple(cfg.crop)
     log.info("inference window %s (training crops %s, %s norm)", window, cfg.crop, margs["norm"])
+    blank = {s: sum(bool(c.get("blank")) for c in manifest["cases"] if c.get("split") == s) for s in ("train", "val")}
+    if any(blank.values()):
+        log.info("blank images (constant: nothing to segment): %d training, %d validation", blank["train"],
+                 blank["val"])
     return Plan(cfg, manifest, train_items, val_items, label_values, in_channels, margs, window, pool_groups,
                 PrepParams.from_dict(manifest["params"]))
 
@@ -445,20 +451,29 @@ class Session:
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     """``train`` as rank ``rank`` of ``world``: each rank caches and trains on its share of the cases, scores its
     share of the validation cases; rank 0 alone writes outputs."""
+    started = time.perf_counter()  # the budget counts setup (reading, caching) too
     s = setup(cfg, rank, world, device)
     cfg = s.run.cfg
+    clock = Clock(cfg.time_limit, started - sum(float(row["seconds"]) for row in s.history))
     for epoch in range(s.start, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loss, lr = train_one_epoch(s, epoch)
-        validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
+        lr = cosine_lr(cfg.lr, epoch, cfg.epochs) if clock.limit is None else clock.lr(cfg.lr)
+        loss = train_one_epoch(s, epoch, lr)
+        clock.trained(time.perf_counter() - t0)
+        last = epoch == cfg.epochs or agreed(clock.no_time_for_another())
+        validated = agreed(clock.validation_due()) if clock.limit else epoch % cfg.val_every == 0
+        t1 = time.perf_counter()
         per_label, per_region = validate(s.model, s.val_loader, s.run.label_values, cfg, s.run.window, s.amp,
-                                         s.run.pool_groups) if validated else ({}, {})
+                                         s.run.pool_groups) if validated or last else ({}, {})
+        clock.validated(time.perf_counter() - t1, bool(per_label))
         improved = record(s, epoch, loss, lr, per_label, per_region, time.perf_counter() - t0)
         if rank == 0:
-            save(s, epoch, improved)
+            save(s, epoch, improved, clock.left())
         # Every rank sees the same reduced Dice, so every rank stops at the same epoch.
         if cfg.patience and s.stale >= cfg.patience:
             log.info("early stop: no better validation Dice for %d validations", s.stale)
+            break
+        if last:
             break
     if s.writer is not None:
         s.writer.close()
@@ -467,6 +482,61 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
              " MB on the GPU" if device.type == "cuda" else "")
     return {"best_dice": s.best["dice"], "best_epoch": s.best["epoch"], "epochs_run": len(s.history),
             "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in s.train_ds.data], "model": s.model}
+
+
+VALIDATION_SHARE = 0.2  # a --time-limit run validates when that keeps validation under this share of the time
+
+
+@dataclasses.dataclass
+class Clock:
+    """A ``--time-limit`` run's budget (seconds; None: no limit). The learning rate decays (cosine) with the share of
+    the budget spent, not with epochs; validation comes as often as keeps it under ``VALIDATION_SHARE`` of the time;
+    the run stops when another epoch and its validation would not fit, validating its last epoch, so that a run of
+    any length ends with a decayed learning rate and its best checkpoint chosen on validation."""
+
+    limit: float | None
+    start: float  # ``time.perf_counter()`` when the run began (with --resume: earlier by the epochs before)
+    epoch_s: float = 0.0  # the latest epoch's training
+    val_s: float = 0.0  # the latest validation
+    since_val: float = 0.0  # training seconds since the latest validation
+
+    @property
+    def spent(self) -> float:
+        """Wall-clock seconds of the run so far: setup, training, validation, writing."""
+        return time.perf_counter() - self.start
+
+    def lr(self, base: float) -> float:
+        """Cosine decay over the budget: ``base`` at the start, towards 0 at its end."""
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.limit)))
+
+    def trained(self, seconds: float) -> None:
+        self.epoch_s, self.since_val = seconds, self.since_val + seconds
+
+    def validated(self, seconds: float, done: bool) -> None:
+        if done:
+            self.val_s, self.since_val = seconds, 0.0
+
+    def validation_due(self) -> bool:
+        """The first validation (it measures its cost), then whenever training since the last one has taken
+        (1 - share) / share times a validation."""
+        return self.val_s == 0 or self.since_val * VALIDATION_SHARE >= (1 - VALIDATION_SHARE) * self.val_s
+
+    def no_time_for_another(self) -> bool:
+        """Whether validating now, another epoch (with a tenth for writing its files) and its validation would
+        overrun the budget, measured from the latest of each."""
+        return self.limit is not None and self.spent + 2 * self.val_s + 1.1 * self.epoch_s > self.limit
+
+    def left(self) -> float | None:
+        return None if self.limit is None else max(0.0, self.limit - self.spent)
+
+
+def agreed(flag: bool) -> bool:
+    """Rank 0's answer on every rank (time differs between processes; their decisions may not)."""
+    if not distributed():
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Session:
@@ -505,19 +575,18 @@ def rank_share(run: Plan, rank: int, world: int) -> tuple[list[dict], list[dict]
     return train_items, run.val_items[rank::world]
 
 
-def train_one_epoch(s: Session, epoch: int) -> tuple[float, float]:
-    """One epoch of training crops at the epoch's cosine learning rate; returns (mean loss, learning rate)."""
+def train_one_epoch(s: Session, epoch: int, lr: float) -> float:
+    """One epoch of training crops at learning rate ``lr``; returns the mean loss."""
     cfg = s.run.cfg
     # Seeding per epoch makes a resumed run draw the same crops as an uninterrupted one.
     seed = cfg.seed + epoch + 100_003 * s.rank
     s.train_ds.transform.set_random_state(seed=seed)
     loader = make_loader(s.train_ds, cfg.batch_size, seed, s.on_gpu, s.device, cfg.num_workers)
-    lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     loss = train_epoch(s.net, loader, s.loss_fn, s.optimizer, s.scaler, s.device, s.amp)
     sync_buffers(s.model)
-    return loss, lr
+    return loss
 
 
 def record(s: Session, epoch: int, loss: float, lr: float, per_label: dict[int, float],
@@ -537,7 +606,7 @@ def record(s: Session, epoch: int, loss: float, lr: float, per_label: dict[int, 
     return improved
 
 
-def save(s: Session, epoch: int, improved: bool) -> None:
+def save(s: Session, epoch: int, improved: bool, left: float | None = None) -> None:
     """The epoch's files: ``best.pt`` when improved, ``last.pt``, ``metrics.csv``, ``dice.png``, the log line."""
     out_dir = Path(s.run.cfg.output)
     ckpt = make_checkpoint(s.model, s.run, epoch, s.best, s.history)
@@ -548,7 +617,7 @@ def save(s: Session, epoch: int, improved: bool) -> None:
                         out_dir / "last.pt")
         write_metrics(s.history, out_dir / "metrics.csv")
         plot_dice(s.history, out_dir / "dice.png")
-    log_epoch(s.writer, s.history[-1], s.best)
+    log_epoch(s.writer, s.history[-1], s.best, left)
 
 
 def make_training(run: Plan, device: torch.device, amp: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,
@@ -623,8 +692,8 @@ def resume_from(path: Path, model, optimizer, scaler, margs: dict) -> tuple[int,
     return ckpt["epoch"] + 1, {"dice": ckpt["best_dice"], "epoch": ckpt["best_epoch"]}, list(ckpt["history"])
 
 
-def log_epoch(writer: SummaryWriter, row: dict, best: dict) -> None:
-    """One log line and the TensorBoard scalars for an epoch."""
+def log_epoch(writer: SummaryWriter, row: dict, best: dict, left: float | None = None) -> None:
+    """One log line and the TensorBoard scalars for an epoch (with ``left``: the time left of a budget, seconds)."""
     writer.add_scalar("train/loss", row["train_loss"], row["epoch"])
     writer.add_scalar("train/lr", row["lr"], row["epoch"])
     dice = "" if row["val_dice"] is None else f"  val Dice {row['val_dice']:.4f}"
@@ -636,7 +705,9 @@ def log_epoch(writer: SummaryWriter, row: dict, best: dict) -> None:
         writer.add_scalar("val/dice", row["val_dice"], row["epoch"])
     writer.flush()
     best_text = f"best {best['dice']:.4f} (epoch {best['epoch']})" if best["epoch"] else "no validation yet"
-    log.info("epoch %3d  loss %.4f%s  %s  %.1fs", row["epoch"], row["train_loss"], dice, best_text, row["seconds"])
+    left_text = "" if left is None else f"  {int(left) // 60}m{int(left) % 60:02d}s left"
+    log.info("epoch %3d  loss %.4f%s  %s  %.1fs%s", row["epoch"], row["train_loss"], dice, best_text, row["seconds"],
+             left_text)
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
@@ -644,7 +715,11 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p = ArgumentParser(__doc__)
     p.add_argument("--data", default=d.data, help="prepared folder with dataset.json")
     p.add_argument("--output", default=d.output, help="where checkpoints, plots and logs go")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs to train (default: {d.epochs}; with --time-limit, as many as fit)")
+    p.add_argument("--time-limit", type=duration, default=None, metavar="T",
+                   help="train and validate within T (90s, 20m, 2h): the learning rate decays over T, validations "
+                        "take at most a fifth of it, the last epoch is validated")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="volumes per step")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="crops per volume per step")
@@ -685,10 +760,19 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_alias("--roi", "--crop")
     p.add_alias("--channels", "--widths")
     a = p.parse_args(argv)
+    a.epochs = a.epochs or (100_000 if a.time_limit else d.epochs)
     check_ranges(a, p)
     for key in ("crop", "window", "widths", "strides", "regions"):  # the config is frozen: tuples, not lists
         setattr(a, key, tuple(getattr(a, key)) if getattr(a, key) is not None else None)
     return TrainConfig(**vars(a))
+
+
+def duration(text: str) -> float:
+    """``--time-limit`` value: ``90s``, ``20m``, ``2h`` or plain seconds → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text.lower())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 20m or 2h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
 def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
