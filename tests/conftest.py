@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Real datasets beside the checkout (../shared/data); the tests that read them are skipped where it is absent.
+SHARED = ROOT.parent / "shared" / "data"
 
 import preprocess  # noqa: E402
 import train  # noqa: E402

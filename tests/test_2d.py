@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import checksums, restore_prepared_label
+from conftest import SHARED, checksums, restore_prepared_label
 from PIL import Image
 
 import cases
@@ -19,8 +19,6 @@ import train
 from dice import dice_binary
 from model import load_checkpoint
 from readers import as_label_map, read_volume
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _disc_image(rng: np.random.Generator, size=(90, 120)) -> tuple[np.ndarray, np.ndarray]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import checksums, restore_prepared_label
+from conftest import SHARED, checksums, restore_prepared_label
 
 import cases
 import infer
@@ -68,9 +67,6 @@ def test_nrrd_reads_like_the_same_nifti(tmp_path):
     assert a.shape == b.shape == (1, 11, 9, 7)
     assert torch.equal(a.as_tensor().float(), b.as_tensor().float())
     assert torch.allclose(a.affine.double(), b.affine.double(), atol=1e-5)
-
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.mark.skipif(not (SHARED / "tiny").is_dir(), reason="../shared/data/tiny is absent")

@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_NET, checksums
+from conftest import SHARED, TINY_NET, checksums
 from monai.data import MetaTensor
 
 import cases
@@ -22,7 +22,6 @@ import train
 from model import load_checkpoint
 from readers import write_nifti
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 
 
