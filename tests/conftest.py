@@ -19,8 +19,10 @@ import train  # noqa: E402
 
 # 320×320 in-plane so that the downsampling to 256 really happens; depth 8 so that crops are padded.
 SYNTH_SHAPE = ["8", "320", "320"]
-TINY_NET = ["--widths", "4", "8", "16", "--strides", "2", "2", "--num-res-units", "1", "--crop", "8", "64", "64",
-            "--num-samples", "2", "--batch-size", "2", "--device", "cpu"]
+# The tiny network (train.py's arguments): three levels of 4, 8, 16 channels.
+TINY_WIDTHS = ["--widths", "4", "8", "16", "--strides", "2", "2"]
+TINY_NET = [*TINY_WIDTHS, "--num-res-units", "1", "--crop", "8", "64", "64", "--num-samples", "2", "--batch-size", "2",
+            "--device", "cpu"]
 
 
 def checksums(folder: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, checksums, restore_prepared_label
+from conftest import SHARED, TINY_WIDTHS, checksums, restore_prepared_label
 from PIL import Image
 
 import cases
@@ -72,7 +72,7 @@ def test_2d_pipeline_end_to_end(png_raw, tmp_path):
     assert manifest["in_channels"] == 3 and manifest["label_values"] == [0, 1]
     assert all(c["prepared_shape"][0] == 1 for c in manifest["cases"])
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "2", "--device", "cpu",
-                       "--widths", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
+                       *TINY_WIDTHS, "--num-samples", "2"]) == 0
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["model_args"]["kernel_size"] == [1, 3, 3]
     assert ckpt["model_args"]["strides"] == [[1, 2, 2], [1, 2, 2]] and ckpt["model_args"]["in_channels"] == 3
@@ -151,7 +151,7 @@ def test_infer_writes_per_patient_evaluation_for_slices(png_raw, tmp_path):
     prep, out = tmp_path / "prep", tmp_path / "out"
     assert preprocess.main([str(png_raw), str(prep), "--workers", "1"]) == 0
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
-                       "--widths", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
+                       *TINY_WIDTHS, "--num-samples", "2"]) == 0
     images = [png_raw / f"pic{i}.png" for i in range(3)]
     masks = [png_raw / "pic0_mask.png", png_raw / "pic1_mask.bmp", png_raw / "pic2_mask.bmp"]
     assert infer.main([*map(str, images), "--truth", *map(str, masks), "--checkpoint", str(out / "best.pt"),
@@ -193,7 +193,7 @@ def test_stack_slices_rebuilds_one_volume_per_patient_in_slice_order(tmp_path, c
     manifest = json.loads((prep / "dataset.json").read_text())
     assert manifest["stack_slices"] and all(c["prepared_shape"][0] == 12 for c in manifest["cases"])
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
-                       "--widths", "4", "8", "16", "--strides", "2", "2", "--crop", "8", "32", "32"]) == 0
+                       *TINY_WIDTHS, "--crop", "8", "32", "32"]) == 0
     assert load_checkpoint(out / "best.pt")["stack_slices"] is True
     # A patient's folder is one input; its masks folder gives the truth, scored per patient.
     assert infer.main([str(raw / "p1"), "--truth", str(raw / "p1"), "--checkpoint", str(out / "best.pt"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SHARED, checksums, restore_prepared_label
+from conftest import SHARED, TINY_WIDTHS, checksums, restore_prepared_label
 
 import cases
 import infer
@@ -114,5 +114,5 @@ def test_anisotropic_nrrd_round_trip_and_model(tmp_path):
     assert dice_binary(restored[None], label[None] > 0).item() >= 0.98
     out = tmp_path / "out"
     assert train.main(["--data", str(tmp_path / "prep"), "--output", str(out), "--epochs", "1", "--device", "cpu",
-                       "--widths", "4", "8", "16", "--strides", "2", "2", "--crop", "16", "64", "64"]) == 0
+                       *TINY_WIDTHS, "--crop", "16", "64", "64"]) == 0
     assert load_checkpoint(out / "best.pt")["model_args"]["strides"][0] == [1, 2, 2]
