@@ -25,6 +25,17 @@ TINY_NET = [*TINY_WIDTHS, "--num-res-units", "1", "--crop", "8", "64", "64", "--
             "--device", "cpu"]
 
 
+def one_error_line(capsys, *needles: str) -> str:
+    """What a refused input prints: exactly one stderr line, ``error: …`` and no traceback, holding every needle
+    (the file's name, the problem); returns the line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ") and "Traceback" not in err[0], err[0]
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+    return err[0]
+
+
 def checksums(folder: Path) -> dict[str, str]:
     """md5 of every file under ``folder``, by relative path."""
     return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, TINY_WIDTHS, checksums, restore_prepared_label
+from conftest import SHARED, TINY_WIDTHS, checksums, one_error_line, restore_prepared_label
 from PIL import Image
 
 import cases
@@ -206,8 +206,7 @@ def test_stack_slices_rebuilds_one_volume_per_patient_in_slice_order(tmp_path, c
     (raw / "p2" / "p2_7_mask.png").unlink()
     capsys.readouterr()
     assert preprocess.main([str(raw), str(tmp_path / "prep2"), "--stack-slices"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "slice 7 is missing" in err[0] and "p2" in err[0]
+    one_error_line(capsys, "slice 7 is missing", "p2")
 
 
 class _Echo(torch.nn.Module):

@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import SHARED, TINY_NET, checksums
+from conftest import SHARED, TINY_NET, checksums, one_error_line
 from monai.data import MetaTensor
 
 import cases
@@ -114,11 +114,9 @@ def test_a_case_folder_is_one_input(brats_like, tmp_path):
 def test_case_folders_need_channels_named(tmp_path, capsys):
     raw = write_brats_like(tmp_path / "raw")
     assert preprocess.main([str(raw), str(tmp_path / "p")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--modalities" in err[0] and "holds 3 images" in err[0]
+    one_error_line(capsys, "--modalities", "holds 3 images")
     assert preprocess.main([str(raw), str(tmp_path / "p"), "--modalities", "Flair,DWI"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no file for modality 'DWI'" in err[0]
+    one_error_line(capsys, "no file for modality 'DWI'")
     assert not (tmp_path / "p" / "dataset.json").exists()
 
 
@@ -148,8 +146,7 @@ def test_nnunet_channels_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert infer.main([str(raw / "imagesTs" / "pat2_0000.nii.gz"), "--checkpoint", str(out / "best.pt"),
                        "--out", str(tmp_path / "o2"), "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pat2_0001.nii.gz: no such file" in err[0]
+    one_error_line(capsys, "pat2_0001.nii.gz: no such file")
 
 
 def test_layout_can_be_forced(tmp_path, capsys):
@@ -165,7 +162,7 @@ def test_layout_can_be_forced(tmp_path, capsys):
     assert [c.name for c in cases.find_cases(raw, "lgg")[0]] == ["slice_1"]
     assert cases.find_cases(raw, "ph2")[0] == []
     assert preprocess.main([str(raw), str(tmp_path / "p"), "--layout", "msd"]) == 2
-    assert "needs an imagesTr folder" in capsys.readouterr().err
+    one_error_line(capsys, "needs an imagesTr folder")
 
 
 def test_overlay_colours_the_predicted_mask_only(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SYNTH_SHAPE, TINY_NET, checksums
+from conftest import SYNTH_SHAPE, TINY_NET, checksums, one_error_line
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -130,12 +130,6 @@ def test_segmented_size_uses_the_voxel_size():
     assert readers.segmented_size(mask[:, :, :1], np.diag([0.5, 2.0, 3.0, 1.0])) == (pytest.approx(20 * 1.0), "mm²")
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
-    return err[0]
-
-
 def test_image_and_label_geometry_disagree_exit_2(raw_copy, tmp_path, capsys):
     label = nib.load(raw_copy / "synth_002_seg.nii.gz")
     shifted = label.affine.copy()
@@ -143,8 +137,7 @@ def test_image_and_label_geometry_disagree_exit_2(raw_copy, tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj), shifted), raw_copy / "synth_002_seg.nii.gz")
     before = checksums(raw_copy)
     assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 2
-    line = _one_line_error(capsys)
-    assert "synth_002" in line and "affine" in line
+    one_error_line(capsys, "synth_002", "affine")
     assert checksums(raw_copy) == before
     assert not (tmp_path / "prep" / "dataset.json").exists()
 
@@ -153,13 +146,13 @@ def test_image_and_label_shape_disagree_exit_2(raw_copy, tmp_path, capsys):
     label = nib.load(raw_copy / "synth_001_seg.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, :-1], label.affine), raw_copy / "synth_001_seg.nii.gz")
     assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 2
-    assert "synth_001" in _one_line_error(capsys)
+    one_error_line(capsys, "synth_001")
 
 
 def test_label_without_image_is_an_error(raw_copy, tmp_path, capsys):
     (raw_copy / "synth_003.nii.gz").unlink()
     assert preprocess.main([str(raw_copy), str(tmp_path / "prep")]) == 2
-    assert "synth_003_seg.nii.gz" in _one_line_error(capsys)
+    one_error_line(capsys, "synth_003_seg.nii.gz")
 
 
 def test_msd_layout_is_found(raw_dir, tmp_path):
@@ -177,11 +170,11 @@ def test_msd_layout_is_found(raw_dir, tmp_path):
 
 def test_missing_input_and_bad_checkpoint_exit_2(trained, raw_dir, tmp_path, capsys):
     assert infer.main([str(tmp_path / "nope.nii.gz"), "--checkpoint", str(trained / "best.pt")]) == 2
-    assert "nope.nii.gz" in _one_line_error(capsys)
+    one_error_line(capsys, "nope.nii.gz")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
     assert infer.main([str(raw_dir / "synth_000.nii.gz"), "--checkpoint", str(bad), "--out", str(tmp_path)]) == 2
-    assert "bad.pt" in _one_line_error(capsys)
+    one_error_line(capsys, "bad.pt")
     assert not list(tmp_path.glob("*_mask.nii.gz"))
 
 
@@ -191,18 +184,18 @@ def test_nan_image_exit_2(raw_copy, tmp_path, capsys):
     data[0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(data, image.affine), raw_copy / "synth_000.nii.gz")
     assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 2
-    assert "synth_000.nii.gz" in _one_line_error(capsys)
+    one_error_line(capsys, "synth_000.nii.gz")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 def test_cuda_without_gpu_exit_2(prep_dir, tmp_path, capsys):
     assert train.main(["--data", str(prep_dir), "--output", str(tmp_path), "--device", "cuda", "--epochs", "1"]) == 2
-    assert "cuda" in _one_line_error(capsys).lower()
+    assert "cuda" in one_error_line(capsys).lower()
 
 
 def test_missing_manifest_exit_2(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path), "--output", str(tmp_path / "o"), "--epochs", "1"]) == 2
-    assert "dataset.json" in _one_line_error(capsys)
+    one_error_line(capsys, "dataset.json")
 
 
 def test_modality_detection_uses_air_not_outliers():
