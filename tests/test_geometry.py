@@ -40,7 +40,9 @@ def test_round_trip_returns_the_label_on_the_original_grid(tmp_path):
     params = PrepParams(modality="ct")
     raw = {"image": read_volume(tmp_path / "ct.nii.gz"), "label": read_volume(tmp_path / "ct_seg.nii.gz")}
     both = prepare_transforms(params, with_label=True)(raw)
-    assert both["image"].shape[2:] == (256, 256 * 360 // 400 + 0) or max(both["image"].shape[2:]) <= 256
+    # 400×360 in-plane scaled by 256/400 to 256×230, then cropped to the body's box (its 340×260 ellipse, 218×166
+    # once scaled) with a margin; the 20 slices kept
+    assert both["image"].shape == both["label"].shape == (1, 20, 225, 173)
     # infer's own path: re-run the image chain, then push the prepared label back through its inverse
     chain = prepare_transforms(params, with_label=False)
     image = chain({"image": read_volume(tmp_path / "ct.nii.gz")})["image"]
