@@ -22,6 +22,7 @@ import preprocess
 import readers
 import train
 from cases import MANIFEST_VERSION
+from dice import dice_binary
 from model import load_checkpoint
 from readers import read_volume
 
@@ -75,7 +76,10 @@ def test_training_writes_checkpoints_plot_metrics_and_tensorboard(trained):
     rows = list(csv.DictReader((trained / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     dices = [float(r["val_dice"]) for r in rows]
-    assert all(0.0 <= d <= 1.0 for d in dices)
+    for row in rows:  # one foreground label: the mean Dice is label 1's
+        label, dice = row["val_dice_per_label"].split(":")
+        assert label == "1" and float(dice) == pytest.approx(float(row["val_dice"]), abs=5e-5)
+    assert [h["val_dice"] for h in last["history"]] == pytest.approx(dices, abs=1e-6)
     assert best["best_dice"] == pytest.approx(max(dices), abs=1e-6) and best["epoch"] == best["best_epoch"]
     assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # cosine decay
     picture = imread(trained / "dice.png")
@@ -278,7 +282,11 @@ def test_evaluation_csv_against_true_masks(trained, raw_dir, tmp_path):
         label = nib.load(truth)
         voxel_ml = abs(np.linalg.det(label.affine[:3, :3])) / 1000
         assert float(row["true_ml_1"]) == pytest.approx(np.asarray(label.dataobj).sum() * voxel_ml, rel=1e-4)
-        assert 0.0 <= float(row["dice_1"]) <= 1.0 and 0.0 <= float(row["iou_1"]) <= float(row["dice_1"]) + 1e-9
+        # the scores are those of the written mask against the truth
+        mask = np.asarray(nib.load(tmp_path / f"{row['case']}_mask.nii.gz").dataobj) > 0
+        dice = dice_binary(mask[None, None], np.asarray(label.dataobj)[None, None] > 0).item()
+        assert float(row["dice_1"]) == pytest.approx(dice, rel=1e-5, abs=1e-6)
+        assert float(row["iou_1"]) == pytest.approx(dice / (2 - dice), rel=1e-5, abs=1e-6)
     assert float(rows[2]["dice_1"]) == pytest.approx((float(rows[0]["dice_1"]) + float(rows[1]["dice_1"])) / 2,
                                                      abs=1e-5)
 
@@ -304,7 +312,7 @@ def test_device_cache_path_draws_the_same_crops(prep_dir, tmp_path, monkeypatch)
     """The GPU recipe (volumes moved to the device at the end of the cached prefix, ThreadDataLoader) exercised
     with the CPU as the device: same crops, same losses as the host path."""
     argv = ["--data", str(prep_dir), "--epochs", "2", *TINY_NET]
-    train.main([*argv, "--output", str(tmp_path / "host")])
+    assert train.main([*argv, "--output", str(tmp_path / "host")]) == 0
     calls = []
 
     def on_cpu(device, cases, in_channels, cache_rate):
@@ -313,7 +321,7 @@ def test_device_cache_path_draws_the_same_crops(prep_dir, tmp_path, monkeypatch)
 
     monkeypatch.setattr(train, "cache_device", on_cpu)
     assert isinstance(train.make_loader([0], 1, 0, torch.device("cpu"), torch.device("cpu")), train.ThreadDataLoader)
-    train.main([*argv, "--output", str(tmp_path / "device")])
+    assert train.main([*argv, "--output", str(tmp_path / "device")]) == 0
     assert calls == [4]
     host, device = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("host", "device"))
     assert [r["train_loss"] for r in host] == [r["train_loss"] for r in device]
