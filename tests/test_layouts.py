@@ -73,14 +73,18 @@ def test_case_folders_take_their_channels_labels_and_split(brats_like):
     assert prepared.shape[-1] == 2 and not np.allclose(prepared[..., 0], prepared[..., 1])
 
 
-def test_regions_are_scored_in_training_and_kept_in_the_checkpoint(brats_like):
-    _, _, out = brats_like
+def test_regions_are_scored_in_training_and_kept_in_the_checkpoint(brats_like, tmp_path):
+    _, prep, out = brats_like
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert rows[-1]["val_dice_regions"].startswith("WT:")
-    wt = float(rows[-1]["val_dice_regions"].split(":")[1])
-    assert 0.0 <= wt <= 1.0
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["regions"] == {"WT": [1, 2]} and ckpt["channels"] == ["Flair", "T1c"]
+    # the best epoch's region Dice is the one an evaluation of its checkpoint reports on the validation case
+    wt = float(rows[ckpt["epoch"] - 1]["val_dice_regions"].split(":")[1])
+    assert infer.main(["--evaluate", str(prep), "--split", "val", "--checkpoint", str(out / "best.pt"),
+                       "--out", str(tmp_path), "--device", "cpu"]) == 0
+    (case, *_) = csv.DictReader((tmp_path / "evaluation.csv").open())
+    assert case["case"] == "case2" and float(case["dice_WT"]) == pytest.approx(wt, abs=5e-5)
 
 
 def test_evaluate_the_test_split_with_regions_and_overlays(brats_like, tmp_path):
