@@ -11,14 +11,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Real datasets beside the checkout (../shared/data); the tests that read them are skipped where it is absent.
+SHARED = ROOT.parent / "shared" / "data"
 
 import preprocess  # noqa: E402
 import train  # noqa: E402
 
 # 320×320 in-plane so that the downsampling to 256 really happens; depth 8 so that crops are padded.
 SYNTH_SHAPE = ["8", "320", "320"]
-TINY_NET = ["--widths", "4", "8", "16", "--strides", "2", "2", "--num-res-units", "1", "--crop", "8", "64", "64",
-            "--num-samples", "2", "--batch-size", "2", "--device", "cpu"]
+# The tiny network (train.py's arguments): three levels of 4, 8, 16 channels.
+TINY_WIDTHS = ["--widths", "4", "8", "16", "--strides", "2", "2"]
+TINY_NET = [*TINY_WIDTHS, "--num-res-units", "1", "--crop", "8", "64", "64", "--num-samples", "2", "--batch-size", "2",
+            "--device", "cpu"]
+
+
+def one_error_line(capsys, *needles: str) -> str:
+    """What a refused input prints: exactly one stderr line, ``error: …`` and no traceback, holding every needle
+    (the file's name, the problem); returns the line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ") and "Traceback" not in err[0], err[0]
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+    return err[0]
 
 
 def checksums(folder: Path) -> dict[str, str]:

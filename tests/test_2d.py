@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import checksums, restore_prepared_label
+from conftest import SHARED, TINY_WIDTHS, checksums, one_error_line, restore_prepared_label
 from PIL import Image
 
 import cases
@@ -19,8 +19,6 @@ import train
 from dice import dice_binary
 from model import load_checkpoint
 from readers import as_label_map, read_volume
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _disc_image(rng: np.random.Generator, size=(90, 120)) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +72,7 @@ def test_2d_pipeline_end_to_end(png_raw, tmp_path):
     assert manifest["in_channels"] == 3 and manifest["label_values"] == [0, 1]
     assert all(c["prepared_shape"][0] == 1 for c in manifest["cases"])
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "2", "--device", "cpu",
-                       "--widths", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
+                       *TINY_WIDTHS, "--num-samples", "2"]) == 0
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["model_args"]["kernel_size"] == [1, 3, 3]
     assert ckpt["model_args"]["strides"] == [[1, 2, 2], [1, 2, 2]] and ckpt["model_args"]["in_channels"] == 3
@@ -153,14 +151,18 @@ def test_infer_writes_per_patient_evaluation_for_slices(png_raw, tmp_path):
     prep, out = tmp_path / "prep", tmp_path / "out"
     assert preprocess.main([str(png_raw), str(prep), "--workers", "1"]) == 0
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
-                       "--widths", "4", "8", "16", "--strides", "2", "2", "--num-samples", "2"]) == 0
+                       *TINY_WIDTHS, "--num-samples", "2"]) == 0
     images = [png_raw / f"pic{i}.png" for i in range(3)]
     masks = [png_raw / "pic0_mask.png", png_raw / "pic1_mask.bmp", png_raw / "pic2_mask.bmp"]
     assert infer.main([*map(str, images), "--truth", *map(str, masks), "--checkpoint", str(out / "best.pt"),
                        "--out", str(out / "eval")]) == 0
     rows = (out / "eval" / "evaluation_patients.csv").read_text().splitlines()
     assert rows[0] == "case,slices,dice_1" and rows[1].startswith(f"{png_raw.name},3,")
-    assert 0.0 <= float(rows[1].split(",")[2]) <= 1.0
+    # the patient's Dice is that of its three written masks stacked against its three true masks
+    pred = np.concatenate([np.asarray(nib.load(out / "eval" / f"pic{i}_mask.nii.gz").dataobj) for i in range(3)], 2)
+    truth = np.concatenate([as_label_map(read_volume(m), m)[0].numpy() for m in masks], 2)
+    pooled = dice_binary(pred[None, None] > 0, truth[None, None] > 0).item()
+    assert float(rows[1].split(",")[2]) == pytest.approx(pooled, rel=1e-5, abs=1e-6)
     assert "true_mm2_1" in (out / "eval" / "evaluation.csv").read_text().splitlines()[0]
 
 
@@ -195,7 +197,7 @@ def test_stack_slices_rebuilds_one_volume_per_patient_in_slice_order(tmp_path, c
     manifest = json.loads((prep / "dataset.json").read_text())
     assert manifest["stack_slices"] and all(c["prepared_shape"][0] == 12 for c in manifest["cases"])
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
-                       "--widths", "4", "8", "16", "--strides", "2", "2", "--crop", "8", "32", "32"]) == 0
+                       *TINY_WIDTHS, "--crop", "8", "32", "32"]) == 0
     assert load_checkpoint(out / "best.pt")["stack_slices"] is True
     # A patient's folder is one input; its masks folder gives the truth, scored per patient.
     assert infer.main([str(raw / "p1"), "--truth", str(raw / "p1"), "--checkpoint", str(out / "best.pt"),
@@ -208,8 +210,7 @@ def test_stack_slices_rebuilds_one_volume_per_patient_in_slice_order(tmp_path, c
     (raw / "p2" / "p2_7_mask.png").unlink()
     capsys.readouterr()
     assert preprocess.main([str(raw), str(tmp_path / "prep2"), "--stack-slices"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "slice 7 is missing" in err[0] and "p2" in err[0]
+    one_error_line(capsys, "slice 7 is missing", "p2")
 
 
 class _Echo(torch.nn.Module):

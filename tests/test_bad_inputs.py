@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_NET, checksums
+from conftest import ROOT, TINY_NET, checksums, one_error_line
 
 import infer
 import preprocess
@@ -170,15 +170,6 @@ PREPROCESS_CASES: dict[str, tuple[Callable[[Path], str], list[str]]] = {
 }
 
 
-def _assert_one_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: ") and "Traceback" not in err[0]
-    for needle in needles:
-        assert needle in err[0], (needle, err[0])
-    return err[0]
-
-
 def _no_partial_files(folder: Path) -> None:
     assert not [p for p in folder.rglob("*") if ".partial" in p.name]
 
@@ -191,7 +182,7 @@ def test_preprocess_refuses(case, small_raw, tmp_path, capsys):
     needle = breaker(raw)
     before = checksums(raw)
     assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1", *args]) == 2
-    _assert_one_line(capsys, needle)
+    one_error_line(capsys, needle)
     assert checksums(raw) == before
     assert not (tmp_path / "prep" / "dataset.json").exists()
     if (tmp_path / "prep").exists():
@@ -204,12 +195,12 @@ def test_preprocess_refuses_unreadable(small_raw, tmp_path, capsys):
     shutil.copytree(small_raw, raw)
     _unreadable(raw)
     assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1"]) == 2
-    _assert_one_line(capsys, "synth_001.nii.gz", "permission denied")
+    one_error_line(capsys, "synth_001.nii.gz", "permission denied")
 
 
 def test_missing_input_folder(tmp_path, capsys):
     assert preprocess.main([str(tmp_path / "nowhere"), str(tmp_path / "prep")]) == 2
-    _assert_one_line(capsys, "nowhere")
+    one_error_line(capsys, "nowhere")
 
 
 def test_skip_bad_skips_one_bad_case_and_lists_it(small_raw, tmp_path, capsys):
@@ -265,7 +256,7 @@ def test_infer_refuses_bad_checkpoints(variant, trained, small_raw, tmp_path, ca
     before = checksums(tmp_path)
     out = tmp_path / "out"
     assert infer.main([str(small_raw / "synth_000.nii.gz"), "--checkpoint", str(ckpt), "--out", str(out)]) == 2
-    _assert_one_line(capsys, "ckpt.pt")
+    one_error_line(capsys, "ckpt.pt")
     assert not (tmp_path / "pwned").exists()
     assert checksums(tmp_path) == before  # nothing written, the checkpoint untouched
 
@@ -294,7 +285,7 @@ def test_infer_refuses_bad_inputs(name, trained, small_raw, tmp_path, capsys):
     before = checksums(tmp_path)
     out = tmp_path / "out"
     assert infer.main([str(path), "--checkpoint", str(trained / "best.pt"), "--out", str(out)]) == 2
-    _assert_one_line(capsys, needle)
+    one_error_line(capsys, needle)
     assert checksums(tmp_path) == before
     assert not out.exists() or not list(out.iterdir())
 
@@ -303,7 +294,7 @@ def test_infer_never_overwrites_without_asking(trained, small_raw, tmp_path, cap
     args = [str(small_raw / "synth_000.nii.gz"), "--checkpoint", str(trained / "best.pt"), "--out", str(tmp_path)]
     (tmp_path / "synth_000_mask.nii.gz").write_bytes(b"mine")
     assert infer.main(args) == 2
-    _assert_one_line(capsys, "synth_000_mask.nii.gz", "--overwrite")
+    one_error_line(capsys, "synth_000_mask.nii.gz", "--overwrite")
     assert (tmp_path / "synth_000_mask.nii.gz").read_bytes() == b"mine"
     assert infer.main([*args, "--overwrite"]) == 0
     assert nib.load(tmp_path / "synth_000_mask.nii.gz").shape == (48, 48, 6)
@@ -344,7 +335,7 @@ def test_train_refuses_bad_manifests(name, prep_dir, tmp_path, capsys):
     data, needle = _manifest_variant(prep_dir, tmp_path, name)
     before = checksums(data)
     assert train.main(["--data", str(data), "--output", str(tmp_path / "out"), "--epochs", "1", *TINY_NET]) == 2
-    _assert_one_line(capsys, needle)
+    one_error_line(capsys, needle)
     assert checksums(data) == before
     assert not (tmp_path / "out" / "last.pt").exists()
 
@@ -357,18 +348,18 @@ ABSURD = [["--epochs", "0"], ["--epochs", "-5"], ["--epochs", "100000000"], ["--
 def test_train_refuses_absurd_arguments(args, prep_dir, tmp_path, capsys):
     # the last occurrence of an option wins, so args override TINY_NET's
     assert train.main(["--data", str(prep_dir), "--output", str(tmp_path / "out"), *TINY_NET, *args]) == 2
-    _assert_one_line(capsys, args[0])
+    one_error_line(capsys, args[0])
     assert not (tmp_path / "out").exists()
 
 
 def test_resume_needs_a_matching_last_checkpoint(trained, prep_dir, tmp_path, capsys):
     base = ["--data", str(prep_dir), "--output", str(tmp_path), "--epochs", "3", "--resume"]
     assert train.main([*base, *TINY_NET]) == 2
-    _assert_one_line(capsys, "last.pt", "not found")
+    one_error_line(capsys, "last.pt", "not found")
     shutil.copy(trained / "last.pt", tmp_path / "last.pt")
     wider = [a if a != "4" else "6" for a in TINY_NET]  # channels 6 8 16: another model
     assert train.main([*base, *wider]) == 2
-    _assert_one_line(capsys, "last.pt", "was trained with model")
+    one_error_line(capsys, "last.pt", "was trained with model")
 
 
 @pytest.mark.parametrize("case", ["truncated nii.gz", "corrupt NRRD", "affines differ"])
@@ -393,12 +384,12 @@ def test_permission_denied_is_reported_even_as_root(small_raw, tmp_path, capsys,
     real_access = os.access
     monkeypatch.setattr(readers.os, "access", lambda p, mode: Path(p) != denied and real_access(p, mode))
     assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1"]) == 2
-    _assert_one_line(capsys, "synth_001.nii.gz", "permission denied")
+    one_error_line(capsys, "synth_001.nii.gz", "permission denied")
 
 
 def test_evaluation_needs_one_mask_per_input(trained, small_raw, tmp_path, capsys):
     args = [str(small_raw / "synth_000.nii.gz"), str(small_raw / "synth_001.nii.gz"), "--truth",
             str(small_raw / "synth_000_seg.nii.gz"), "--checkpoint", str(trained / "best.pt"), "--out", str(tmp_path)]
     assert infer.main(args) == 2
-    _assert_one_line(capsys, "--truth")
+    one_error_line(capsys, "--truth")
     assert not list(tmp_path.iterdir())

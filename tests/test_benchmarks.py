@@ -3,8 +3,10 @@ Timings are never asserted (benchmarks/ prints them; the README's Performance se
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,30 +18,74 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_infer  # noqa: E402
 import bench_train  # noqa: E402
 
+import infer  # noqa: E402
 
-def test_bench_infer_smoke(prep_dir, trained, tmp_path):
+NUMBER = r"(-?[\d.]+)"
+
+
+def printed(text: str, pattern: str) -> list[float]:
+    """The numbers of the one printed line that ``pattern`` (``NUMBER`` for each) matches."""
+    found = re.findall(pattern, text)
+    assert len(found) == 1, (pattern, text)
+    return [float(v) for v in (found[0] if isinstance(found[0], tuple) else [found[0]])]
+
+
+def assert_infer_summary_printed(summary: dict, text: str) -> None:
+    """bench_infer's JSON says what its last line printed (to the printed precision)."""
+    line = printed(text, rf"total over {summary['cases']} cases: plain {NUMBER} s, ours {NUMBER} s, {NUMBER}× faster; "
+                         rf"mean Dice vs truth plain {NUMBER}, ours {NUMBER} .*; masks agree {NUMBER}")
+    keys = ["plain_s", "ours_s", "speedup", "plain_dice", "ours_dice", "agreement"]
+    decimals = [2, 2, 1, 4, 4, 4]
+    assert line == [round(summary[k], d) for k, d in zip(keys, decimals)]
+    # the speedup is the ratio of the two totals
+    assert summary["speedup"] == pytest.approx(summary["plain_s"] / summary["ours_s"])
+
+
+def test_bench_infer_smoke(prep_dir, trained, tmp_path, capsys):
     """The benchmark runs end to end on one case and reports both paths (a smoke run; timings are not asserted)."""
     out = tmp_path / "summary.json"
     assert bench_infer.main(["--prep", str(prep_dir), "--checkpoint", str(trained / "best.pt"), "--cases", "1",
                              "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
-    assert summary["cases"] == 1 and summary["plain_s"] > 0 and summary["ours_s"] > 0
-    assert 0.0 <= summary["agreement"] <= 1.0 and 0.0 <= summary["ours_dice"] <= 1.0
+    assert summary["cases"] == 1
+    assert_infer_summary_printed(summary, capsys.readouterr().out)
     # same window as the plain call (instance norm, padded alike on volumes smaller than it): the masks agree
     assert summary["agreement"] > 0.99 or summary["plain_dice"] == summary["ours_dice"] == 0.0
+    # "ours" is infer.py's path: infer.py scores the same Dice on that case
+    (case,) = [c for c in json.loads((prep_dir / "dataset.json").read_text())["cases"] if c["split"] == "val"]
+    assert infer.main([case["image"], "--truth", case["label"], "--checkpoint", str(trained / "best.pt"),
+                       "--out", str(tmp_path / "infer"), "--device", "cpu"]) == 0
+    (row, *_) = csv.DictReader((tmp_path / "infer" / "evaluation.csv").open())
+    assert float(row["dice_1"]) == pytest.approx(summary["ours_dice"], rel=1e-5, abs=1e-6)
 
 
-def test_bench_train_smoke(prep_dir, tmp_path):
+def test_bench_train_smoke(prep_dir, trained, tmp_path, capsys):
     """Both loops start from the same weights and draw the same crops: on the CPU in fp32 their first epoch's
     loss is the same (up to the rounding of channels-last kernels), so the timings compare like with like."""
     out = tmp_path / "summary.json"
-    assert bench_train.main(["--epochs", "2", "--json", str(out), "--", "--data", str(prep_dir), *TINY_NET]) == 0
+    # train.py's arguments of the ``trained`` run: "ours" is train.py's loop, so it reaches that run's numbers
+    assert bench_train.main(["--epochs", "2", "--json", str(out), "--", "--data", str(prep_dir), "--epochs", "2",
+                             *TINY_NET]) == 0
     summary = json.loads(out.read_text())
     assert summary["epochs"] == 2 and len(summary["plain_losses"]) == len(summary["ours_losses"]) == 2
     assert summary["plain_losses"][0] == pytest.approx(summary["ours_losses"][0], rel=1e-4)
-    assert summary["plain_epoch_s"] > 0 and summary["ours_epoch_s"] > 0 and summary["speedup"] > 0
-    assert 0.0 <= summary["plain_val_dice"] <= 1.0 and 0.0 <= summary["ours_val_dice"] <= 1.0
-    assert summary["ours_peak_rss_mb"] > 0 and summary["ours_cache_mb"] >= 0
+    assert summary["device"] == "cpu" and summary["window"] == [8, 64, 64]  # TINY_NET's crop
+    rows = list(csv.DictReader((trained / "metrics.csv").open()))
+    assert summary["ours_losses"] == pytest.approx([float(r["train_loss"]) for r in rows], abs=1e-6)
+    assert summary["ours_val_dice"] == pytest.approx(float(rows[-1]["val_dice"]), abs=1e-6)
+    # the JSON says what was printed (to the printed precision); the speedup is the ratio of the medians
+    text = capsys.readouterr().out
+    for epoch in (1, 2):
+        for way in ("plain", "ours"):
+            (loss,) = printed(text, rf"epoch {epoch} +{way}: +[\d.]+ s, loss {NUMBER}")
+            assert loss == round(summary[f"{way}_losses"][epoch - 1], 4)
+    assert printed(text, rf"median epoch: plain {NUMBER} s, ours {NUMBER} s, {NUMBER}× faster") == [
+        round(summary["plain_epoch_s"], 2), round(summary["ours_epoch_s"], 2), round(summary["speedup"], 2)]
+    assert summary["speedup"] == pytest.approx(summary["plain_epoch_s"] / summary["ours_epoch_s"])
+    assert printed(text, rf"validation after 2 epochs: plain Dice {NUMBER} in [\d.]+ s .*, ours {NUMBER} in") == [
+        round(summary["plain_val_dice"], 4), round(summary["ours_val_dice"], 4)]
+    assert printed(text, rf"peak RSS while running: plain {NUMBER} MB, ours {NUMBER} MB") == [
+        round(summary["plain_peak_rss_mb"]), round(summary["ours_peak_rss_mb"])]
 
 
 def test_gpu_script_smoke(tmp_path):
@@ -55,6 +101,10 @@ def test_gpu_script_smoke(tmp_path):
     train_summary = json.loads((out / "bench_train.json").read_text())
     infer_summary = json.loads((out / "bench_infer.json").read_text())
     assert train_summary["device"] == "cpu" and train_summary["window"] == [8, 64, 64]  # NET's crop
-    assert infer_summary["cases"] >= 1 and infer_summary["ours_s"] > 0
+    assert train_summary["epochs"] == 1  # BENCH_EPOCHS
+    # every labelled validation case of the data it made, and the summary it printed
+    manifest = json.loads((tmp_path / "data" / "prep" / "dataset.json").read_text())
+    assert infer_summary["cases"] == sum(c["split"] == "val" for c in manifest["cases"]) >= 1
+    assert_infer_summary_printed(infer_summary, (out / "bench_infer.txt").read_text())
     assert (out / "train" / "best.pt").is_file() and not (out / "train" / "last.pt").exists()
     assert "no GPU" in (out / "machine.txt").read_text()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import restore_prepared_label
+from conftest import one_error_line, restore_prepared_label
 
 import infer
 import preprocess
@@ -104,8 +104,7 @@ def test_bad_series_are_refused(breaker, dicom_raw, tmp_path, capsys):
     shutil.copytree(dicom_raw, raw)
     needle = breaker(raw)
     assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0] and "case0" in err[0], err
+    one_error_line(capsys, needle, "case0")
     assert not (tmp_path / "prep" / "dataset.json").exists()
 
 

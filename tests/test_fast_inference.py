@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_WIDTHS
 from monai.inferers import sliding_window_inference
 
 import model
@@ -103,7 +104,7 @@ def test_a_batch_norm_model_infers_whole_volumes_an_instance_norm_model_its_crop
     """Batch norm is window-independent: its checkpoint records a window covering the largest prepared volume.
     Instance norm normalizes over the window, so its window stays the training crop."""
     shapes = np.array([c["prepared_shape"] for c in json.loads((prep_dir / "dataset.json").read_text())["cases"]])
-    net = ["--widths", "4", "8", "16", "--strides", "2", "2", "--num-res-units", "0", "--crop", "8", "32", "32"]
+    net = [*TINY_WIDTHS, "--num-res-units", "0", "--crop", "8", "32", "32"]
     for norm in ("batch", "instance"):
         out = tmp_path / norm
         assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "1", "--device", "cpu",

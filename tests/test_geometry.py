@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import checksums, restore_prepared_label
+from conftest import SHARED, TINY_WIDTHS, checksums, restore_prepared_label
 
 import cases
 import infer
@@ -41,7 +40,9 @@ def test_round_trip_returns_the_label_on_the_original_grid(tmp_path):
     params = PrepParams(modality="ct")
     raw = {"image": read_volume(tmp_path / "ct.nii.gz"), "label": read_volume(tmp_path / "ct_seg.nii.gz")}
     both = prepare_transforms(params, with_label=True)(raw)
-    assert both["image"].shape[2:] == (256, 256 * 360 // 400 + 0) or max(both["image"].shape[2:]) <= 256
+    # 400×360 in-plane scaled by 256/400 to 256×230, then cropped to the body's box (its 340×260 ellipse, 218×166
+    # once scaled) with a margin; the 20 slices kept
+    assert both["image"].shape == both["label"].shape == (1, 20, 225, 173)
     # infer's own path: re-run the image chain, then push the prepared label back through its inverse
     chain = prepare_transforms(params, with_label=False)
     image = chain({"image": read_volume(tmp_path / "ct.nii.gz")})["image"]
@@ -68,9 +69,6 @@ def test_nrrd_reads_like_the_same_nifti(tmp_path):
     assert a.shape == b.shape == (1, 11, 9, 7)
     assert torch.equal(a.as_tensor().float(), b.as_tensor().float())
     assert torch.allclose(a.affine.double(), b.affine.double(), atol=1e-5)
-
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.mark.skipif(not (SHARED / "tiny").is_dir(), reason="../shared/data/tiny is absent")
@@ -118,5 +116,5 @@ def test_anisotropic_nrrd_round_trip_and_model(tmp_path):
     assert dice_binary(restored[None], label[None] > 0).item() >= 0.98
     out = tmp_path / "out"
     assert train.main(["--data", str(tmp_path / "prep"), "--output", str(out), "--epochs", "1", "--device", "cpu",
-                       "--widths", "4", "8", "16", "--strides", "2", "2", "--crop", "16", "64", "64"]) == 0
+                       *TINY_WIDTHS, "--crop", "16", "64", "64"]) == 0
     assert load_checkpoint(out / "best.pt")["model_args"]["strides"][0] == [1, 2, 2]

@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_NET, checksums
+from conftest import SHARED, TINY_NET, checksums, one_error_line
 from monai.data import MetaTensor
 
 import cases
@@ -22,7 +22,6 @@ import train
 from model import load_checkpoint
 from readers import write_nifti
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 
 
@@ -74,14 +73,18 @@ def test_case_folders_take_their_channels_labels_and_split(brats_like):
     assert prepared.shape[-1] == 2 and not np.allclose(prepared[..., 0], prepared[..., 1])
 
 
-def test_regions_are_scored_in_training_and_kept_in_the_checkpoint(brats_like):
-    _, _, out = brats_like
+def test_regions_are_scored_in_training_and_kept_in_the_checkpoint(brats_like, tmp_path):
+    _, prep, out = brats_like
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert rows[-1]["val_dice_regions"].startswith("WT:")
-    wt = float(rows[-1]["val_dice_regions"].split(":")[1])
-    assert 0.0 <= wt <= 1.0
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["regions"] == {"WT": [1, 2]} and ckpt["channels"] == ["Flair", "T1c"]
+    # the best epoch's region Dice is the one an evaluation of its checkpoint reports on the validation case
+    wt = float(rows[ckpt["epoch"] - 1]["val_dice_regions"].split(":")[1])
+    assert infer.main(["--evaluate", str(prep), "--split", "val", "--checkpoint", str(out / "best.pt"),
+                       "--out", str(tmp_path), "--device", "cpu"]) == 0
+    (case, *_) = csv.DictReader((tmp_path / "evaluation.csv").open())
+    assert case["case"] == "case2" and float(case["dice_WT"]) == pytest.approx(wt, abs=5e-5)
 
 
 def test_evaluate_the_test_split_with_regions_and_overlays(brats_like, tmp_path):
@@ -115,11 +118,9 @@ def test_a_case_folder_is_one_input(brats_like, tmp_path):
 def test_case_folders_need_channels_named(tmp_path, capsys):
     raw = write_brats_like(tmp_path / "raw")
     assert preprocess.main([str(raw), str(tmp_path / "p")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--modalities" in err[0] and "holds 3 images" in err[0]
+    one_error_line(capsys, "--modalities", "holds 3 images")
     assert preprocess.main([str(raw), str(tmp_path / "p"), "--modalities", "Flair,DWI"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no file for modality 'DWI'" in err[0]
+    one_error_line(capsys, "no file for modality 'DWI'")
     assert not (tmp_path / "p" / "dataset.json").exists()
 
 
@@ -149,8 +150,7 @@ def test_nnunet_channels_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert infer.main([str(raw / "imagesTs" / "pat2_0000.nii.gz"), "--checkpoint", str(out / "best.pt"),
                        "--out", str(tmp_path / "o2"), "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pat2_0001.nii.gz: no such file" in err[0]
+    one_error_line(capsys, "pat2_0001.nii.gz: no such file")
 
 
 def test_layout_can_be_forced(tmp_path, capsys):
@@ -166,7 +166,7 @@ def test_layout_can_be_forced(tmp_path, capsys):
     assert [c.name for c in cases.find_cases(raw, "lgg")[0]] == ["slice_1"]
     assert cases.find_cases(raw, "ph2")[0] == []
     assert preprocess.main([str(raw), str(tmp_path / "p"), "--layout", "msd"]) == 2
-    assert "needs an imagesTr folder" in capsys.readouterr().err
+    one_error_line(capsys, "needs an imagesTr folder")
 
 
 def test_overlay_colours_the_predicted_mask_only(tmp_path):

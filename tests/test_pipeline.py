@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SYNTH_SHAPE, TINY_NET, checksums
+from conftest import SYNTH_SHAPE, TINY_NET, checksums, one_error_line
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -22,6 +22,7 @@ import preprocess
 import readers
 import train
 from cases import MANIFEST_VERSION
+from dice import dice_binary
 from model import load_checkpoint
 from readers import read_volume
 
@@ -75,7 +76,10 @@ def test_training_writes_checkpoints_plot_metrics_and_tensorboard(trained):
     rows = list(csv.DictReader((trained / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     dices = [float(r["val_dice"]) for r in rows]
-    assert all(0.0 <= d <= 1.0 for d in dices)
+    for row in rows:  # one foreground label: the mean Dice is label 1's
+        label, dice = row["val_dice_per_label"].split(":")
+        assert label == "1" and float(dice) == pytest.approx(float(row["val_dice"]), abs=5e-5)
+    assert [h["val_dice"] for h in last["history"]] == pytest.approx(dices, abs=1e-6)
     assert best["best_dice"] == pytest.approx(max(dices), abs=1e-6) and best["epoch"] == best["best_epoch"]
     assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # cosine decay
     picture = imread(trained / "dice.png")
@@ -130,12 +134,6 @@ def test_segmented_size_uses_the_voxel_size():
     assert readers.segmented_size(mask[:, :, :1], np.diag([0.5, 2.0, 3.0, 1.0])) == (pytest.approx(20 * 1.0), "mm²")
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
-    return err[0]
-
-
 def test_image_and_label_geometry_disagree_exit_2(raw_copy, tmp_path, capsys):
     label = nib.load(raw_copy / "synth_002_seg.nii.gz")
     shifted = label.affine.copy()
@@ -143,8 +141,7 @@ def test_image_and_label_geometry_disagree_exit_2(raw_copy, tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj), shifted), raw_copy / "synth_002_seg.nii.gz")
     before = checksums(raw_copy)
     assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 2
-    line = _one_line_error(capsys)
-    assert "synth_002" in line and "affine" in line
+    one_error_line(capsys, "synth_002", "affine")
     assert checksums(raw_copy) == before
     assert not (tmp_path / "prep" / "dataset.json").exists()
 
@@ -153,13 +150,13 @@ def test_image_and_label_shape_disagree_exit_2(raw_copy, tmp_path, capsys):
     label = nib.load(raw_copy / "synth_001_seg.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, :-1], label.affine), raw_copy / "synth_001_seg.nii.gz")
     assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 2
-    assert "synth_001" in _one_line_error(capsys)
+    one_error_line(capsys, "synth_001")
 
 
 def test_label_without_image_is_an_error(raw_copy, tmp_path, capsys):
     (raw_copy / "synth_003.nii.gz").unlink()
     assert preprocess.main([str(raw_copy), str(tmp_path / "prep")]) == 2
-    assert "synth_003_seg.nii.gz" in _one_line_error(capsys)
+    one_error_line(capsys, "synth_003_seg.nii.gz")
 
 
 def test_msd_layout_is_found(raw_dir, tmp_path):
@@ -177,11 +174,11 @@ def test_msd_layout_is_found(raw_dir, tmp_path):
 
 def test_missing_input_and_bad_checkpoint_exit_2(trained, raw_dir, tmp_path, capsys):
     assert infer.main([str(tmp_path / "nope.nii.gz"), "--checkpoint", str(trained / "best.pt")]) == 2
-    assert "nope.nii.gz" in _one_line_error(capsys)
+    one_error_line(capsys, "nope.nii.gz")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
     assert infer.main([str(raw_dir / "synth_000.nii.gz"), "--checkpoint", str(bad), "--out", str(tmp_path)]) == 2
-    assert "bad.pt" in _one_line_error(capsys)
+    one_error_line(capsys, "bad.pt")
     assert not list(tmp_path.glob("*_mask.nii.gz"))
 
 
@@ -191,18 +188,18 @@ def test_nan_image_exit_2(raw_copy, tmp_path, capsys):
     data[0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(data, image.affine), raw_copy / "synth_000.nii.gz")
     assert preprocess.main([str(raw_copy), str(tmp_path / "prep"), "--workers", "1"]) == 2
-    assert "synth_000.nii.gz" in _one_line_error(capsys)
+    one_error_line(capsys, "synth_000.nii.gz")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 def test_cuda_without_gpu_exit_2(prep_dir, tmp_path, capsys):
     assert train.main(["--data", str(prep_dir), "--output", str(tmp_path), "--device", "cuda", "--epochs", "1"]) == 2
-    assert "cuda" in _one_line_error(capsys).lower()
+    assert "cuda" in one_error_line(capsys).lower()
 
 
 def test_missing_manifest_exit_2(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path), "--output", str(tmp_path / "o"), "--epochs", "1"]) == 2
-    assert "dataset.json" in _one_line_error(capsys)
+    one_error_line(capsys, "dataset.json")
 
 
 def test_modality_detection_uses_air_not_outliers():
@@ -285,7 +282,11 @@ def test_evaluation_csv_against_true_masks(trained, raw_dir, tmp_path):
         label = nib.load(truth)
         voxel_ml = abs(np.linalg.det(label.affine[:3, :3])) / 1000
         assert float(row["true_ml_1"]) == pytest.approx(np.asarray(label.dataobj).sum() * voxel_ml, rel=1e-4)
-        assert 0.0 <= float(row["dice_1"]) <= 1.0 and 0.0 <= float(row["iou_1"]) <= float(row["dice_1"]) + 1e-9
+        # the scores are those of the written mask against the truth
+        mask = np.asarray(nib.load(tmp_path / f"{row['case']}_mask.nii.gz").dataobj) > 0
+        dice = dice_binary(mask[None, None], np.asarray(label.dataobj)[None, None] > 0).item()
+        assert float(row["dice_1"]) == pytest.approx(dice, rel=1e-5, abs=1e-6)
+        assert float(row["iou_1"]) == pytest.approx(dice / (2 - dice), rel=1e-5, abs=1e-6)
     assert float(rows[2]["dice_1"]) == pytest.approx((float(rows[0]["dice_1"]) + float(rows[1]["dice_1"])) / 2,
                                                      abs=1e-5)
 
@@ -311,7 +312,7 @@ def test_device_cache_path_draws_the_same_crops(prep_dir, tmp_path, monkeypatch)
     """The GPU recipe (volumes moved to the device at the end of the cached prefix, ThreadDataLoader) exercised
     with the CPU as the device: same crops, same losses as the host path."""
     argv = ["--data", str(prep_dir), "--epochs", "2", *TINY_NET]
-    train.main([*argv, "--output", str(tmp_path / "host")])
+    assert train.main([*argv, "--output", str(tmp_path / "host")]) == 0
     calls = []
 
     def on_cpu(device, cases, in_channels, cache_rate):
@@ -320,7 +321,7 @@ def test_device_cache_path_draws_the_same_crops(prep_dir, tmp_path, monkeypatch)
 
     monkeypatch.setattr(train, "cache_device", on_cpu)
     assert isinstance(train.make_loader([0], 1, 0, torch.device("cpu"), torch.device("cpu")), train.ThreadDataLoader)
-    train.main([*argv, "--output", str(tmp_path / "device")])
+    assert train.main([*argv, "--output", str(tmp_path / "device")]) == 0
     assert calls == [4]
     host, device = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("host", "device"))
     assert [r["train_loss"] for r in host] == [r["train_loss"] for r in device]
