@@ -28,7 +28,7 @@ from readers import (
     volume_suffix,
 )
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a data fingerprint, blank images, per-case statistics
 MAX_LABELS = 256
 
 

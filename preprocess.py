@@ -80,6 +80,7 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
         "in_channels": int(prepared["image"].shape[0]),
         "blank": is_blank(image),  # constant: nothing to segment (a blank slice at the end of a stack)
         "prepared_image": f"{case.name}_image.nii.gz",
+        "stats": case_statistics(prepared["image"], prepared.get("label")),
     }
     if "label" in keys:
         values = sorted(int(v) for v in torch.unique(raw["label"]))
@@ -92,6 +93,50 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
         _write(prepared["label"], out_dir / record["prepared_label"], label_dtype(max(values)))
     _write(prepared["image"], out_dir / record["prepared_image"], np.float32)
     return record
+
+
+def case_statistics(image: torch.Tensor, label: torch.Tensor | None) -> dict:
+    """What the data fingerprint gathers from one prepared case: intensity percentiles (0.5, 50, 99.5) of all its
+    voxels and of its foreground, and per foreground label value its voxels and the sizes of its connected objects
+    (voxels, largest first, at most 32)."""
+    x = np.asarray(image.detach().cpu(), dtype=np.float32)
+    stats: dict = {"voxels": int(x[0].size), "intensity": np.percentile(x, [0.5, 50, 99.5]).round(4).tolist()}
+    if label is None:
+        return stats
+    lab = np.asarray(label.detach().cpu())[0]
+    fg = x[:, lab > 0]
+    stats["foreground_intensity"] = np.percentile(fg, [0.5, 50, 99.5]).round(4).tolist() if fg.size else None
+    stats["labels"] = {}
+    for value in np.unique(lab)[1:]:
+        components, _ = ndimage.label(lab == value)
+        sizes = np.sort(np.bincount(components.ravel())[1:])[::-1]
+        stats["labels"][str(int(value))] = {"voxels": int(sizes.sum()), "objects": sizes[:32].tolist()}
+    return stats
+
+
+def fingerprint(records: list[dict]) -> dict:
+    """The dataset in numbers, as nnU-Net's fingerprint has it (what train.py plans from): labelled cases, 2D or 3D,
+    median prepared shape and spacing, intensity percentiles (medians over cases), and per label its share of the
+    voxels, objects per case and median object size (voxels and mm³)."""
+    labelled = [r for r in records if r.get("label")]
+    shapes = np.asarray([r["prepared_shape"] for r in labelled])
+    spacing = np.median(np.asarray([r["prepared_spacing"] for r in labelled]), axis=0)
+    total = sum(r["stats"]["voxels"] for r in labelled)
+    labels: dict[str, dict] = {}
+    for value in sorted({v for r in labelled for v in r["stats"].get("labels", {})}, key=int):
+        found = [r["stats"]["labels"].get(value) for r in labelled]
+        sizes = [s for f in found if f for s in f["objects"]]
+        labels[value] = {"share": round(sum(f["voxels"] for f in found if f) / total, 6),
+                         "cases_with": sum(1 for f in found if f),
+                         "objects_per_case": float(np.median([len(f["objects"]) if f else 0 for f in found])),
+                         "median_object_voxels": float(np.median(sizes)),
+                         "median_object_mm3": round(float(np.median(sizes) * np.prod(spacing)), 3)}
+    fg = [r["stats"]["foreground_intensity"] for r in labelled if r["stats"].get("foreground_intensity")]
+    return {"cases": len(labelled), "dims": "2d" if (shapes[:, 0] == 1).all() else "3d",
+            "median_shape": np.median(shapes, axis=0).round(1).tolist(), "median_spacing": spacing.round(6).tolist(),
+            "intensity": np.median([r["stats"]["intensity"] for r in labelled], axis=0).round(4).tolist(),
+            "foreground_intensity": np.median(fg, axis=0).round(4).tolist() if fg else None,
+            "blank": sum(bool(r.get("blank")) for r in labelled), "labels": labels}
 
 
 def _write(volume: torch.Tensor, path: Path, dtype: type) -> None:
@@ -235,6 +280,7 @@ def run(config: argparse.Namespace) -> dict:
         "split": {"seed": config.seed, "val_fraction": config.val_fraction,
                   "from_folders": any(c.split for c in labelled)},
         "skipped": skipped,
+        "fingerprint": fingerprint(records),
         "cases": sorted(records, key=lambda r: r["name"]),
     }
     write_json(manifest, dst / "dataset.json")  # last: a manifest exists only for a complete dataset
@@ -281,7 +327,7 @@ def prepare_or_reuse(case: Case, params: PrepParams, dst: Path, labels: list[int
     """
     stamp_path = dst / ".cases" / f"{case.name}.json"
     files = [*case.sources, *(case.label_slices or [case.label])]
-    stamp = {"params": dataclasses.asdict(params), "labels": labels,
+    stamp = {"version": MANIFEST_VERSION, "params": dataclasses.asdict(params), "labels": labels,
              "source": {str(p): _signature(p) for p in files if p}}
     if stamp_path.is_file():
         try:

@@ -760,7 +760,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_alias("--roi", "--crop")
     p.add_alias("--channels", "--widths")
     a = p.parse_args(argv)
-    a.epochs = a.epochs or (100_000 if a.time_limit else d.epochs)
+    a.epochs = (100_000 if a.time_limit else d.epochs) if a.epochs is None else a.epochs
     check_ranges(a, p)
     for key in ("crop", "window", "widths", "strides", "regions"):  # the config is frozen: tuples, not lists
         setattr(a, key, tuple(getattr(a, key)) if getattr(a, key) is not None else None)

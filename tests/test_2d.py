@@ -79,8 +79,12 @@ def test_2d_pipeline_end_to_end(png_raw, tmp_path):
     assert ckpt["inference"]["roi"] == [1, 96, 96]  # instance norm: windows like the crops
     assert ckpt["config"]["crop"] == [1, 96, 96]  # depth-1 crops, not padded to 48 slices
     assert infer.main([str(png_raw / "pic3.png"), "--checkpoint", str(out / "best.pt"), "--out", str(out)]) == 0
-    mask = nib.load(out / "pic3_mask.nii.gz")
-    assert mask.shape == (120, 90, 1) and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    mask = np.asarray(Image.open(out / "pic3_mask.png"))  # a picture's mask is a picture: rows × columns, 0/255
+    assert mask.shape == (90, 120) and set(np.unique(mask)) <= {0, 255}
+    assert infer.main([str(png_raw / "pic3.png"), "--checkpoint", str(out / "best.pt"), "--out", str(out),
+                       "--format", "nii.gz"]) == 0  # forced NIfTI: the (columns, rows, 1) array of the same mask
+    nifti = np.asarray(nib.load(out / "pic3_mask.nii.gz").dataobj)
+    assert np.array_equal(nifti[:, :, 0].T * 255, mask)
     assert checksums(png_raw) == before
 
 
@@ -159,8 +163,8 @@ def test_infer_writes_per_patient_evaluation_for_slices(png_raw, tmp_path):
     rows = (out / "eval" / "evaluation_patients.csv").read_text().splitlines()
     assert rows[0] == "case,slices,dice_1" and rows[1].startswith(f"{png_raw.name},3,")
     # the patient's Dice is that of its three written masks stacked against its three true masks
-    pred = np.concatenate([np.asarray(nib.load(out / "eval" / f"pic{i}_mask.nii.gz").dataobj) for i in range(3)], 2)
-    truth = np.concatenate([as_label_map(read_volume(m), m)[0].numpy() for m in masks], 2)
+    pred = np.stack([np.asarray(Image.open(out / "eval" / f"pic{i}_mask.png")) for i in range(3)])
+    truth = np.stack([as_label_map(read_volume(m), m)[0, :, :, 0].numpy().T for m in masks])  # rows × columns
     pooled = dice_binary(pred[None, None] > 0, truth[None, None] > 0).item()
     assert float(rows[1].split(",")[2]) == pytest.approx(pooled, rel=1e-5, abs=1e-6)
     assert "true_mm2_1" in (out / "eval" / "evaluation.csv").read_text().splitlines()[0]

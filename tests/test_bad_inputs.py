@@ -3,9 +3,11 @@ no partial output, and inputs left untouched.
 
 | # | input | command |
 | --- | --- | --- |
-| 1-23 | see PREPROCESS_CASES: broken files, geometry, intensities, masks, layouts, arguments | preprocess.py |
-| 24-34 | see INFER_CASES: missing/corrupt inputs, untrusted or mismatched checkpoints, existing masks | infer.py |
+| 1-22 | see PREPROCESS_CASES: broken files, geometry, intensities, masks, layouts, arguments | preprocess.py |
+| 23-34 | see INFER_CASES: missing/corrupt inputs, untrusted or mismatched checkpoints, existing outputs | infer.py |
 | 35-47 | see TRAIN_CASES: absurd arguments, old/corrupt/tampered manifests, resume mismatches | train.py |
+
+A constant image (a blank slice) is not bad input: tests/test_blank.py.
 """
 
 from __future__ import annotations
@@ -152,7 +154,6 @@ PREPROCESS_CASES: dict[str, tuple[Callable[[Path], str], list[str]]] = {
     "single voxel": (_single_voxel, []),
     "NaN intensities": (_edit("synth_001.nii.gz", _with_nan(np.nan)), []),
     "Inf intensities": (_edit("synth_001.nii.gz", _with_nan(np.inf)), []),
-    "constant image": (_edit("synth_001.nii.gz", lambda d: np.full_like(d, 7)), []),
     "shapes differ": (_edit("synth_001_seg.nii.gz", lambda d: d[:, :, :-1]), []),
     "affines differ": (_edit("synth_001_seg.nii.gz", lambda d: d, _shifted), []),
     "mask value outside --labels": (_edit("synth_001_seg.nii.gz", lambda d: d * 2), ["--labels", "0", "1"]),
@@ -288,6 +289,15 @@ def test_infer_refuses_bad_inputs(name, trained, small_raw, tmp_path, capsys):
     one_error_line(capsys, needle)
     assert checksums(tmp_path) == before
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_infer_out_that_is_a_file_is_one_line(trained, small_raw, tmp_path, capsys):
+    (tmp_path / "taken").write_bytes(b"mine")
+    args = [str(small_raw / "synth_000.nii.gz"), "--checkpoint", str(trained / "best.pt"), "--out",
+            str(tmp_path / "taken")]
+    assert infer.main(args) == 2
+    one_error_line(capsys, "taken", "not a folder")
+    assert (tmp_path / "taken").read_bytes() == b"mine"
 
 
 def test_infer_never_overwrites_without_asking(trained, small_raw, tmp_path, capsys):

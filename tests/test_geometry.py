@@ -19,7 +19,7 @@ import train
 from dataset import PrepParams, prepare_transforms
 from dice import dice_binary
 from model import anisotropic_args, build_model, load_checkpoint, model_args
-from readers import read_volume, write_nifti
+from readers import read_volume, write_mask, write_nifti
 
 
 def _phantom(tmp_path, affine):
@@ -52,7 +52,8 @@ def test_round_trip_returns_the_label_on_the_original_grid(tmp_path):
     assert restored.shape == label.shape
     assert dice_binary(restored[None, None], label[None, None]).item() >= 0.98
     # the written mask carries the input's exact affine
-    out = infer.save_mask(restored.astype(np.uint8), np.eye(4), tmp_path / "ct.nii.gz", tmp_path / "out")
+    out = tmp_path / "ct_mask.nii.gz"
+    write_mask(restored.astype(np.uint8), np.eye(4), out, binary=True, source=tmp_path / "ct.nii.gz")
     assert np.array_equal(nib.load(out).affine, nib.load(tmp_path / "ct.nii.gz").affine)
 
 
