@@ -289,7 +289,8 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
             RandCropByPosNegLabeld(keys, "label", spatial_size=aug.crop, pos=aug.pos, neg=aug.neg,
                                    num_samples=aug.num_samples, fg_indices_key="label_fg",
                                    bg_indices_key="label_bg"),
-            RandRotate90d(keys, prob=0.5, spatial_axes=(1, 2)),
+            # 90° turns only where they keep the crop's shape (a batch needs one shape; flips cover 180°)
+            *([RandRotate90d(keys, prob=0.5, spatial_axes=(1, 2))] if aug.crop[1] == aug.crop[2] else []),
             # range_x turns the (H, W) plane, about the depth axis; MONAI's range_z would tilt depth into
             # height, which empties most of a depth-1 crop.
             RandRotated(keys, range_x=np.deg2rad(aug.rotate_degrees), prob=0.5, mode=["bilinear", "nearest"],

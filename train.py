@@ -9,6 +9,7 @@ import argparse
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
 
 from cases import load_manifest
-from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
+from common import ArgumentParser, InputError, atomic_write, region_arg, run_command, write_json
 from dataset import AugmentParams, PrepParams, make_dataset
 from dice import dice_from_counts, mean_dice, overlap_counts
 from model import (
@@ -58,6 +59,7 @@ from model import (
     use_amp,
     window_independent,
 )
+from planner import machine, make_plan
 
 log = logging.getLogger("train")
 
@@ -70,13 +72,13 @@ class TrainConfig:
     output: str = "output"
     epochs: int = 200
     device: str = "auto"
-    batch_size: int = 2
-    num_samples: int = 4
-    crop: tuple[int, int, int] = AugmentParams.crop  # training crop (D, H, W)
+    batch_size: int | None = None  # None: the plan's (planner.make_plan), like every field marked "plan"
+    num_samples: int | None = None  # plan
+    crop: tuple[int, int, int] | None = None  # training crop (D, H, W); plan
     pos: float = 1.0
     neg: float = 1.0
     optimizer: str = "adamw"
-    lr: float = 1e-3
+    lr: float | None = None  # plan
     weight_decay: float = 1e-5
     dice_weight: float = 1.0
     bce_weight: float = 1.0
@@ -90,15 +92,16 @@ class TrainConfig:
     resume: bool = False
     cache_rate: float = 1.0
     num_workers: int = 0
-    widths: tuple[int, ...] | None = None  # UNet channels per level
-    strides: tuple[int, ...] | None = None
+    widths: tuple[int, ...] | None = None  # UNet channels per level; plan (with strides)
+    strides: tuple | None = None  # plan (with widths)
     num_res_units: int | None = None
     norm: str | None = None
     dropout: float | None = None
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()  # label unions also scored, e.g. (("WT", (1, 2, 3, 4)),)
     window: tuple[int, int, int] | None = None  # inference/validation window; None: chosen from the data
     time_limit: float | None = None  # seconds of training and validation; None: --epochs alone decides
-    batch_dice: bool | None = None  # None: on for depth-1 data (nnU-Net's 2D choice), off for volumes
+    batch_dice: bool | None = None  # plan: on for depth-1 data (nnU-Net's 2D choice), off for volumes
+    plan: str | None = None  # a plan.json whose settings this run re-uses (flags still override)
 
 
 # ---------------------------------------------------------------- 1. data
@@ -334,6 +337,7 @@ def make_checkpoint(model: torch.nn.Module, run: Plan, epoch: int, best: dict, h
         "best_epoch": best["epoch"],
         "history": history,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
+        "plan": run.record,
     }
 
 
@@ -351,11 +355,13 @@ class Plan:
     window: tuple[int, int, int]
     pool_groups: bool  # validation Dice per patient (slices pooled) rather than per volume
     params: PrepParams
+    record: dict  # the plan as plan.json has it: every setting, which the plan decided, and from what
 
 
-def plan(cfg: TrainConfig) -> Plan:
-    """Read the manifest and settle the network (anisotropic strides, 2D kernels for depth-1 data) and the
-    inference window (the training crop for instance norm, ``choose_window`` for batch norm)."""
+def plan(cfg: TrainConfig, device: torch.device | None = None) -> Plan:
+    """Read the manifest, fill the settings left open from the data and the machine (``settle``), and settle the
+    network (anisotropic strides, 2D kernels for depth-1 data) and the inference window (the training crop for
+    instance norm, ``choose_window`` for batch norm)."""
     data_dir = Path(cfg.data)
     manifest = load_manifest(data_dir)
     train_items, val_items = split_items(manifest, data_dir)
@@ -367,6 +373,7 @@ def plan(cfg: TrainConfig) -> Plan:
     unknown = sorted({v for _, values in cfg.regions for v in values} - set(label_values))
     if unknown:
         raise InputError(f"--regions: label values {unknown} are not in the data's labels {label_values}")
+    cfg, record = settle(cfg, manifest, len(train_items), in_channels, device or torch.device("cpu"))
     margs = model_args(in_channels=in_channels, out_channels=1 if n_classes == 2 else n_classes, channels=cfg.widths,
                        strides=cfg.strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)
     window = tuple(cfg.window) if cfg.window else None
@@ -401,8 +408,37 @@ def plan(cfg: TrainConfig) -> Plan:
     if any(blank.values()):
         log.info("blank images (constant: nothing to segment): %d training, %d validation", blank["train"],
                  blank["val"])
+    record["settings"] = {**record["settings"], "crop": list(cfg.crop), "window": list(window),
+                          "batch_dice": cfg.batch_dice}
     return Plan(cfg, manifest, train_items, val_items, label_values, in_channels, margs, window, pool_groups,
-                PrepParams.from_dict(manifest["params"]))
+                PrepParams.from_dict(manifest["params"]), record)
+
+
+PLANNED = ("crop", "widths", "strides", "batch_size", "num_samples", "lr", "batch_dice")
+
+
+def settle(cfg: TrainConfig, manifest: dict, n_train: int, in_channels: int, device: torch.device
+           ) -> tuple[TrainConfig, dict]:
+    """``cfg`` with the settings it leaves open (``PLANNED``, None) taken from ``planner.make_plan``; the network
+    (widths and strides) only when neither is given. Returns it and the plan record: every setting of the run,
+    which of them the plan decided, the fingerprint and machine they came from."""
+    open_keys = [k for k in PLANNED if getattr(cfg, k) is None]
+    if open_keys:
+        shapes = [c["prepared_shape"] for c in manifest["cases"] if c.get("split") in ("train", "val")]
+        auto = make_plan(manifest["fingerprint"], shapes, in_channels, device, cfg.time_limit, n_train, cfg.crop)
+        if cfg.widths is not None or cfg.strides is not None:  # a network given in part keeps model.py's defaults
+            open_keys = [k for k in open_keys if k not in ("widths", "strides")]
+        cfg = dataclasses.replace(cfg, **{k: tuple(auto[k]) if isinstance(auto[k], list) else auto[k]
+                                          for k in open_keys})
+        decided = {k: v for k, v in auto.items() if k not in PLANNED}
+    else:
+        decided = {"machine": machine(device)}
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("data", "output", "resume", "plan")}
+    record = {"settings": settings, "planned": open_keys, "fingerprint": manifest["fingerprint"], **decided}
+    log.info("plan: %s", ", ".join(f"{k} {settings[k]}" for k in PLANNED) + f" (from the plan: "
+             f"{', '.join(open_keys) or 'none'}); {json.dumps(decided)}")
+    return cfg, record
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -542,11 +578,12 @@ def agreed(flag: bool) -> bool:
 def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Session:
     """Plan the run, build the network (the same initial weights on every rank), resume when asked, and cache this
     rank's share of the cases (the deterministic prefix once)."""
-    run = plan(cfg)
+    run = plan(cfg, device)
     out_dir = Path(run.cfg.output)
     amp = use_amp(run.cfg.amp, device)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.record, out_dir / "plan.json")
     model, optimizer, scaler, loss_fn = make_training(run, device, amp)
     start, best, history = 1, {"dice": -1.0, "epoch": 0}, []
     if run.cfg.resume:
@@ -710,9 +747,12 @@ def log_epoch(writer: SummaryWriter, row: dict, best: dict, left: float | None =
              left_text)
 
 
-def parse_args(argv: list[str] | None) -> TrainConfig:
+def build_parser() -> ArgumentParser:
+    """train.py's options; those left out come from the plan (``planner.make_plan``) or ``--plan FILE``."""
     d = TrainConfig()
     p = ArgumentParser(__doc__)
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="re-run a plan.json: its settings for every option not given here")
     p.add_argument("--data", default=d.data, help="prepared folder with dataset.json")
     p.add_argument("--output", default=d.output, help="where checkpoints, plots and logs go")
     p.add_argument("--epochs", type=int, default=None,
@@ -721,14 +761,14 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
                    help="train and validate within T (90s, 20m, 2h): the learning rate decays over T, validations "
                         "take at most a fifth of it, the last epoch is validated")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="volumes per step")
-    p.add_argument("--num-samples", type=int, default=d.num_samples, help="crops per volume per step")
-    p.add_argument("--crop", type=int, nargs=3, default=list(d.crop), metavar=("D", "H", "W"),
-                   help="training crop (for 2D slices D becomes 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="volumes per step (default: the plan's)")
+    p.add_argument("--num-samples", type=int, default=None, help="crops per volume per step (default: the plan's)")
+    p.add_argument("--crop", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                   help="training crop (default: the plan's; for 2D slices D becomes 1)")
     p.add_argument("--pos", type=float, default=d.pos, help="weight of crops centred on foreground")
     p.add_argument("--neg", type=float, default=d.neg, help="weight of crops centred on background")
     p.add_argument("--optimizer", choices=["adamw", "adam"], default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr, help="initial learning rate (cosine decay)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate, cosine decay (default: the plan's)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--dice-weight", type=float, default=d.dice_weight)
     p.add_argument("--bce-weight", type=float, default=d.bce_weight, help="BCE (binary) or CE (multi-class) weight")
@@ -745,8 +785,10 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--cache-rate", type=float, default=d.cache_rate, help="share of volumes cached in memory")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
     p.add_argument("--widths", type=int, nargs="+", default=None,
-                   help=f"UNet channels per level (default: {' '.join(map(str, DEFAULT_MODEL_ARGS['channels']))})")
-    p.add_argument("--strides", type=int, nargs="+", default=None, help="UNet strides (one fewer than channels)")
+                   help="UNet channels per level (default: the plan's; with --strides only: "
+                        f"{' '.join(map(str, DEFAULT_MODEL_ARGS['channels']))})")
+    p.add_argument("--strides", type=int, nargs="+", default=None,
+                   help="UNet strides, one fewer than widths (default: the plan's; with --widths only: 2 each)")
     p.add_argument("--num-res-units", type=int, default=None)
     p.add_argument("--norm", default=None, help="instance | batch")
     p.add_argument("--dropout", type=float, default=None)
@@ -759,12 +801,51 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
                    help="label unions also scored in validation (BraTS: WT=1,2,3,4 TC=1,3,4 ET=4)")
     p.add_alias("--roi", "--crop")
     p.add_alias("--channels", "--widths")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    p = build_parser()
     a = p.parse_args(argv)
-    a.epochs = (100_000 if a.time_limit else d.epochs) if a.epochs is None else a.epochs
+    if a.plan:
+        given = given_options(p, argv)
+        for key, value in read_plan(Path(a.plan)).items():
+            if key not in given and key not in ("data", "output", "resume", "plan"):
+                setattr(a, key, value)
+    if a.epochs is None:
+        a.epochs = 100_000 if a.time_limit else TrainConfig.epochs
     check_ranges(a, p)
     for key in ("crop", "window", "widths", "strides", "regions"):  # the config is frozen: tuples, not lists
-        setattr(a, key, tuple(getattr(a, key)) if getattr(a, key) is not None else None)
+        value = getattr(a, key)
+        setattr(a, key, None if value is None else tuple(tuple(v) if isinstance(v, list) else v for v in value))
     return TrainConfig(**vars(a))
+
+
+def given_options(p: ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The settings ``argv`` gives explicitly (parsed again with every default suppressed)."""
+    saved = [(action, action.default) for action in p._actions]
+    for action, _ in saved:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(p.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
+
+
+def read_plan(path: Path) -> dict[str, Any]:
+    """The settings of a plan.json that train.py wrote; anything else is an ``InputError`` naming the file."""
+    try:
+        settings = json.loads(path.read_text())["settings"]
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such plan file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a plan written by train.py ({type(exc).__name__}: {exc})") from None
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}) if isinstance(
+        settings, dict) else ["(not a mapping)"]
+    if unknown:
+        raise InputError(f"{path}: not a plan written by train.py (unknown settings {unknown})")
+    return settings
 
 
 def duration(text: str) -> float:
@@ -776,14 +857,16 @@ def duration(text: str) -> float:
 
 
 def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
-    """Refuse numbers no run could use, before any work."""
-    if not 1 <= a.epochs <= 100_000 or a.batch_size < 1 or a.num_samples < 1 or a.val_every < 1 or min(a.crop) < 1:
+    """Refuse numbers no run could use, before any work (settings left to the plan are checked when given)."""
+    batch, samples = (1 if v is None else v for v in (a.batch_size, a.num_samples))
+    crop = a.crop or [1]
+    if not 1 <= a.epochs <= 100_000 or min(batch, samples, a.val_every, *crop) < 1:
         p.error("--epochs (up to 100000), --batch-size, --num-samples, --val-every and --crop must be at least 1")
-    if a.batch_size * a.num_samples > 4096 or max(a.crop) > 1024 or a.num_workers < 0 or (
+    if batch * samples > 4096 or max(crop) > 1024 or a.num_workers < 0 or (
             a.sw_batch_size is not None and a.sw_batch_size < 1):
         p.error("--batch-size × --num-samples above 4096, --crop above 1024, negative --num-workers or "
                 "--sw-batch-size below 1")
-    if a.lr <= 0 or not 0 <= a.overlap < 1 or not 0 <= a.cache_rate <= 1 or a.patience < 0:
+    if (a.lr is not None and a.lr <= 0) or not 0 <= a.overlap < 1 or not 0 <= a.cache_rate <= 1 or a.patience < 0:
         p.error("need --lr > 0, 0 <= --overlap < 1, 0 <= --cache-rate <= 1, --patience >= 0")
     if a.window and (min(a.window) < 1 or max(a.window) > 1024):
         p.error("--window sizes must lie in 1..1024")

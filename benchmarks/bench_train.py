@@ -123,7 +123,7 @@ def bench(epochs: int, cfg: train.TrainConfig) -> dict:
     """Run the comparison; returns the summary printed at the end."""
     device = resolve_device(cfg.device)
     amp = use_amp(cfg.amp, device)
-    run = train.plan(cfg)
+    run = train.plan(cfg, device)
     cfg = run.cfg
     phase = Phases(device)
     base_mb = PeakRSS.now_mb()

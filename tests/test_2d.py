@@ -76,8 +76,10 @@ def test_2d_pipeline_end_to_end(png_raw, tmp_path):
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["model_args"]["kernel_size"] == [1, 3, 3]
     assert ckpt["model_args"]["strides"] == [[1, 2, 2], [1, 2, 2]] and ckpt["model_args"]["in_channels"] == 3
-    assert ckpt["inference"]["roi"] == [1, 96, 96]  # instance norm: windows like the crops
-    assert ckpt["config"]["crop"] == [1, 96, 96]  # depth-1 crops, not padded to 48 slices
+    # the plan: whole slices (90 × 120, rounded up to the network's multiples of 4) as crops and as the window
+    assert ckpt["config"]["crop"] == [1, 96, 120] and ckpt["inference"]["roi"] == [1, 96, 120]
+    assert ckpt["plan"]["planned"] == ["crop", "batch_size", "lr", "batch_dice"]  # --num-samples was given
+    assert json.loads((out / "plan.json").read_text()) == json.loads(json.dumps(ckpt["plan"]))
     assert infer.main([str(png_raw / "pic3.png"), "--checkpoint", str(out / "best.pt"), "--out", str(out)]) == 0
     mask = np.asarray(Image.open(out / "pic3_mask.png"))  # a picture's mask is a picture: rows × columns, 0/255
     assert mask.shape == (90, 120) and set(np.unique(mask)) <= {0, 255}

@@ -1,0 +1,117 @@
+"""A training plan from the data fingerprint and the machine, as nnU-Net's experiment planner makes one, but sized for
+the hardware at hand (CPU cores and a timed probe; GPU memory) instead of a fixed 8 GB GPU.
+
+The plan is a flat dict of ``train.py`` settings (crop, network, batch, learning rate, loss, window) plus what it was
+decided from; ``train.py`` prints it, writes it to ``output/plan.json`` and into the checkpoint, and every flag
+overrides one entry (``--plan output/plan.json`` re-runs one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from model import DEFAULT_MODEL_ARGS, anisotropic_args, axis_divisors, build_model, flat_args, model_args
+
+CPU_CROP_VOXELS = 48 * 96 * 96  # a 3D crop on the CPU: what a step of the default network does in about a second
+GPU_CROP_VOXELS_PER_GB = 128**3 / 8  # nnU-Net's 128³ patch (batch 2) on its 8 GB reference GPU
+MAX_INPLANE_2D = 512  # a 2D crop covers the whole slice up to this size (nnU-Net's 2D plan: LGG at 256×256)
+MIN_FEATURE_MAP = 8  # the deepest level keeps at least this many voxels along each axis that is downsampled
+MAX_LEVELS = 5
+PROBE_STEPS = 3
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the plan is sized for: the device, its memory (GB) on a GPU, CPU cores."""
+    info: dict[str, Any] = {"device": device.type, "cpu_cores": len(os.sched_getaffinity(0))
+                            if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return info
+
+
+def crop_size(fingerprint: dict, spacing: Sequence[float], budget: float, upper: Sequence[float]) -> list[int]:
+    """The training crop (D, H, W): 2D data takes the whole slice (largest prepared slice, up to
+    ``MAX_INPLANE_2D``); 3D data the median shape, shrunk along its longest axis in mm (as nnU-Net does) until it
+    fits ``budget`` voxels."""
+    if fingerprint["dims"] == "2d":
+        return [1, *(min(MAX_INPLANE_2D, int(math.ceil(u))) for u in upper[1:])]
+    crop = [float(s) for s in fingerprint["median_shape"]]
+    while math.prod(crop) > budget:
+        k = max(range(3), key=lambda a: crop[a] * spacing[a])  # the longest side in mm
+        crop[k] = max(8.0, crop[k] * 0.9)
+    return [max(8, int(round(c))) for c in crop]
+
+
+def network(crop: Sequence[int], spacing: Sequence[float], dims: str, base: int, max_width: int
+            ) -> tuple[dict[str, Any], list[int]]:
+    """Model arguments for ``crop``: as many levels as keep the deepest feature map at least ``MIN_FEATURE_MAP``
+    along the in-plane axes (up to ``MAX_LEVELS``), widths doubling from ``base``; 2D data gets (1, 3, 3) kernels,
+    anisotropic data in-plane strides first; the crop rounded up to the network's multiples."""
+    levels = max(1, min(MAX_LEVELS, int(math.log2(min(crop[1:]) / MIN_FEATURE_MAP))))
+    widths = [min(max_width, base * 2**k) for k in range(levels + 1)]
+    margs = model_args(channels=widths, strides=[2] * levels)
+    margs = flat_args(margs) if dims == "2d" else anisotropic_args(margs, list(spacing))
+    if dims == "3d":  # a crop too thin for a depth stride keeps depth: in-plane strides there
+        depth_levels = int(math.log2(max(1, crop[0] / 4)))
+        strides = [s if isinstance(s, list) else [s] * 3 for s in margs["strides"]]
+        margs["strides"] = [[1, s[1], s[2]] if k >= depth_levels else s for k, s in enumerate(strides)]
+    divisors = axis_divisors(margs)
+    return margs, [-(-c // d) * d for c, d in zip(crop, divisors)]
+
+
+def probe(margs: dict, crop: Sequence[int], batch: int, in_channels: int, device: torch.device) -> float:
+    """Seconds per training step (forward, backward, optimizer) of this network on ``batch`` crops, measured."""
+    net = build_model({**margs, "in_channels": in_channels}).to(device, memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.AdamW(net.parameters())
+    x = torch.randn(batch, in_channels, *crop, device=device).contiguous(memory_format=torch.channels_last_3d)
+    times = []
+    for _ in range(PROBE_STEPS + 1):  # the first warms up
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        net(x).float().mean().backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return float(sorted(times[1:])[len(times[1:]) // 2])
+
+
+def make_plan(fingerprint: dict, shapes: Sequence[Sequence[int]], in_channels: int, device: torch.device,
+              time_limit: float | None, cases: int, crop: Sequence[int] | None = None) -> dict[str, Any]:
+    """The plan: crop (unless given), network, batch, learning rate and loss for this data on this machine;
+    ``cases``: training volumes per epoch, to project the epoch's seconds (and epochs within ``time_limit``)."""
+    info = machine(device)
+    spacing = fingerprint["median_spacing"]
+    two_d = fingerprint["dims"] == "2d"
+    gpu = device.type == "cuda"
+    budget = GPU_CROP_VOXELS_PER_GB * info["gpu_memory_gb"] if gpu else CPU_CROP_VOXELS
+    upper = [max(s[k] for s in shapes) for k in range(3)]
+    if crop is None:
+        crop = crop_size(fingerprint, spacing, budget, upper)
+    elif two_d:
+        crop = [1, *crop[1:]]
+    base, max_width = (32, 320) if gpu else (16, 256)
+    margs, crop = network(crop, spacing, fingerprint["dims"], base, max_width)
+    if two_d:  # whole slices: one crop per slice, several slices per step (nnU-Net: 12+ on a GPU)
+        batch, samples = (12 if gpu else 4), 1
+    else:
+        batch, samples = 2, 4
+    seconds = probe(margs, crop, batch * samples, in_channels, device)
+    plan = {
+        "crop": crop, "widths": margs["channels"], "strides": margs["strides"],
+        "num_res_units": DEFAULT_MODEL_ARGS["num_res_units"], "norm": DEFAULT_MODEL_ARGS["norm"],
+        "batch_size": batch, "num_samples": samples, "lr": 1e-3, "batch_dice": two_d,
+        "loss": "Dice + BCE (pos_weight) for one label, Dice + cross-entropy for several",
+        "machine": info, "probe_step_s": round(seconds, 3),
+        "epoch_s_estimate": round(seconds * math.ceil(cases / batch), 1),
+    }
+    if time_limit:
+        plan["epochs_estimate"] = int(time_limit // max(plan["epoch_s_estimate"], 1e-3))
+    return plan

@@ -1,0 +1,107 @@
+"""The plan (planner.py: settings from the data fingerprint and the machine), --plan re-runs, --time-limit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+from conftest import TINY_NET
+
+import planner
+import train
+from common import InputError
+
+FP_2D = {"dims": "2d", "median_shape": [1, 212, 181], "median_spacing": [1.0, 1.0, 1.0]}
+FP_3D = {"dims": "3d", "median_shape": [150, 200, 180], "median_spacing": [1.0, 0.8, 0.8]}
+
+
+def test_2d_crops_are_whole_slices_and_3d_crops_fit_the_budget():
+    assert planner.crop_size(FP_2D, [1, 1, 1], 1e6, [1, 256, 240]) == [1, 256, 240]
+    assert planner.crop_size(FP_2D, [1, 1, 1], 1e6, [1, 900, 700]) == [1, 512, 512]  # planner.MAX_INPLANE_2D
+    crop = planner.crop_size(FP_3D, FP_3D["median_spacing"], 48 * 96 * 96, [200, 260, 240])
+    assert crop[0] * crop[1] * crop[2] <= 48 * 96 * 96 < 150 * 200 * 180
+    # shrunk along its longest side in mm each time: the crop ends about as long in mm along every axis
+    mm = [c * s for c, s in zip(crop, FP_3D["median_spacing"])]
+    assert max(mm) / min(mm) < 1.15 and crop == [65, 77, 86]
+
+
+def test_the_network_fits_the_crop():
+    margs, crop = planner.network([1, 256, 256], [1, 1, 1], "2d", 16, 256)
+    assert margs["channels"] == [16, 32, 64, 128, 256, 256]  # 5 levels: 256 / 2**5 = 8 voxels at the bottom
+    assert margs["strides"] == [[1, 2, 2]] * 5 and margs["kernel_size"] == [1, 3, 3] and crop == [1, 256, 256]
+    margs, crop = planner.network([1, 250, 90], [1, 1, 1], "2d", 16, 256)
+    assert margs["channels"] == [16, 32, 64, 128]  # the shorter side decides: 90 / 2**3 >= 8 > 90 / 2**4
+    assert crop == [1, 256, 96]  # rounded up to multiples of 8
+    margs, crop = planner.network([16, 64, 64], [1, 1, 1], "3d", 32, 320)
+    assert margs["channels"] == [32, 64, 128, 256]  # 64 / 2**3 = 8
+    assert margs["strides"] == [[2, 2, 2], [2, 2, 2], [1, 2, 2]]  # depth 16 takes two depth strides, not three
+    assert crop == [16, 64, 64]
+
+
+def test_make_plan_on_the_cpu_probes_and_projects():
+    plan = planner.make_plan(FP_2D, [[1, 100, 90], [1, 120, 80]], 1, torch.device("cpu"), 600.0, 10)
+    assert plan["crop"] == [1, 120, 96] and plan["batch_size"] == 4 and plan["num_samples"] == 1
+    assert plan["batch_dice"] is True and plan["machine"]["device"] == "cpu"
+    assert plan["epoch_s_estimate"] == round(plan["probe_step_s"] * 3, 1)  # 10 cases in batches of 4: 3 steps
+    assert plan["epochs_estimate"] == int(600 // plan["epoch_s_estimate"])
+
+
+def test_a_run_writes_its_plan_and_a_plan_reruns(prep_dir, tmp_path):
+    first = tmp_path / "first"
+    assert train.main(["--data", str(prep_dir), "--output", str(first), "--epochs", "1", *TINY_NET]) == 0
+    plan = json.loads((first / "plan.json").read_text())
+    assert plan["planned"] == ["lr", "batch_dice"] and plan["settings"]["lr"] == 1e-3
+    assert plan["fingerprint"]["dims"] == "3d" and plan["settings"]["crop"] == [8, 64, 64]
+    cfg = train.parse_args(["--plan", str(first / "plan.json"), "--data", str(prep_dir), "--lr", "0.01"])
+    for key, value in plan["settings"].items():  # every setting from the file but the one given
+        got = getattr(cfg, key)
+        got = json.loads(json.dumps(got))
+        assert got == (0.01 if key == "lr" else value), key
+    assert cfg.output == train.TrainConfig.output  # where to write is not part of a plan
+
+
+def test_a_bad_plan_file_is_one_line(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"settings": {"widths": [4, 8], "colour": "blue"}}))
+    with pytest.raises(InputError, match="unknown settings"):
+        train.parse_args(["--plan", str(tmp_path / "p.json")])
+    with pytest.raises(InputError, match="no such plan"):
+        train.parse_args(["--plan", str(tmp_path / "absent.json")])
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("20m", 1200), ("2h", 7200), ("45", 45), ("1.5m", 90)])
+def test_time_limits_read_as_seconds(text, seconds):
+    assert train.parse_args(["--time-limit", text]).time_limit == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "-5m", "20 minutes", "m"])
+def test_bad_time_limits_are_refused(text):
+    with pytest.raises(InputError, match="time-limit"):
+        train.parse_args(["--time-limit", text])
+
+
+def test_the_clock_decays_validates_and_stops_within_the_budget():
+    clock = train.Clock(100.0, time.perf_counter())
+    assert clock.lr(1.0) == pytest.approx(1.0, abs=1e-3) and clock.validation_due()  # the first measures its cost
+    clock.trained(5.0)
+    clock.validated(2.0, True)
+    assert not clock.validation_due()  # 0 s of training since: a validation would cost more than a fifth
+    clock.trained(5.0)
+    clock.trained(3.0)
+    assert clock.validation_due()  # 8 s of training against 2 s of validation: a fifth of the time
+    clock.start -= 60  # 60 s later: cosine at 60%, and another epoch still fits
+    assert clock.lr(1.0) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(0.6 * torch.pi)).item()), abs=1e-3)
+    assert not clock.no_time_for_another()
+    clock.start -= 34  # 94 s: two 2 s validations and another 3 s epoch (and its writing) would pass 100 s
+    assert clock.no_time_for_another() and clock.left() == pytest.approx(6, abs=0.1)
+
+
+def test_a_time_limited_run_ends_validated_with_a_decayed_rate(prep_dir, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(["--data", str(prep_dir), "--output", str(out), "--time-limit", "20s", *TINY_NET]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert rows[-1]["val_dice"] != ""  # the last epoch is validated, so the best checkpoint is chosen on it
+    assert float(rows[-1]["lr"]) < 0.5 * 1e-3 < float(rows[0]["lr"])  # past the middle of the cosine
+    assert json.loads((out / "plan.json").read_text())["settings"]["time_limit"] == 20.0
