@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from model import DEFAULT_MODEL_ARGS, anisotropic_args, axis_divisors, build_model, flat_args, model_args
+from model import anisotropic_args, axis_divisors, build_model, flat_args, model_args
 
 CPU_CROP_VOXELS = 48 * 96 * 96  # a 3D crop on the CPU: what a step of the default network does in about a second
 GPU_CROP_VOXELS_PER_GB = 128**3 / 8  # nnU-Net's 128³ patch (batch 2) on its 8 GB reference GPU
@@ -106,7 +106,6 @@ def make_plan(fingerprint: dict, shapes: Sequence[Sequence[int]], in_channels: i
     seconds = probe(margs, crop, batch * samples, in_channels, device)
     plan = {
         "crop": crop, "widths": margs["channels"], "strides": margs["strides"],
-        "num_res_units": DEFAULT_MODEL_ARGS["num_res_units"], "norm": DEFAULT_MODEL_ARGS["norm"],
         "batch_size": batch, "num_samples": samples, "lr": 1e-3, "batch_dice": two_d,
         "loss": "Dice + BCE (pos_weight) for one label, Dice + cross-entropy for several",
         "machine": info, "probe_step_s": round(seconds, 3),

@@ -10,8 +10,9 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from conftest import ROOT, TINY_NET
+from conftest import ROOT, TINY_NET, TINY_WIDTHS
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -108,3 +109,25 @@ def test_gpu_script_smoke(tmp_path):
     assert_infer_summary_printed(infer_summary, (out / "bench_infer.txt").read_text())
     assert (out / "train" / "best.pt").is_file() and not (out / "train" / "last.pt").exists()
     assert "no GPU" in (out / "machine.txt").read_text()
+
+
+def test_holdout_scores_patients_the_run_never_saw(tmp_path):
+    """benchmarks/holdout.py deals patients round-robin into folds, trains on the others only (none of the held-out
+    patient's slices reach the prepared data) and scores each held-out patient on its pooled slices."""
+    import holdout
+    from test_blank import _patient
+
+    rng = np.random.default_rng(1)
+    raw = tmp_path / "raw"
+    for name in ("pa", "pb", "pc", "pd"):
+        _patient(raw / name, name, rng, n=4)
+    out = tmp_path / "result.json"
+    assert holdout.main([str(raw), "--folds", "2", "--fold", "1", "--work", str(tmp_path / "work"), "--json", str(out),
+                         "--train-args", "--epochs 1 --device cpu " + " ".join(TINY_WIDTHS) + " --crop 1 32 32"]) == 0
+    result = json.loads(out.read_text())
+    assert sorted(result["patients"]) == ["pb", "pd"]  # the 2nd and 4th patients in name order
+    prepared = {c["group"] for c in json.loads((tmp_path / "work" / "fold_1" / "prep" / "dataset.json").read_text())
+                ["cases"]}
+    assert prepared == {"pa", "pc"}
+    assert result["mean_dice"] == pytest.approx(np.mean([p["dice"] for p in result["patients"].values()]))
+    assert all(p["cases"] == 4 and p["empty"] == 2 for p in result["patients"].values())  # blank first and last

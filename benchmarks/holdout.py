@@ -1,0 +1,111 @@
+"""Patient-grouped cross-validation of the README's three commands, as the targets are judged: train on some
+patients, segment patients it never saw (not even for validation), score them.
+
+    python benchmarks/holdout.py ../shared/data/lgg/kaggle_3m --folds 3 --fold 0 --prep-args "--channel 1" \\
+        --train-args "--time-limit 20m --device cpu" --work /tmp/holdout
+
+For fold K of N (patients sorted by name, then dealt round-robin, so that each is held out once across the folds):
+a raw folder of links to the other patients' folders, ``preprocess.py`` on it, ``train.py``, then ``infer.py`` on
+the held-out patients' images as a user would give them. Each held-out patient is scored by its Dice over all its
+slices pooled (the LGG literature's figure; one case = one patient for volumes), and by how many of its slices
+without tumour got a false positive. Prints one line per patient and the mean; ``--json`` writes them.
+Not a test: tests/test_benchmarks.py only smoke-runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cases import Case, find_cases, read_case  # noqa: E402
+from dice import dice_binary  # noqa: E402
+from readers import mask_suffix, read_volume  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def patients(raw: Path) -> list[Path]:
+    """The folders right below ``raw`` that hold its labelled cases (a patient's slices, a case folder)."""
+    labelled, _ = find_cases(raw)
+    parts = [c.image.relative_to(raw).parts for c in labelled]
+    return sorted({raw / p[0] for p in parts if len(p) > 1})
+
+
+def run(script: str, *args: str) -> float:
+    """One of the three commands, as the README gives it; its seconds. A failure stops the benchmark."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, check=True)
+    return time.perf_counter() - t0
+
+
+def score_patient(cases: list[Case], masks: Path) -> dict:
+    """Dice over the patient's cases pooled, and false positives on its cases without foreground."""
+    pred, truth, empty, false_pos = [], [], 0, 0
+    for case in cases:
+        true = read_case(case)["label"][0].numpy() > 0
+        mask = read_volume(masks / f"{case.name}_mask{mask_suffix(case.image)}")[0].numpy() > 0
+        pred.append(mask.ravel())
+        truth.append(true.ravel())
+        if not true.any():
+            empty += 1
+            false_pos += bool(mask.any())
+    p, t = np.concatenate(pred), np.concatenate(truth)
+    return {"dice": float(dice_binary(p[None, None], t[None, None])), "cases": len(cases), "empty": empty,
+            "false_positive": false_pos}
+
+
+def fold(args: argparse.Namespace) -> dict:
+    """Prepare, train and segment one fold; returns per-patient scores and the commands' seconds."""
+    folders = patients(Path(args.raw))
+    held = folders[args.fold :: args.folds]
+    work = Path(args.work) / f"fold_{args.fold}"
+    raw = work / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        if folder not in held and not (raw / folder.name).exists():
+            (raw / folder.name).symlink_to(folder.resolve(), target_is_directory=folder.is_dir())
+    seconds = {"preprocess": run("preprocess.py", str(raw), str(work / "prep"), *shlex.split(args.prep_args)),
+               "train": run("train.py", "--data", str(work / "prep"), "--output", str(work / "output"),
+                            *shlex.split(args.train_args))}
+    seconds["infer"] = run("infer.py", *map(str, held), "--checkpoint", str(work / "output" / "best.pt"),
+                           "--out", str(work / "masks"), "--overwrite")
+    scores = {}
+    for folder in held:
+        labelled, _ = find_cases(folder)
+        scores[folder.name] = score_patient(labelled, work / "masks")
+        s = scores[folder.name]
+        print(f"{folder.name}: Dice {s['dice']:.4f} over {s['cases']} cases; false positives on {s['false_positive']}"
+              f" of {s['empty']} without foreground")
+    mean = float(np.mean([s["dice"] for s in scores.values()]))
+    print(f"fold {args.fold} of {args.folds}: mean per-patient Dice {mean:.4f} over {len(scores)} held-out patients; "
+          f"seconds {json.dumps({k: round(v, 1) for k, v in seconds.items()})}")
+    return {"fold": args.fold, "folds": args.folds, "mean_dice": mean, "patients": scores, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("raw", help="a dataset root of patient (or case) folders")
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--work", default="/tmp/holdout", help="where each fold's links, prepared data and output go")
+    p.add_argument("--prep-args", default="", help="preprocess.py's options, as one string")
+    p.add_argument("--train-args", default="--time-limit 20m --device cpu", help="train.py's options, one string")
+    p.add_argument("--json", default=None, help="also write the result here")
+    args = p.parse_args(argv)
+    result = fold(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
