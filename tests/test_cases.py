@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import SYNTH_SHAPE
+from conftest import SHARED, SYNTH_SHAPE
 
 import cases
 import preprocess
@@ -85,3 +85,18 @@ def test_output_inside_the_input_can_be_prepared_again(tmp_path):
         assert preprocess.main([str(data), str(data / "prep"), "--workers", "1", "--val-fraction", "0.34"]) == 0
     manifest = cases.load_manifest(data / "prep")
     assert sorted(c["name"] for c in manifest["cases"]) == ["synth_000", "synth_001", "synth_002"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+def test_infer_takes_the_real_dataset_roots():
+    """What a user points infer.py at: the LGG and PH2 roots as downloaded, BraTS's test folder, a DICOM-free
+    NRRD folder: the images, never their masks."""
+    lgg = cases.find_inputs([SHARED / "lgg" / "kaggle_3m"])
+    assert len(lgg) == 231 and all(c.image.suffix == ".tif" and not c.name.endswith("_mask") for c in lgg)
+    assert len({c.group for c in lgg}) == 9
+    ph2 = cases.find_inputs([SHARED / "ph2"])
+    assert len(ph2) == 20 and all(c.image.parent.name.endswith("_Dermoscopic_Image") for c in ph2)
+    brats = cases.find_inputs([SHARED / "brats" / "brats2015TrainingData" / "test"], modalities=["Flair", "T1c"])
+    assert len(brats) == 2 and all([p.name.split("_")[0] for p in c.modalities] == ["Flair", "T1c"] for c in brats)
+    nrrd = cases.find_inputs([SHARED / "nrrd"])
+    assert sorted(c.name for c in nrrd) == ["brain1", "brain2", "breast1"]
