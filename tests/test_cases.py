@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -100,3 +102,22 @@ def test_infer_takes_the_real_dataset_roots():
     assert len(brats) == 2 and all([p.name.split("_")[0] for p in c.modalities] == ["Flair", "T1c"] for c in brats)
     nrrd = cases.find_inputs([SHARED / "nrrd"])
     assert sorted(c.name for c in nrrd) == ["brain1", "brain2", "breast1"]
+
+
+def test_evaluate_checks_the_manifest_version_like_train(prep_dir, trained, tmp_path, capsys):
+    """One manifest loader: infer --evaluate refuses an old manifest with the same line as train.py."""
+    import shutil
+
+    from conftest import one_error_line
+
+    import infer
+    import train
+
+    old = tmp_path / "prep"
+    shutil.copytree(prep_dir, old)
+    manifest = json.loads((old / "dataset.json").read_text())
+    (old / "dataset.json").write_text(json.dumps({**manifest, "version": cases.MANIFEST_VERSION - 1}))
+    assert infer.main(["--evaluate", str(old), "--checkpoint", str(trained / "best.pt"), "--out", str(tmp_path)]) == 2
+    line = one_error_line(capsys, "dataset.json", "run preprocess.py again")
+    assert train.main(["--data", str(old), "--output", str(tmp_path / "o"), "--epochs", "1"]) == 2
+    assert one_error_line(capsys) == line
