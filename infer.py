@@ -1,6 +1,6 @@
 """Segment volumes with a trained checkpoint; masks are written on each input's own grid.
 
-    python infer.py volume.nii.gz [more.nii.gz | folder ...] [--checkpoint output/best.pt] [--out output]
+    python infer.py volume.nii.gz [more.nii.gz | folder ...] [--checkpoint output/model.pt] [--out output]
 """
 
 from __future__ import annotations
@@ -238,7 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
     p.add_argument("inputs", nargs="*", help="images (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .tif, .tiff, .png, "
                    ".bmp), DICOM series folders, case folders (one file per modality), or folders of these")
-    p.add_argument("--checkpoint", default="output/best.pt")
+    p.add_argument("--checkpoint", default="output/model.pt",
+                   help="a train.py checkpoint: model.pt is the one it keeps for inference (see train.py --select)")
     p.add_argument("--out", default="output", help="folder for <case>_mask.nii.gz, evaluation.csv, overlays/")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),

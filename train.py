@@ -102,6 +102,7 @@ class TrainConfig:
     time_limit: float | None = None  # seconds of training and validation; None: --epochs alone decides
     batch_dice: bool | None = None  # plan: on for depth-1 data (nnU-Net's 2D choice), off for volumes
     plan: str | None = None  # a plan.json whose settings this run re-uses (flags still override)
+    select: str = "final"  # which epoch model.pt (what infer.py uses) holds: "final" or "best" (on validation)
 
 
 # ---------------------------------------------------------------- 1. data
@@ -503,13 +504,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                                          s.run.pool_groups) if validated or last else ({}, {})
         clock.validated(time.perf_counter() - t1, bool(per_label))
         improved = record(s, epoch, loss, lr, per_label, per_region, time.perf_counter() - t0)
-        if rank == 0:
-            save(s, epoch, improved, clock.left())
         # Every rank sees the same reduced Dice, so every rank stops at the same epoch.
-        if cfg.patience and s.stale >= cfg.patience:
+        early = bool(cfg.patience) and s.stale >= cfg.patience
+        if rank == 0:
+            save(s, epoch, improved, final=last or early, left=clock.left())
+        if early:
             log.info("early stop: no better validation Dice for %d validations", s.stale)
-            break
-        if last:
+        if last or early:
             break
     if s.writer is not None:
         s.writer.close()
@@ -643,13 +644,17 @@ def record(s: Session, epoch: int, loss: float, lr: float, per_label: dict[int, 
     return improved
 
 
-def save(s: Session, epoch: int, improved: bool, left: float | None = None) -> None:
-    """The epoch's files: ``best.pt`` when improved, ``last.pt``, ``metrics.csv``, ``dice.png``, the log line."""
+def save(s: Session, epoch: int, improved: bool, final: bool, left: float | None = None) -> None:
+    """The epoch's files: ``best.pt`` when improved, ``model.pt`` when this epoch is the one ``--select`` keeps for
+    inference (the final one, or the best), ``last.pt``, ``metrics.csv``, ``dice.png``, the log line."""
     out_dir = Path(s.run.cfg.output)
     ckpt = make_checkpoint(s.model, s.run, epoch, s.best, s.history)
     with DeferredInterrupt():  # Ctrl-C waits until this epoch's files are all written
         if improved:
             save_checkpoint(ckpt, out_dir / "best.pt")
+        keep = final if s.run.cfg.select == "final" else improved
+        if keep:
+            save_checkpoint({**ckpt, "selected": s.run.cfg.select}, out_dir / "model.pt")
         save_checkpoint({**ckpt, "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict()},
                         out_dir / "last.pt")
         write_metrics(s.history, out_dir / "metrics.csv")
@@ -777,6 +782,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in validation")
     p.add_argument("--sw-batch-size", type=int, default=d.sw_batch_size,
                    help="validation windows per network pass (default: 2 on the CPU, 4 on a GPU)")
+    p.add_argument("--select", choices=["final", "best"], default=d.select,
+                   help="the epoch model.pt keeps for inference: the final one (the learning rate decayed, as "
+                        "nnU-Net's checkpoint_final) or the best on validation (also always in best.pt)")
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision, bf16 or fp16 (CUDA only)")

@@ -1,6 +1,6 @@
 """Inference speed: a plain MONAI sliding-window call against infer.py's path, same checkpoint and volumes.
 
-    python benchmarks/bench_infer.py --prep data/prep --checkpoint output/best.pt [--split val] [--repeats 3]
+    python benchmarks/bench_infer.py --prep data/prep --checkpoint output/model.pt [--split val] [--repeats 3]
 
 (a) plain: ``monai.inferers.sliding_window_inference`` as the seed project called it: the training crop as
     window ((48, 96, 96) there), gaussian, fp32, under ``torch.no_grad``;
@@ -139,7 +139,7 @@ def bench_case(case: Case, ckpt: dict, runs: dict, repeats: int, device: torch.d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prep", default="data/prep", help="prepared dataset (its manifest names the original files)")
-    p.add_argument("--checkpoint", default="output/best.pt")
+    p.add_argument("--checkpoint", default="output/model.pt")
     p.add_argument("--split", default="val")
     p.add_argument("--cases", type=int, default=None, help="at most this many cases")
     p.add_argument("--repeats", type=int, default=3)

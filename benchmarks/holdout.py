@@ -6,9 +6,10 @@ patients, segment patients it never saw (not even for validation), score them.
 
 For fold K of N (patients sorted by name, then dealt round-robin, so that each is held out once across the folds):
 a raw folder of links to the other patients' folders, ``preprocess.py`` on it, ``train.py``, then ``infer.py`` on
-the held-out patients' images as a user would give them. Each held-out patient is scored by its Dice over all its
-slices pooled (the LGG literature's figure; one case = one patient for volumes), and by how many of its slices
-without tumour got a false positive. Prints one line per patient and the mean; ``--json`` writes them.
+the held-out patients' images as a user would give them, once with ``model.pt`` (what infer.py uses by default) and
+once with ``best.pt`` (the best validation epoch). Each held-out patient is scored by its Dice over all its slices
+pooled (the LGG literature's figure; one case = one patient for volumes), and by how many of its slices without
+tumour got a false positive. Prints one line per patient and the mean; ``--json`` writes them.
 Not a test: tests/test_benchmarks.py only smoke-runs it.
 """
 
@@ -64,7 +65,8 @@ def score_patient(cases: list[Case], masks: Path) -> dict:
 
 
 def fold(args: argparse.Namespace) -> dict:
-    """Prepare, train and segment one fold; returns per-patient scores and the commands' seconds."""
+    """Prepare, train and segment one fold; returns per-patient scores for ``model.pt`` (what infer.py uses) and for
+    ``best.pt`` (the best validation epoch), and the commands' seconds."""
     folders = patients(Path(args.raw))
     held = folders[args.fold :: args.folds]
     work = Path(args.work) / f"fold_{args.fold}"
@@ -76,19 +78,21 @@ def fold(args: argparse.Namespace) -> dict:
     seconds = {"preprocess": run("preprocess.py", str(raw), str(work / "prep"), *shlex.split(args.prep_args)),
                "train": run("train.py", "--data", str(work / "prep"), "--output", str(work / "output"),
                             *shlex.split(args.train_args))}
-    seconds["infer"] = run("infer.py", *map(str, held), "--checkpoint", str(work / "output" / "best.pt"),
-                           "--out", str(work / "masks"), "--overwrite")
-    scores = {}
-    for folder in held:
-        labelled, _ = find_cases(folder)
-        scores[folder.name] = score_patient(labelled, work / "masks")
-        s = scores[folder.name]
-        print(f"{folder.name}: Dice {s['dice']:.4f} over {s['cases']} cases; false positives on {s['false_positive']}"
-              f" of {s['empty']} without foreground")
-    mean = float(np.mean([s["dice"] for s in scores.values()]))
-    print(f"fold {args.fold} of {args.folds}: mean per-patient Dice {mean:.4f} over {len(scores)} held-out patients; "
-          f"seconds {json.dumps({k: round(v, 1) for k, v in seconds.items()})}")
-    return {"fold": args.fold, "folds": args.folds, "mean_dice": mean, "patients": scores, "seconds": seconds}
+    result: dict = {"fold": args.fold, "folds": args.folds, "seconds": seconds}
+    for checkpoint in ("model.pt", "best.pt"):
+        masks = work / f"masks_{Path(checkpoint).stem}"
+        seconds[f"infer_{checkpoint}"] = run("infer.py", *map(str, held), "--checkpoint",
+                                             str(work / "output" / checkpoint), "--out", str(masks), "--overwrite")
+        scores = {folder.name: score_patient(find_cases(folder)[0], masks) for folder in held}
+        mean = float(np.mean([s["dice"] for s in scores.values()]))
+        for name, s in scores.items():
+            print(f"{checkpoint} {name}: Dice {s['dice']:.4f} over {s['cases']} cases; false positives on "
+                  f"{s['false_positive']} of {s['empty']} without foreground")
+        print(f"{checkpoint}: fold {args.fold} of {args.folds}: mean per-patient Dice {mean:.4f} over "
+              f"{len(scores)} held-out patients")
+        result[checkpoint] = {"mean_dice": mean, "patients": scores}
+    print(f"seconds {json.dumps({k: round(v, 1) for k, v in seconds.items()})}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

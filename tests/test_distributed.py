@@ -74,5 +74,5 @@ def test_torchrun_runs_train_py_unchanged(prep_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "rank 1 of 2" in proc.stderr and "rank 0 of 2" in proc.stderr
     assert load_checkpoint(out / "best.pt")["epoch"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "dice.png", "last.pt", "metrics.csv", "plan.json",
-                                                     "tensorboard"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "dice.png", "last.pt", "metrics.csv", "model.pt",
+                                                     "plan.json", "tensorboard"]

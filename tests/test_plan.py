@@ -105,3 +105,18 @@ def test_a_time_limited_run_ends_validated_with_a_decayed_rate(prep_dir, tmp_pat
     assert rows[-1]["val_dice"] != ""  # the last epoch is validated, so the best checkpoint is chosen on it
     assert float(rows[-1]["lr"]) < 0.5 * 1e-3 < float(rows[0]["lr"])  # past the middle of the cosine
     assert json.loads((out / "plan.json").read_text())["settings"]["time_limit"] == 20.0
+
+
+@pytest.mark.parametrize("select", ["final", "best"])
+def test_model_pt_holds_the_selected_epoch(prep_dir, tmp_path, select):
+    """model.pt, what infer.py uses by default, is the final epoch (learning rate decayed) or the best one."""
+    from model import load_checkpoint
+
+    out = tmp_path / select
+    assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "3", "--select", select,
+                       *TINY_NET]) == 0
+    kept, best = load_checkpoint(out / "model.pt"), load_checkpoint(out / "best.pt")
+    assert kept["selected"] == select
+    assert kept["epoch"] == (3 if select == "final" else best["epoch"])
+    same = load_checkpoint(out / "last.pt") if select == "final" else best
+    assert all(torch.equal(kept["model_state"][k], same["model_state"][k]) for k in kept["model_state"])
