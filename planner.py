@@ -103,12 +103,12 @@ def make_plan(fingerprint: dict, shapes: Sequence[Sequence[int]], in_channels: i
         batch, samples = (12 if gpu else 4), 1
     else:
         batch, samples = 2, 4
-    seconds = probe(margs, crop, batch * samples, in_channels, device)
+    seconds = round(probe(margs, crop, batch * samples, in_channels, device), 3)
     plan = {
         "crop": crop, "widths": margs["channels"], "strides": margs["strides"],
         "batch_size": batch, "num_samples": samples, "lr": 1e-3, "batch_dice": two_d,
         "loss": "Dice + BCE (pos_weight) for one label, Dice + cross-entropy for several",
-        "machine": info, "probe_step_s": round(seconds, 3),
+        "machine": info, "probe_step_s": seconds,
         "epoch_s_estimate": round(seconds * math.ceil(cases / batch), 1),
     }
     if time_limit:

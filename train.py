@@ -1,6 +1,7 @@
 """Train the UNet on data/prep; best and last checkpoints, a Dice plot, metrics and TensorBoard logs in output/.
 
     python train.py --epochs 200 --device cuda [--data data/prep] [--output output] [--resume]
+    python train.py --time-limit 20m --device cpu        # the plan decides what --epochs, --crop … leave open
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class TrainConfig:
     time_limit: float | None = None  # seconds of training and validation; None: --epochs alone decides
     batch_dice: bool | None = None  # plan: on for depth-1 data (nnU-Net's 2D choice), off for volumes
     plan: str | None = None  # a plan.json whose settings this run re-uses (flags still override)
-    select: str = "final"  # which epoch model.pt (what infer.py uses) holds: "final" or "best" (on validation)
+    select: str = "best"  # which epoch model.pt (what infer.py uses) holds: "best" (on validation) or "final"
 
 
 # ---------------------------------------------------------------- 1. data
@@ -782,9 +783,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in validation")
     p.add_argument("--sw-batch-size", type=int, default=d.sw_batch_size,
                    help="validation windows per network pass (default: 2 on the CPU, 4 on a GPU)")
-    p.add_argument("--select", choices=["final", "best"], default=d.select,
-                   help="the epoch model.pt keeps for inference: the final one (the learning rate decayed, as "
-                        "nnU-Net's checkpoint_final) or the best on validation (also always in best.pt)")
+    p.add_argument("--select", choices=["best", "final"], default=d.select,
+                   help="the epoch model.pt keeps for inference: the best on validation (as best.pt), or the final "
+                        "one (the learning rate decayed, as nnU-Net's checkpoint_final)")
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision, bf16 or fp16 (CUDA only)")
