@@ -336,9 +336,11 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
         amount, unit = segmented_size(mask, affine)
         results.append((out, amount, unit))
         log.info("%s: %.2f %s segmented → %s", case.sources[0], amount, unit, out)
-    totals = {u: sum(a for _, a, unit in results if unit == u) for u in ("mL", "mm²")}
+    totals: dict[str, float] = {}  # mL of volumes, mm² of single slices
+    for _, amount, unit in results:
+        totals[unit] = totals.get(unit, 0.0) + amount
     log.info("segmented %d cases in %.1f s: %s%s → %s", len(results), time.perf_counter() - t0,
-             ", ".join(f"{a:.2f} {u}" for u, a in totals.items() if any(r[2] == u for r in results)),
+             ", ".join(f"{a:.2f} {u}" for u, a in totals.items()),
              f"; {blank} blank images (constant: empty masks)" if blank else "", out_dir)
     report(scores, patients, labels, regions, out_dir)
     return results
