@@ -1,8 +1,8 @@
 """A training plan from the data fingerprint and the machine, as nnU-Net's experiment planner makes one, but sized for
 the hardware at hand (CPU cores and a timed probe; GPU memory) instead of a fixed 8 GB GPU.
 
-The plan is a flat dict of ``train.py`` settings (crop, network, batch, learning rate, loss, window) plus what it was
-decided from; ``train.py`` prints it, writes it to ``output/plan.json`` and into the checkpoint, and every flag
+The plan is a flat dict of ``train.py`` settings (crop, network, batch, learning rate, batch Dice) plus what it was
+decided from (the window follows from the crop in ``train.plan``); ``train.py`` prints it, writes it to ``output/plan.json`` and into the checkpoint, and every flag
 overrides one entry (``--plan output/plan.json`` re-runs one).
 """
 
