@@ -2,8 +2,9 @@
 the hardware at hand (CPU cores and a timed probe; GPU memory) instead of a fixed 8 GB GPU.
 
 The plan is a flat dict of ``train.py`` settings (crop, network, batch, learning rate, batch Dice) plus what it was
-decided from (the window follows from the crop in ``train.plan``); ``train.py`` prints it, writes it to ``output/plan.json`` and into the checkpoint, and every flag
-overrides one entry (``--plan output/plan.json`` re-runs one).
+decided from (the window follows from the crop in ``train.plan``); ``train.py`` prints it, writes it to
+``output/plan.json`` and into the checkpoint, and every flag overrides one entry (``--plan output/plan.json``
+re-runs one).
 """
 
 from __future__ import annotations
