@@ -24,10 +24,13 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
     RandRotate90d,
-    RandRotated,
+    RandScaleIntensityd,
     Resize,
     Resized,
     ScaleIntensityRanged,
@@ -227,6 +230,8 @@ class AugmentParams:
     neg: float = 1.0
     num_samples: int = 4
     rotate_degrees: float = 15.0  # small random in-plane rotation, on top of 90° turns
+    scale: float = 0.2  # random zoom by 1 ± this (in-plane; in depth too for crops deeper than one slice)
+    intensity: bool = True  # nnU-Net's intensity augmentation: brightness, gamma, noise
 
 
 class CropCentresd(MapTransform):
@@ -291,12 +296,10 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
                                    bg_indices_key="label_bg"),
             # 90° turns only where they keep the crop's shape (a batch needs one shape; flips cover 180°)
             *([RandRotate90d(keys, prob=0.5, spatial_axes=(1, 2))] if aug.crop[1] == aug.crop[2] else []),
-            # range_x turns the (H, W) plane, about the depth axis; MONAI's range_z would tilt depth into
-            # height, which empties most of a depth-1 crop.
-            RandRotated(keys, range_x=np.deg2rad(aug.rotate_degrees), prob=0.5, mode=["bilinear", "nearest"],
-                        padding_mode="zeros"),
+            *spatial_augment(aug, keys),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
             RandFlipd(keys, prob=0.5, spatial_axis=2),
+            *(intensity_augment() if aug.intensity else []),
             EnsureTyped("label", dtype=torch.uint8),  # rotation resampled it as float
             EnsureTyped(keys, track_meta=False),
             OwnCrops(keys),  # the crop-centre indices stay behind
@@ -307,6 +310,25 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
     else:
         raise ValueError(f"mode must be 'train' or 'val', not {mode!r}")
     return Compose(xforms)
+
+
+def spatial_augment(aug: AugmentParams, keys: Sequence[str]) -> list[MapTransform]:
+    """A random in-plane rotation and zoom, in one resampling. The rotation turns the (H, W) plane, about the depth
+    axis: one about another axis would tilt depth into height, which empties most of a depth-1 crop; for the same
+    reason a depth-1 crop is zoomed in-plane only."""
+    depth_scale = aug.scale if aug.crop[0] > 1 else 0.0
+    return [RandAffined(keys, prob=0.5, rotate_range=(np.deg2rad(aug.rotate_degrees), 0.0, 0.0),
+                        scale_range=(depth_scale, aug.scale, aug.scale), mode=["bilinear", "nearest"],
+                        padding_mode="zeros")]
+
+
+def intensity_augment() -> list[MapTransform]:
+    """The intensity part of nnU-Net's augmentation, on the normalized image: the scanners and protocols of new
+    patients differ from those seen in training more than anything the spatial part covers (probabilities and
+    ranges as nnU-Net's defaults)."""
+    return [RandScaleIntensityd("image", factors=0.25, prob=0.15),
+            RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+            RandGaussianNoised("image", std=0.1, prob=0.1)]
 
 
 class OwnCrops(MapTransform):

@@ -33,6 +33,8 @@ from matplotlib.figure import Figure
 from monai.data import DataLoader, ThreadDataLoader, partition_dataset
 from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard import SummaryWriter
 
 from cases import load_manifest
@@ -83,7 +85,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     dice_weight: float = 1.0
     bce_weight: float = 1.0
-    pos_weight: float = 3.0
+    pos_weight: float = 1.0
     val_every: int = 1
     overlap: float = 0.75
     sw_batch_size: int | None = None  # None: model.default_sw_batch_size of the device
@@ -104,6 +106,7 @@ class TrainConfig:
     batch_dice: bool | None = None  # plan: on for depth-1 data (nnU-Net's 2D choice), off for volumes
     plan: str | None = None  # a plan.json whose settings this run re-uses (flags still override)
     select: str = "best"  # which epoch model.pt (what infer.py uses) holds: "best" (on validation) or "final"
+    ema_epochs: float = 5.0  # horizon of the weights' moving average, in epochs; 0: no average, the raw weights
 
 
 # ---------------------------------------------------------------- 1. data
@@ -221,8 +224,10 @@ def make_loss(n_classes: int, cfg: TrainConfig) -> torch.nn.Module:
 # ---------------------------------------------------------------- 4. one epoch
 
 
-def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device, amp: bool) -> float:
-    """One pass over the training crops; mean loss, synchronised once at the end."""
+def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device, amp: bool,
+                average: AveragedModel | None = None) -> float:
+    """One pass over the training crops; mean loss, synchronised once at the end. ``average`` (the weights'
+    moving average) follows every step."""
     model.train()
     total, steps = torch.zeros((), device=device), 0
     for batch in loader:
@@ -234,6 +239,8 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if average is not None:
+            average.update_parameters(model.module if isinstance(model, DDP) else model)
         total += loss.detach()
         steps += 1
     stats = torch.stack([total, torch.tensor(float(steps), device=device)])
@@ -484,6 +491,12 @@ class Session:
     best: dict = dataclasses.field(default_factory=lambda: {"dice": -1.0, "epoch": 0})
     history: list[dict] = dataclasses.field(default_factory=list)
     stale: int = 0  # validations since the best one
+    average: AveragedModel | None = None  # the weights' moving average (``--ema-epochs``)
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        """The network that is validated and saved for inference: the moving average, when there is one."""
+        return self.model if self.average is None else self.average.module
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
@@ -501,7 +514,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         last = epoch == cfg.epochs or agreed(clock.no_time_for_another())
         validated = agreed(clock.validation_due()) if clock.limit else epoch % cfg.val_every == 0
         t1 = time.perf_counter()
-        per_label, per_region = validate(s.model, s.val_loader, s.run.label_values, cfg, s.run.window, s.amp,
+        per_label, per_region = validate(s.weights, s.val_loader, s.run.label_values, cfg, s.run.window, s.amp,
                                          s.run.pool_groups) if validated or last else ({}, {})
         clock.validated(time.perf_counter() - t1, bool(per_label))
         improved = record(s, epoch, loss, lr, per_label, per_region, time.perf_counter() - t0)
@@ -519,7 +532,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     log.info("peak memory: %.0f MB resident%s", peak_mb, f", {torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
              " MB on the GPU" if device.type == "cuda" else "")
     return {"best_dice": s.best["dice"], "best_epoch": s.best["epoch"], "epochs_run": len(s.history),
-            "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in s.train_ds.data], "model": s.model}
+            "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in s.train_ds.data], "model": s.weights}
 
 
 VALIDATION_SHARE = 0.2  # a --time-limit run validates when that keeps validation under this share of the time
@@ -587,19 +600,30 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Sess
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run.record, out_dir / "plan.json")
     model, optimizer, scaler, loss_fn = make_training(run, device, amp)
+    train_items, val_items = rank_share(run, rank, world)
+    average = moving_average(model, run.cfg.ema_epochs, math.ceil(len(train_items) / run.cfg.batch_size))
     start, best, history = 1, {"dice": -1.0, "epoch": 0}, []
     if run.cfg.resume:
-        start, best, history = resume_from(out_dir / "last.pt", model, optimizer, scaler, run.margs)
+        start, best, history = resume_from(out_dir / "last.pt", model, optimizer, scaler, run.margs, average)
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+        net = DDP(model, device_ids=[device.index] if device.index is not None
                                                         else None)
-    train_items, val_items = rank_share(run, rank, world)
     train_ds, val_ds, on_gpu = make_datasets(run, train_items, val_items, device)
     val_loader = make_loader(val_ds, 1, None, on_gpu, device, shuffle=False)
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start) if rank == 0 else None
     return Session(run, device, amp, rank, model, net, optimizer, scaler, loss_fn, train_ds, val_loader, on_gpu,
-                   writer, start, best, history)
+                   writer, start, best, history, average=average)
+
+
+def moving_average(model: torch.nn.Module, epochs: float, steps_per_epoch: int) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights over about ``epochs`` epochs (None for 0): validation
+    on a few patients swings by ±0.1 from epoch to epoch with the raw weights; the average is what is validated
+    and saved, so that the epoch chosen and the weights kept are less the luck of the last steps."""
+    if epochs <= 0:
+        return None
+    decay = max(0.0, 1.0 - 1.0 / (epochs * steps_per_epoch))
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def rank_share(run: Plan, rank: int, world: int) -> tuple[list[dict], list[dict]]:
@@ -623,7 +647,7 @@ def train_one_epoch(s: Session, epoch: int, lr: float) -> float:
     loader = make_loader(s.train_ds, cfg.batch_size, seed, s.on_gpu, s.device, cfg.num_workers)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
-    loss = train_epoch(s.net, loader, s.loss_fn, s.optimizer, s.scaler, s.device, s.amp)
+    loss = train_epoch(s.net, loader, s.loss_fn, s.optimizer, s.scaler, s.device, s.amp, s.average)
     sync_buffers(s.model)
     return loss
 
@@ -649,15 +673,17 @@ def save(s: Session, epoch: int, improved: bool, final: bool, left: float | None
     """The epoch's files: ``best.pt`` when improved, ``model.pt`` when this epoch is the one ``--select`` keeps for
     inference (the final one, or the best), ``last.pt``, ``metrics.csv``, ``dice.png``, the log line."""
     out_dir = Path(s.run.cfg.output)
-    ckpt = make_checkpoint(s.model, s.run, epoch, s.best, s.history)
+    ckpt = make_checkpoint(s.weights, s.run, epoch, s.best, s.history)
     with DeferredInterrupt():  # Ctrl-C waits until this epoch's files are all written
         if improved:
             save_checkpoint(ckpt, out_dir / "best.pt")
         keep = final if s.run.cfg.select == "final" else improved
         if keep:
             save_checkpoint({**ckpt, "selected": s.run.cfg.select}, out_dir / "model.pt")
-        save_checkpoint({**ckpt, "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict()},
-                        out_dir / "last.pt")
+        resume = {"optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict()}
+        if s.average is not None:  # model_state holds the average; training goes on from the raw weights
+            resume |= {"train_state": s.model.state_dict(), "average_steps": int(s.average.n_averaged)}
+        save_checkpoint({**ckpt, **resume}, out_dir / "last.pt")
         write_metrics(s.history, out_dir / "metrics.csv")
         plot_dice(s.history, out_dir / "dice.png")
     log_epoch(s.writer, s.history[-1], s.best, left)
@@ -717,14 +743,24 @@ def cosine_lr(base: float, epoch: int, epochs: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
-def resume_from(path: Path, model, optimizer, scaler, margs: dict) -> tuple[int, dict, list[dict]]:
-    """Restore model/optimizer/scaler from ``last.pt``; returns (next epoch, best, history)."""
+def resume_from(path: Path, model, optimizer, scaler, margs: dict, average: AveragedModel | None = None
+                ) -> tuple[int, dict, list[dict]]:
+    """Restore model/optimizer/scaler (and the moving average) from ``last.pt``; returns (next epoch, best,
+    history)."""
     ckpt = load_checkpoint(path)
     if ckpt["model_args"] != margs:
         raise InputError(f"{path}: was trained with model {ckpt['model_args']}, not {margs}")
     if "optimizer" not in ckpt or "scaler" not in ckpt:
         raise InputError(f"{path}: holds no optimizer state; resume from last.pt")
-    model.load_state_dict(model_from_checkpoint(ckpt, path).state_dict())
+    saved = model_from_checkpoint(ckpt, path).state_dict()
+    if (average is not None) != ("train_state" in ckpt):
+        raise InputError(f"{path}: was trained {'with' if 'train_state' in ckpt else 'without'} a moving average "
+                         f"of the weights; resume with the same --ema-epochs")
+    if average is not None:
+        average.module.load_state_dict(saved)
+        average.n_averaged.fill_(int(ckpt["average_steps"]))
+        saved = ckpt["train_state"]
+    model.load_state_dict(saved)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -786,6 +822,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--select", choices=["best", "final"], default=d.select,
                    help="the epoch model.pt keeps for inference: the best on validation (as best.pt), or the final "
                         "one (the learning rate decayed, as nnU-Net's checkpoint_final)")
+    p.add_argument("--ema-epochs", type=float, default=d.ema_epochs,
+                   help="validate and keep an exponential moving average of the weights over about this many "
+                        "epochs; 0: the raw weights")
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision, bf16 or fp16 (CUDA only)")
@@ -875,8 +914,10 @@ def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
             a.sw_batch_size is not None and a.sw_batch_size < 1):
         p.error("--batch-size × --num-samples above 4096, --crop above 1024, negative --num-workers or "
                 "--sw-batch-size below 1")
-    if (a.lr is not None and a.lr <= 0) or not 0 <= a.overlap < 1 or not 0 <= a.cache_rate <= 1 or a.patience < 0:
-        p.error("need --lr > 0, 0 <= --overlap < 1, 0 <= --cache-rate <= 1, --patience >= 0")
+    if (a.lr is not None and a.lr <= 0) or not 0 <= a.overlap < 1 or not 0 <= a.cache_rate <= 1 or a.patience < 0 or (
+            not 0 <= a.ema_epochs <= 1000):
+        p.error("need --lr > 0, 0 <= --overlap < 1, 0 <= --cache-rate <= 1, --patience >= 0, "
+                "0 <= --ema-epochs <= 1000")
     if a.window and (min(a.window) < 1 or max(a.window) > 1024):
         p.error("--window sizes must lie in 1..1024")
 

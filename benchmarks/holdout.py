@@ -6,8 +6,9 @@ patients, segment patients it never saw (not even for validation), score them.
 
 For fold K of N (patients sorted by name, then dealt round-robin, so that each is held out once across the folds):
 a raw folder of links to the other patients' folders, ``preprocess.py`` on it, ``train.py``, then ``infer.py`` on
-the held-out patients' images as a user would give them, once with ``model.pt`` (what infer.py uses by default) and
-once with ``best.pt`` (the best validation epoch). Each held-out patient is scored by its Dice over all its slices
+the held-out patients' images as a user would give them, once with ``best.pt`` (the best validation epoch) and once
+with ``last.pt`` (the final epoch): ``model.pt``, what infer.py uses by default, is one of them (``--select``).
+Each held-out patient is scored by its Dice over all its slices
 pooled (the LGG literature's figure; one case = one patient for volumes), and by how many of its slices without
 tumour got a false positive. Prints one line per patient and the mean; ``--json`` writes them.
 Not a test: tests/test_benchmarks.py only smoke-runs it.
@@ -65,8 +66,8 @@ def score_patient(cases: list[Case], masks: Path) -> dict:
 
 
 def fold(args: argparse.Namespace) -> dict:
-    """Prepare, train and segment one fold; returns per-patient scores for ``model.pt`` (what infer.py uses) and for
-    ``best.pt`` (the best validation epoch), and the commands' seconds."""
+    """Prepare, train and segment one fold; returns per-patient scores for ``best.pt`` (the best validation epoch) and
+    ``last.pt`` (the final one), and the commands' seconds."""
     folders = patients(Path(args.raw))
     held = folders[args.fold :: args.folds]
     work = Path(args.work) / f"fold_{args.fold}"
@@ -79,7 +80,7 @@ def fold(args: argparse.Namespace) -> dict:
                "train": run("train.py", "--data", str(work / "prep"), "--output", str(work / "output"),
                             *shlex.split(args.train_args))}
     result: dict = {"fold": args.fold, "folds": args.folds, "seconds": seconds}
-    for checkpoint in ("model.pt", "best.pt"):
+    for checkpoint in ("best.pt", "last.pt"):
         masks = work / f"masks_{Path(checkpoint).stem}"
         seconds[f"infer_{checkpoint}"] = run("infer.py", *map(str, held), "--checkpoint",
                                              str(work / "output" / checkpoint), "--out", str(masks), "--overwrite")

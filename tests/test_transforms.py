@@ -97,7 +97,8 @@ def test_body_mask_crops_dark_background_but_not_a_bright_frame(depth):
 
 @pytest.mark.parametrize("depth", [1, 5])
 def test_augmentation_turns_slices_in_plane_and_keeps_them(tmp_path, depth):
-    """Rotations and flips act in the (H, W) plane: a centred disc keeps its size in every slice, even depth 1."""
+    """Rotations and flips act in the (H, W) plane: a centred disc keeps its size in every slice, even depth 1
+    (zoom off)."""
     import nibabel as nib
 
     rows, cols = np.ogrid[:64, :64]
@@ -106,12 +107,36 @@ def test_augmentation_turns_slices_in_plane_and_keeps_them(tmp_path, depth):
     for name, array in (("image", label.astype(np.float32)), ("label", label)):
         nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
     item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
-    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(depth, 64, 64), num_samples=1))
+    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(depth, 64, 64), num_samples=1, scale=0.0))
     for seed in range(12):
         xforms.set_random_state(seed=seed)
         out = xforms(item)[0]["label"][0]
         assert out.shape == (depth, 64, 64)
         assert np.allclose(out.sum((1, 2)).numpy(), disc.sum(), rtol=0.05)  # every slice keeps the disc
+
+
+def test_augmentation_zooms_a_slice_in_plane_and_changes_intensities_only_of_the_image(tmp_path):
+    """The zoom (±20%) of a depth-1 crop scales the disc's area by 1/1.2² to 1/0.8² and never empties it; the
+    intensity part changes image values (brightness, gamma, noise) but leaves the label's 0/1 alone."""
+    import nibabel as nib
+
+    rows, cols = np.ogrid[:64, :64]
+    disc = ((rows - 32) ** 2 + (cols - 32) ** 2 < 12**2).astype(np.uint8)[None]
+    for name, array in (("image", disc.astype(np.float32)), ("label", disc)):
+        nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
+    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(1, 64, 64), num_samples=1))
+    areas, retouched = [], 0
+    for seed in range(40):
+        xforms.set_random_state(seed=seed)
+        out = xforms(item)[0]
+        label, image = out["label"][0, 0].numpy(), out["image"][0, 0].numpy()
+        assert set(np.unique(label)) == {0, 1}
+        areas.append(label.sum() / disc.sum())
+        retouched += not np.isin(image, (0.0, 1.0)).all()  # interpolation at the edge aside, values other than 0/1
+    assert 1 / 1.2**2 - 0.05 <= min(areas) and max(areas) <= 1 / 0.8**2 + 0.05
+    assert max(abs(a - 1) for a in areas) > 0.1  # some draws zoomed
+    assert 0 < retouched < 40
 
 
 def test_random_crops_leave_the_cached_volumes_alone(prep_dir):
