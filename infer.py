@@ -22,11 +22,12 @@ from monai.metrics import compute_hausdorff_distance
 from monai.transforms import Compose, Invertd
 from tqdm import tqdm
 
-from cases import Case, case_name, cases_from_manifest, find_inputs, read_case, with_truth
+from cases import Case, case_name, cases_from_manifest, find_inputs, read_case, slice_number, with_truth
 from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
 from dataset import ORIENTATION, PrepParams, prepare_transforms, prepared_tissue
 from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts
 from model import load_checkpoint, model_from_checkpoint, predict_logits, probabilities, resolve_device, to_classes
+from postprocess import apply_rules
 from readers import (
     MASK_FORMATS,
     is_blank,
@@ -249,6 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="windows per network pass (default: 2 on the CPU, 4 on a GPU)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
     p.add_argument("--overwrite", action="store_true", help="replace masks that exist already")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="leave out the postprocessing the checkpoint holds (train.py decides it on validation)")
     p.add_argument("--truth", nargs="+", default=None, metavar="MASK",
                    help="true masks, one per input in order: writes evaluation.csv (Dice, IoU, HD95, sizes)")
     p.add_argument("--evaluate", default=None, metavar="PREP",
@@ -317,25 +320,34 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
     labels = segmenter.ckpt["label_values"]
     regions = model_regions(config, labels, segmenter.ckpt)
     channel = PrepParams.from_dict(segmenter.ckpt["prep_params"]).channel
+    rules = [] if config.no_postprocess else (segmenter.ckpt.get("postprocessing") or {}).get("rules", [])
     scores, patients, results, blank, t0 = {}, PatientDice(labels, regions), [], 0, time.perf_counter()
-    for case, out in zip(tqdm(cases, desc="infer", unit="case", disable=None), targets):  # quiet off a terminal
-        raw = read_case(case, channel)
-        blank += is_blank(raw["image"])
-        mask = segmenter(raw["image"], case.image)
-        affine = np.asarray(raw["image"].affine, dtype=np.float64)
-        truth = raw["label"][0].numpy().astype(np.int64) if "label" in raw else None
-        if truth is not None:
-            scores[case.name] = evaluate_case(mask, truth, affine, labels, regions)
-            if 1 in mask.shape:  # a slice: it also counts towards its patient's Dice
-                patients.add(case.group, mask, truth)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_mask(mask, affine, out, binary=list(labels) == [0, 1], source=case.image)
-        if config.overlays:
-            overlay = out_dir / "overlays" / f"{Path(case.name).name}.png"
-            write_overlay(raw["image"], mask, truth, labels, case.name, overlay)
-        amount, unit = segmented_size(mask, affine)
-        results.append((out, amount, unit))
-        log.info("%s: %.2f %s segmented → %s", case.sources[0], amount, unit, out)
+    bar = tqdm(total=len(cases), desc="infer", unit="case", disable=None)  # quiet off a terminal
+    for unit in segmentation_units(cases):
+        done = []
+        for k in unit:
+            raw = read_case(cases[k], channel)
+            blank += is_blank(raw["image"])
+            done.append((raw, segmenter(raw["image"], cases[k].image)))
+            bar.update()
+        masks = postprocess_unit([mask for _, mask in done], [raw["image"].affine for raw, _ in done], rules)
+        for k, (raw, _), mask in zip(unit, done, masks):
+            case, out = cases[k], targets[k]
+            affine = np.asarray(raw["image"].affine, dtype=np.float64)
+            truth = raw["label"][0].numpy().astype(np.int64) if "label" in raw else None
+            if truth is not None:
+                scores[case.name] = evaluate_case(mask, truth, affine, labels, regions)
+                if 1 in mask.shape:  # a slice: it also counts towards its patient's Dice
+                    patients.add(case.group, mask, truth)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_mask(mask, affine, out, binary=list(labels) == [0, 1], source=case.image)
+            if config.overlays:
+                overlay = out_dir / "overlays" / f"{Path(case.name).name}.png"
+                write_overlay(raw["image"], mask, truth, labels, case.name, overlay)
+            amount, unit_name = segmented_size(mask, affine)
+            results.append((out, amount, unit_name))
+            log.info("%s: %.2f %s segmented → %s", case.sources[0], amount, unit_name, out)
+    bar.close()
     totals: dict[str, float] = {}  # mL of volumes, mm² of single slices
     for _, amount, unit in results:
         totals[unit] = totals.get(unit, 0.0) + amount
@@ -344,6 +356,28 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
              f"; {blank} blank images (constant: empty masks)" if blank else "", out_dir)
     report(scores, patients, labels, regions, out_dir)
     return results
+
+
+def segmentation_units(cases: Sequence[Case]) -> list[list[int]]:
+    """Indices of the cases segmented together, in order: a patient's numbered 2D slices (one group), whose masks
+    are postprocessed as one stack in slice order; every other case alone."""
+    units: dict[str, list[int]] = {}
+    for k, case in enumerate(cases):
+        numbered = bool(case.group) and slice_number(Path(case.name)) is not None
+        units.setdefault(case.group if numbered else f"\0{k}", []).append(k)
+    return [sorted(u, key=lambda k: slice_number(Path(cases[k].name))) if len(u) > 1 else u for u in units.values()]
+
+
+def postprocess_unit(masks: list[np.ndarray], affines: Sequence, rules: Sequence[dict]) -> list[np.ndarray]:
+    """The checkpoint's postprocessing rules applied to one unit's masks (X, Y, Z): a volume alone, a patient's
+    single-slice masks of one shape stacked along the slice axis (Z), so that components are counted in 3D."""
+    if not rules:
+        return masks
+    mm3 = [float(np.prod(spacing_mm(np.asarray(a, dtype=np.float64)))) for a in affines]
+    if len(masks) > 1 and all(m.shape == masks[0].shape and m.shape[2] == 1 for m in masks):
+        stack = apply_rules(np.concatenate(masks, axis=2), rules, mm3[0])
+        return [stack[:, :, [z]] for z in range(len(masks))]
+    return [apply_rules(m, rules, v) for m, v in zip(masks, mm3)]
 
 
 def report(scores: dict[str, dict], patients: PatientDice, labels: Sequence[int], regions: dict, out_dir: Path

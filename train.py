@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -63,6 +64,7 @@ from model import (
     window_independent,
 )
 from planner import machine, make_plan
+from postprocess import decide, small_sizes, stack_units
 
 log = logging.getLogger("train")
 
@@ -105,7 +107,8 @@ class TrainConfig:
     time_limit: float | None = None  # seconds of training and validation; None: --epochs alone decides
     batch_dice: bool | None = None  # plan: on for depth-1 data (nnU-Net's 2D choice), off for volumes
     plan: str | None = None  # a plan.json whose settings this run re-uses (flags still override)
-    select: str = "best"  # which epoch model.pt (what infer.py uses) holds: "best" (on validation) or "final"
+    select: str = "final"  # which epoch model.pt (what infer.py uses) holds: "final" or "best" (on validation)
+    postprocess: bool = True  # decide postprocessing on validation after the last epoch (postprocess.py)
     ema_epochs: float = 5.0  # horizon of the weights' moving average, in epochs; 0: no average, the raw weights
 
 
@@ -505,7 +508,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     started = time.perf_counter()  # the budget counts setup (reading, caching) too
     s = setup(cfg, rank, world, device)
     cfg = s.run.cfg
-    clock = Clock(cfg.time_limit, started - sum(float(row["seconds"]) for row in s.history))
+    clock = Clock(cfg.time_limit, started - sum(float(row["seconds"]) for row in s.history),
+                  closing=1.0 if cfg.postprocess else 0.0)
     for epoch in range(s.start, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = cosine_lr(cfg.lr, epoch, cfg.epochs) if clock.limit is None else clock.lr(cfg.lr)
@@ -526,6 +530,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             log.info("early stop: no better validation Dice for %d validations", s.stale)
         if last or early:
             break
+    if rank == 0 and cfg.postprocess:
+        decide_postprocessing(s)
     if s.writer is not None:
         s.writer.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -550,6 +556,7 @@ class Clock:
     epoch_s: float = 0.0  # the latest epoch's training
     val_s: float = 0.0  # the latest validation
     since_val: float = 0.0  # training seconds since the latest validation
+    closing: float = 0.0  # validations' worth of time kept for after the last epoch (the postprocessing decision)
 
     @property
     def spent(self) -> float:
@@ -573,9 +580,9 @@ class Clock:
         return self.val_s == 0 or self.since_val * VALIDATION_SHARE >= (1 - VALIDATION_SHARE) * self.val_s
 
     def no_time_for_another(self) -> bool:
-        """Whether validating now, another epoch (with a tenth for writing its files) and its validation would
-        overrun the budget, measured from the latest of each."""
-        return self.limit is not None and self.spent + 2 * self.val_s + 1.1 * self.epoch_s > self.limit
+        """Whether validating now, another epoch (with a tenth for writing its files), its validation and what
+        comes after the last (``closing``) would overrun the budget, measured from the latest of each."""
+        return self.limit is not None and self.spent + (2 + self.closing) * self.val_s + 1.1 * self.epoch_s > self.limit
 
     def left(self) -> float | None:
         return None if self.limit is None else max(0.0, self.limit - self.spent)
@@ -614,6 +621,42 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Sess
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start) if rank == 0 else None
     return Session(run, device, amp, rank, model, net, optimizer, scaler, loss_fn, train_ds, val_loader, on_gpu,
                    writer, start, best, history, average=average)
+
+
+def decide_postprocessing(s: Session) -> dict:
+    """After the last epoch: the postprocessing rules (``postprocess.decide``) that raise the validation Dice of
+    ``model.pt``'s weights, components counted per volume or per patient's stacked slices, "small" learned from the
+    training masks. Written into ``model.pt`` (and the checkpoint it copies) and ``postprocessing.json``."""
+    run, out_dir, t0 = s.run, Path(s.run.cfg.output), time.perf_counter()
+    ckpt = load_checkpoint(out_dir / "model.pt")
+    net = model_from_checkpoint(ckpt, out_dir / "model.pt").to(s.device, memory_format=torch.channels_last_3d).eval()
+    values = np.asarray(run.label_values)
+    cases = {c["name"]: c for c in run.manifest["cases"]}
+    entries = []
+    for item in make_dataset(run.val_items, "val", run.label_values, AugmentParams(crop=run.cfg.crop), 0.0,
+                             in_channels=run.in_channels, params=run.params):
+        logits = predict_logits(net, item["image"][None], run.window, run.cfg.overlap, run.cfg.sw_batch_size, s.amp,
+                                item["tissue"][None])
+        pred = values[to_classes(probabilities(logits))[0, 0].cpu().numpy()]
+        entries.append((cases[item["name"]], pred, values[np.asarray(item["label"][0])]))
+    truths = [(cases[item["name"]], np.asarray(nib.load(item["label"]).dataobj), None) for item in run.train_items]
+    small = small_sizes([(mask, mm3) for mask, _, mm3 in stack_units(truths)], run.label_values[1:])
+    units = stack_units(entries)
+    rules, trace = decide(units, run.label_values[1:], small)
+    record = {"rules": rules, "trace": trace, "validation_units": len(units),
+              "small_mm3": {",".join(map(str, k)): v for k, v in small.items()}, "checkpoint": "model.pt",
+              "seconds": round(time.perf_counter() - t0, 1)}
+    with DeferredInterrupt():
+        write_json(record, out_dir / "postprocessing.json")
+        save_checkpoint({**ckpt, "postprocessing": record}, out_dir / "model.pt")
+        twin = out_dir / ("last.pt" if run.cfg.select == "final" else "best.pt")
+        save_checkpoint({**load_checkpoint(twin), "postprocessing": record}, twin)
+    for row in trace:
+        log.info("postprocessing: %s: Dice %.4f → %.4f%s", row["rule"], row["dice_before"], row["dice_after"],
+                 " (kept)" if row["kept"] else "")
+    log.info("postprocessing: %s, decided on %d validation units in %.1f s", rules or "none", len(units),
+             record["seconds"])
+    return record
 
 
 def moving_average(model: torch.nn.Module, epochs: float, steps_per_epoch: int) -> AveragedModel | None:
@@ -822,6 +865,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--select", choices=["best", "final"], default=d.select,
                    help="the epoch model.pt keeps for inference: the best on validation (as best.pt), or the final "
                         "one (the learning rate decayed, as nnU-Net's checkpoint_final)")
+    p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=d.postprocess,
+                   help="after the last epoch, keep the postprocessing rules (largest component, no small ones) that "
+                        "raise the validation Dice; infer.py applies them")
     p.add_argument("--ema-epochs", type=float, default=d.ema_epochs,
                    help="validate and keep an exponential moving average of the weights over about this many "
                         "epochs; 0: the raw weights")

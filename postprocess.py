@@ -1,0 +1,147 @@
+"""Postprocessing decided on validation, as nnU-Net's ``determine_postprocessing``: for all foreground labels together,
+then for each label alone, try keeping only the largest connected component, and removing the components smaller
+than a size learned from the training masks; a rule is kept only where it raises the mean validation Dice and lowers
+no label's. Applied to a whole volume, or to a patient's 2D slices stacked in order, so that an isolated blob on a
+slice without tumour is a small 3D component.
+
+Masks here are label maps ``(D, H, W)`` in label values (0 background); a rule is a JSON-able dict,
+``{"labels": [1, 2], "keep": "largest"}`` or ``{"labels": [1], "small_mm3": 120.0}`` (components of at most this
+size go; in mm³, so that it holds on the prepared grid it was decided on and on the input's grid it is applied to),
+and the components it removes become background.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import KeepLargestConnectedComponent, RemoveSmallObjects
+from scipy import ndimage
+
+from cases import slice_number
+from dice import dice_binary
+
+Rule = dict
+Unit = tuple[np.ndarray, np.ndarray, float]  # prediction, truth, voxel volume in mm³
+SMALL_SHARE = 0.1  # "small" components: under this share of the training masks' median object size
+
+
+def apply_rule(mask: np.ndarray, rule: Rule, voxel_mm3: float = 1.0) -> np.ndarray:
+    """``mask`` (D, H, W) with the components ``rule`` rejects set to background (connectivity: full)."""
+    target = np.isin(mask, rule["labels"])
+    if not target.any():
+        return mask
+    selected = torch.from_numpy(target.copy())[None]  # MONAI may edit it in place; target must stay
+    if rule.get("keep") == "largest":
+        kept = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=target.ndim)(selected)
+    else:
+        at_most = math.floor(rule["small_mm3"] / voxel_mm3 + 1e-9)
+        if at_most < 1:
+            return mask
+        with warnings.catch_warnings():
+            # scikit-image 0.26 deprecates the min_size MONAI passes; it removes objects of at most that size
+            warnings.simplefilter("ignore", FutureWarning)
+            kept = RemoveSmallObjects(min_size=at_most, connectivity=target.ndim)(selected)
+    out = mask.copy()
+    out[target & ~np.asarray(kept[0], dtype=bool)] = 0
+    return out
+
+
+def apply_rules(mask: np.ndarray, rules: Sequence[Rule], voxel_mm3: float = 1.0) -> np.ndarray:
+    """Every rule in order (all foreground first, then label by label, as they were decided)."""
+    for rule in rules:
+        mask = apply_rule(mask, rule, voxel_mm3)
+    return mask
+
+
+def object_sizes(mask: np.ndarray, labels: Sequence[int]) -> list[int]:
+    """Voxels of each connected component (full connectivity) of the voxels holding any of ``labels``."""
+    components, n = ndimage.label(np.isin(mask, labels), structure=np.ones((3,) * mask.ndim, bool))
+    return np.bincount(components.ravel())[1:].tolist() if n else []
+
+
+def targets(labels: Sequence[int]) -> list[tuple[int, ...]]:
+    """All foreground labels together, then each alone (a single label: once)."""
+    fg = tuple(int(v) for v in labels)
+    return [fg] + ([(v,) for v in fg] if len(fg) > 1 else [])
+
+
+def small_sizes(truths: Sequence[tuple[np.ndarray, float]], labels: Sequence[int]) -> dict[tuple[int, ...], float]:
+    """Per target (all foreground, then each label) the size in mm³ up to which a component counts as small:
+    ``SMALL_SHARE`` of the median size of the true objects in ``truths`` (training masks with their voxel volume);
+    none for a target without objects."""
+    out = {}
+    for target in targets(labels):
+        sizes = [n * mm3 for mask, mm3 in truths for n in object_sizes(mask, target)]
+        if sizes:
+            out[target] = round(SMALL_SHARE * float(np.median(sizes)), 3)
+    return out
+
+
+def scores(units: Sequence[Unit], labels: Sequence[int], rules: Sequence[Rule]) -> np.ndarray:
+    """Per foreground label, the mean over ``units`` of the Dice after ``rules``: (len(labels),)."""
+    rows = []
+    for pred, truth, mm3 in units:
+        pred = apply_rules(pred, rules, mm3)
+        rows.append([float(dice_binary((pred == v)[None, None], (truth == v)[None, None])) for v in labels])
+    return np.asarray(rows).mean(0)
+
+
+def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, ...], float]
+           ) -> tuple[list[Rule], list[dict]]:
+    """The rules worth keeping on the validation ``units`` (volumes, or patients' stacked slices), tried target by
+    target, each on top of those kept before; and the trace of every try (rule, mean Dice before and after, kept or
+    not) for the log and ``postprocessing.json``."""
+    kept: list[Rule] = []
+    base = scores(units, labels, kept)
+    trace = []
+    for target in targets(labels):
+        candidates = [{"labels": list(target), "keep": "largest"}]
+        if target in small:
+            candidates.append({"labels": list(target), "small_mm3": small[target]})
+        best, best_scores = None, base
+        for rule in candidates:
+            after = scores(units, labels, [*kept, rule])
+            better = bool(after.mean() > best_scores.mean() + 1e-9 and (after >= base - 1e-9).all())
+            trace.append({"rule": rule, "dice_before": round(float(base.mean()), 6),
+                          "dice_after": round(float(after.mean()), 6), "better": better})
+            if better:
+                best, best_scores = rule, after
+        if best is not None:
+            kept.append(best)
+            base = best_scores
+    for row in trace:
+        row["kept"] = row["rule"] in kept
+    return kept, trace
+
+
+def stack_units(entries: Sequence[tuple[dict, np.ndarray, np.ndarray | None]]) -> list[Unit]:
+    """(manifest case, prediction, truth) on prepared grids (D, H, W) → units: a patient's depth-1 slices (one
+    ``group``, numbered) pasted at their ``crop_box`` into one frame and stacked in slice order, with empty slices
+    where a numbered slice is missing; every other case alone. The voxel volume is the prepared spacing's."""
+    groups: dict[str, list[tuple[int, dict, np.ndarray, np.ndarray | None]]] = {}
+    units: list[Unit] = []
+    for case, pred, truth in entries:
+        number = slice_number(Path(case["name"]))
+        mm3 = float(np.prod(case["prepared_spacing"]))
+        if pred.shape[0] == 1 and number is not None and case.get("group", case["name"]) != case["name"]:
+            groups.setdefault(case["group"], []).append((number, case, pred, truth))
+        else:
+            units.append((pred, truth, mm3))
+    for members in groups.values():
+        members.sort(key=lambda m: m[0])
+        first = members[0][0]
+        height = max(m[1]["crop_box"][1][1] for m in members)
+        width = max(m[1]["crop_box"][2][1] for m in members)
+        stacks = [np.zeros((members[-1][0] - first + 1, height, width), members[0][2].dtype) for _ in range(2)]
+        for number, case, pred, truth in members:
+            (_, _), (h0, h1), (w0, w1) = case["crop_box"]
+            stacks[0][number - first, h0:h1, w0:w1] = pred[0]
+            if truth is not None:
+                stacks[1][number - first, h0:h1, w0:w1] = truth[0]
+        units.append((stacks[0], stacks[1], float(np.prod(members[0][1]["prepared_spacing"]))))
+    return units
