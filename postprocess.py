@@ -27,7 +27,7 @@ from dice import dice_binary
 
 Rule = dict
 Unit = tuple[np.ndarray, np.ndarray, float]  # prediction, truth, voxel volume in mm³
-SMALL_SHARE = 0.1  # "small" components: under this share of the training masks' median object size
+SMALL_SHARE = 0.01  # "small" components: together they hold at most this share of the training masks' foreground
 
 
 def apply_rule(mask: np.ndarray, rule: Rule, voxel_mm3: float = 1.0) -> np.ndarray:
@@ -71,14 +71,17 @@ def targets(labels: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def small_sizes(truths: Sequence[tuple[np.ndarray, float]], labels: Sequence[int]) -> dict[tuple[int, ...], float]:
-    """Per target (all foreground, then each label) the size in mm³ up to which a component counts as small:
-    ``SMALL_SHARE`` of the median size of the true objects in ``truths`` (training masks with their voxel volume);
-    none for a target without objects."""
+    """Per target (all foreground, then each label) the size in mm³ up to which a component counts as small, from
+    the training masks (with their voxel volume): the largest size such that all true components up to it hold at
+    most ``SMALL_SHARE`` of the true foreground (removing them would cost little), or half the smallest true
+    component where even that one holds more; none for a target without objects. (A share of the median object
+    size would not do: label maps like BraTS's hold many fragments of a few voxels.)"""
     out = {}
     for target in targets(labels):
-        sizes = [n * mm3 for mask, mm3 in truths for n in object_sizes(mask, target)]
-        if sizes:
-            out[target] = round(SMALL_SHARE * float(np.median(sizes)), 3)
+        sizes = np.sort([n * mm3 for mask, mm3 in truths for n in object_sizes(mask, target)])
+        if len(sizes):
+            fits = sizes[np.cumsum(sizes) <= SMALL_SHARE * sizes.sum()]
+            out[target] = round(float(fits[-1] if len(fits) else sizes[0] / 2), 3)
     return out
 
 

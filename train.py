@@ -692,6 +692,8 @@ def train_one_epoch(s: Session, epoch: int, lr: float) -> float:
         group["lr"] = lr
     loss = train_epoch(s.net, loader, s.loss_fn, s.optimizer, s.scaler, s.device, s.amp, s.average)
     sync_buffers(s.model)
+    if s.average is not None:  # its averaged batch-norm statistics, too, followed each rank's own
+        sync_buffers(s.average.module)
     return loss
 
 
@@ -862,18 +864,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in validation")
     p.add_argument("--sw-batch-size", type=int, default=d.sw_batch_size,
                    help="validation windows per network pass (default: 2 on the CPU, 4 on a GPU)")
-    p.add_argument("--select", choices=["best", "final"], default=d.select,
-                   help="the epoch model.pt keeps for inference: the best on validation (as best.pt), or the final "
-                        "one (the learning rate decayed, as nnU-Net's checkpoint_final)")
-    p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=d.postprocess,
-                   help="after the last epoch, keep the postprocessing rules (largest component, no small ones) that "
-                        "raise the validation Dice; infer.py applies them")
-    p.add_argument("--ema-epochs", type=float, default=d.ema_epochs,
-                   help="validate and keep an exponential moving average of the weights over about this many "
-                        "epochs; 0: the raw weights")
+    p.add_argument("--select", choices=["best", "final"], default=d.select, help="the epoch model.pt keeps for "
+                   "inference: the final one (as nnU-Net's checkpoint_final) or the best on validation (as best.pt)")
+    p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=d.postprocess, help="decide "
+                   "postprocessing on validation after the last epoch (postprocessing.json); infer.py applies it")
+    p.add_argument("--ema-epochs", type=float, default=d.ema_epochs, help="validate and save a moving average of "
+                   "the weights over about this many epochs; 0: the raw weights")
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision, bf16 or fp16 (CUDA only)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA only)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--cache-rate", type=float, default=d.cache_rate, help="share of volumes cached in memory")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import threading
@@ -140,8 +141,10 @@ def bench(epochs: int, cfg: train.TrainConfig) -> dict:
     synchronize(device)
     cache_s, cache_mb = time.perf_counter() - t0, PeakRSS.now_mb() - base_mb
     model, optimizer, scaler, loss_fn = train.make_training(run, device, amp)
+    # train.py's moving average of the weights: updated at every step, and what it validates
+    average = train.moving_average(model, cfg.ema_epochs, math.ceil(len(run.train_items) / cfg.batch_size))
     ours = {"train": train_ds, "val": val_ds, "on_gpu": on_gpu, "model": model, "optimizer": optimizer,
-            "scaler": scaler, "loss": loss_fn, "amp": amp}
+            "scaler": scaler, "loss": loss_fn, "amp": amp, "average": average}
     phase(None)
     print(f"device {device}; {len(run.train_items)} training and {len(run.val_items)} validation volumes; crops "
           f"{cfg.crop} × {cfg.num_samples} per volume, batch {cfg.batch_size}; ours caches in {cache_s:.1f} s "
@@ -176,7 +179,7 @@ def time_epochs(epochs: int, run: train.Plan, plain: dict, ours: dict, phase: Ph
                 loader = train.make_loader(way["train"], cfg.batch_size, cfg.seed + epoch, way["on_gpu"], device,
                                            cfg.num_workers)
                 loss = train.train_epoch(way["model"], loader, way["loss"], way["optimizer"], way["scaler"], device,
-                                         way["amp"])
+                                         way["amp"], way["average"])
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
             losses[name].append(loss)
@@ -187,7 +190,8 @@ def time_epochs(epochs: int, run: train.Plan, plain: dict, ours: dict, phase: Ph
 
 def validate_both(run: train.Plan, plain: dict, ours: dict, phase: Phases, device: torch.device
                   ) -> dict[str, tuple[float, float]]:
-    """Validation Dice and seconds of each way: plain at the training crop, ours as train.py validates."""
+    """Validation Dice and seconds of each way: plain (its raw weights) at the training crop, ours as train.py
+    validates (the moving average of the weights, in train.py's window)."""
     cfg, val = run.cfg, {}
     for name in ("plain", "ours"):
         phase(name)
@@ -197,7 +201,8 @@ def validate_both(run: train.Plan, plain: dict, ours: dict, phase: Phases, devic
                                   len(run.label_values), device)
         else:
             loader = train.make_loader(ours["val"], 1, None, ours["on_gpu"], device, shuffle=False)
-            per_label, _ = train.validate(ours["model"], loader, run.label_values, cfg, run.window, ours["amp"],
+            weights = ours["model"] if ours["average"] is None else ours["average"].module
+            per_label, _ = train.validate(weights, loader, run.label_values, cfg, run.window, ours["amp"],
                                           run.pool_groups)
             dice = mean_dice(per_label.values())
         synchronize(device)

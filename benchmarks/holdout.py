@@ -5,11 +5,12 @@ patients, segment patients it never saw (not even for validation), score them.
         --train-args "--time-limit 20m --device cpu" --work /tmp/holdout
 
 For fold K of N (patients sorted by name, then dealt round-robin, so that each is held out once across the folds):
-a raw folder of links to the other patients' folders, ``preprocess.py`` on it, ``train.py``, then ``infer.py`` on
-the held-out patients' images as a user would give them, once with ``best.pt`` (the best validation epoch) and once
-with ``last.pt`` (the final epoch): ``model.pt``, what infer.py uses by default, is one of them (``--select``).
-Each held-out patient is scored by its Dice over all its slices
-pooled (the LGG literature's figure; one case = one patient for volumes), and by how many of its slices without
+a raw folder of the other patients' folders (links to their files), ``preprocess.py`` on it, ``train.py``, then
+``infer.py`` on the held-out patients' images as a user would give them, once with ``best.pt`` (the best validation
+epoch) and once with ``last.pt`` (the final epoch), which ``model.pt`` (what infer.py uses by default) copies with
+``--select final``, and carries the postprocessing rules; ``last.pt`` once more with ``--no-postprocess`` shows what
+they change. Each held-out patient is scored by its Dice over all its slices pooled (the LGG literature's figure; one
+case = one patient for volumes), and by how many of its slices without
 tumour got a false positive. Prints one line per patient and the mean; ``--json`` writes them.
 Not a test: tests/test_benchmarks.py only smoke-runs it.
 """
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +36,9 @@ from dice import dice_binary  # noqa: E402
 from readers import mask_suffix, read_volume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# infer.py runs scored: the best validation epoch; the final one (what model.pt holds by default), with the
+# postprocessing train.py decided and without it
+PASSES = (("best.pt",), ("last.pt",), ("last.pt", "--no-postprocess"))
 
 
 def patients(raw: Path) -> list[Path]:
@@ -75,23 +81,26 @@ def fold(args: argparse.Namespace) -> dict:
     raw.mkdir(parents=True, exist_ok=True)
     for folder in folders:
         if folder not in held and not (raw / folder.name).exists():
-            (raw / folder.name).symlink_to(folder.resolve(), target_is_directory=folder.is_dir())
+            # Real folders of links to the files: the case finder does not descend into linked folders
+            # (PH2's images lie two levels down).
+            shutil.copytree(folder.resolve(), raw / folder.name, copy_function=os.symlink)
     seconds = {"preprocess": run("preprocess.py", str(raw), str(work / "prep"), *shlex.split(args.prep_args)),
                "train": run("train.py", "--data", str(work / "prep"), "--output", str(work / "output"),
                             *shlex.split(args.train_args))}
     result: dict = {"fold": args.fold, "folds": args.folds, "seconds": seconds}
-    for checkpoint in ("best.pt", "last.pt"):
-        masks = work / f"masks_{Path(checkpoint).stem}"
-        seconds[f"infer_{checkpoint}"] = run("infer.py", *map(str, held), "--checkpoint",
-                                             str(work / "output" / checkpoint), "--out", str(masks), "--overwrite")
+    for checkpoint, *extra in PASSES:
+        key = " ".join([checkpoint, *extra])
+        masks = work / f"masks_{Path(checkpoint).stem}{''.join(extra).replace('--', '_')}"
+        seconds[f"infer_{key}"] = run("infer.py", *map(str, held), "--checkpoint", str(work / "output" / checkpoint),
+                                      "--out", str(masks), "--overwrite", *extra)
         scores = {folder.name: score_patient(find_cases(folder)[0], masks) for folder in held}
         mean = float(np.mean([s["dice"] for s in scores.values()]))
         for name, s in scores.items():
-            print(f"{checkpoint} {name}: Dice {s['dice']:.4f} over {s['cases']} cases; false positives on "
+            print(f"{key} {name}: Dice {s['dice']:.4f} over {s['cases']} cases; false positives on "
                   f"{s['false_positive']} of {s['empty']} without foreground")
-        print(f"{checkpoint}: fold {args.fold} of {args.folds}: mean per-patient Dice {mean:.4f} over "
+        print(f"{key}: fold {args.fold} of {args.folds}: mean per-patient Dice {mean:.4f} over "
               f"{len(scores)} held-out patients")
-        result[checkpoint] = {"mean_dice": mean, "patients": scores}
+        result[key] = {"mean_dice": mean, "patients": scores}
     print(f"seconds {json.dumps({k: round(v, 1) for k, v in seconds.items()})}")
     return result
 

@@ -379,7 +379,8 @@ def test_the_real_command_prints_one_line(case, small_raw, tmp_path):
     shutil.copytree(small_raw, raw)
     PREPROCESS_CASES[case][0](raw)
     proc = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), str(raw), str(tmp_path / "prep"),
-                           "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--workers", "1"], cwd=ROOT, capture_output=True, text=True, encoding="utf-8",
+                          timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
 

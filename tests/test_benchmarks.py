@@ -96,7 +96,7 @@ def test_gpu_script_smoke(tmp_path):
            "PYTHON": sys.executable, "TESTS": "0", "CASES": "3", "SHAPE": "8 64 64", "TRAIN_EPOCHS": "1",
            "BENCH_EPOCHS": "1", "REPEATS": "1", "NET": " ".join(TINY_NET[:-2])}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, encoding="utf-8", timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "out"
     train_summary = json.loads((out / "bench_train.json").read_text())
@@ -129,7 +129,7 @@ def test_holdout_scores_patients_the_run_never_saw(tmp_path):
     prepared = {c["group"] for c in json.loads((tmp_path / "work" / "fold_1" / "prep" / "dataset.json").read_text())
                 ["cases"]}
     assert prepared == {"pa", "pc"}
-    for checkpoint in ("best.pt", "last.pt"):
+    for checkpoint in ("best.pt", "last.pt", "last.pt --no-postprocess"):
         scores = result[checkpoint]["patients"].values()
         assert result[checkpoint]["mean_dice"] == pytest.approx(np.mean([p["dice"] for p in scores]))
         assert all(p["cases"] == 4 and p["empty"] == 2 for p in scores)  # blank first and last

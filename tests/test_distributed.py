@@ -70,9 +70,9 @@ def test_torchrun_runs_train_py_unchanged(prep_dir, tmp_path):
            "--data", str(prep_dir), "--output", str(out), "--epochs", "1", *TINY_NET]
     # A rank that aborts prints where (Python and C++ stacks), so that a failure here can be told apart.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "rank 1 of 2" in proc.stderr and "rank 0 of 2" in proc.stderr
     assert load_checkpoint(out / "best.pt")["epoch"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "dice.png", "last.pt", "metrics.csv", "model.pt",
-                                                     "plan.json", "tensorboard"]
+                                                     "plan.json", "postprocessing.json", "tensorboard"]

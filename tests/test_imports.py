@@ -62,6 +62,7 @@ loaded = model.model_from_checkpoint(ckpt, path).eval()
 logits = model.predict_logits(loaded, torch.randn(1, 1, 4, 12, 12), (4, 8, 8), 0.5)
 print(tuple(logits.shape))
 """
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, encoding="utf-8",
+                          timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "(1, 1, 4, 12, 12)"

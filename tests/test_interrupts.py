@@ -30,7 +30,8 @@ class _Run:
 
     def __init__(self, script: str, *args: str) -> None:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     encoding="utf-8")
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -66,8 +66,15 @@ def test_a_rule_that_lowers_one_label_is_refused_even_when_the_mean_rises():
 
 
 def test_small_size_comes_from_the_training_masks():
-    truths = [(_stack(), 1.0), (_stack(), 0.5)]  # objects of 256 and 4 voxels, at 1 and 0.5 mm³: median 66
-    assert small_sizes(truths, [1]) == {(1,): 6.6}
+    """Up to the size where the smallest true components add up to 1% of the foreground; else half the smallest."""
+    truths = [(_stack(), 1.0), (_stack(), 0.5)]  # objects of 256 and 4 voxels, at 1 and 0.5 mm³: 2, 4, 128, 256 mm³
+    assert small_sizes(truths, [1]) == {(1,): 2.0}  # 2 ≤ 3.9 (1% of 390), 2 + 4 > 3.9
+    fragments = _stack()
+    fragments[0, 15, ::2] = 1  # 8 single voxels, 8 mm³ of 268: together 3%, so 2.68 mm³ admits only two of them
+    assert small_sizes([(fragments, 1.0)], [1]) == {(1,): 1.0}
+    one = np.zeros((2, 4, 4), np.uint8)
+    one[:, :2, :2] = 1
+    assert small_sizes([(one, 2.0)], [1]) == {(1,): 8.0}  # one object of 16 mm³: half of it
     assert small_sizes([(np.zeros((2, 4, 4), np.uint8), 1.0)], [1]) == {}
 
 
