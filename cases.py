@@ -70,6 +70,12 @@ def slice_number(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def patient_slice(name: str, group: str) -> int | None:
+    """The number of a case that is one of a patient's numbered 2D slices (its group is the patient, not the case
+    itself), whose masks are postprocessed as one stack; None for any other case."""
+    return slice_number(Path(name)) if group and group != name else None
+
+
 def is_nnunet(modalities: Sequence[str] | None) -> bool:
     """Whether modalities are nnU-Net channel numbers (``0000``, ``0001`` …) rather than names."""
     return bool(modalities) and all(NNUNET_CHANNEL.match(f"x_{m}") for m in modalities)

@@ -22,7 +22,7 @@ from monai.metrics import compute_hausdorff_distance
 from monai.transforms import Compose, Invertd
 from tqdm import tqdm
 
-from cases import Case, case_name, cases_from_manifest, find_inputs, read_case, slice_number, with_truth
+from cases import Case, case_name, cases_from_manifest, find_inputs, patient_slice, read_case, with_truth
 from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
 from dataset import ORIENTATION, PrepParams, prepare_transforms, prepared_tissue
 from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts
@@ -363,9 +363,10 @@ def segmentation_units(cases: Sequence[Case]) -> list[list[int]]:
     are postprocessed as one stack in slice order; every other case alone."""
     units: dict[str, list[int]] = {}
     for k, case in enumerate(cases):
-        numbered = bool(case.group) and slice_number(Path(case.name)) is not None
+        numbered = patient_slice(case.name, case.group) is not None
         units.setdefault(case.group if numbered else f"\0{k}", []).append(k)
-    return [sorted(u, key=lambda k: slice_number(Path(cases[k].name))) if len(u) > 1 else u for u in units.values()]
+    return [sorted(u, key=lambda k: patient_slice(cases[k].name, cases[k].group)) if len(u) > 1 else u
+            for u in units.values()]
 
 
 def postprocess_unit(masks: list[np.ndarray], affines: Sequence, rules: Sequence[dict]) -> list[np.ndarray]:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from monai.transforms import KeepLargestConnectedComponent, RemoveSmallObjects
 from scipy import ndimage
 
-from cases import slice_number
+from cases import patient_slice
 from dice import dice_binary
 
 Rule = dict
@@ -129,9 +128,9 @@ def stack_units(entries: Sequence[tuple[dict, np.ndarray, np.ndarray | None]]) -
     groups: dict[str, list[tuple[int, dict, np.ndarray, np.ndarray | None]]] = {}
     units: list[Unit] = []
     for case, pred, truth in entries:
-        number = slice_number(Path(case["name"]))
+        number = patient_slice(case["name"], case.get("group", ""))
         mm3 = float(np.prod(case["prepared_spacing"]))
-        if pred.shape[0] == 1 and number is not None and case.get("group", case["name"]) != case["name"]:
+        if pred.shape[0] == 1 and number is not None:
             groups.setdefault(case["group"], []).append((number, case, pred, truth))
         else:
             units.append((pred, truth, mm3))
