@@ -1,0 +1,489 @@
+"""A web page and an HTTP API in front of infer.py's segmentation: a file in, its mask out in the file's format.
+
+    python serve.py [--checkpoint output/model.pt] [--host 127.0.0.1] [--port 8000]
+
+``GET /`` is the page (one static file, no internet needed); ``POST /api/segment`` takes one file in the multipart
+field ``file`` and answers the mask infer.py would write (or JSON with ``?format=json``); ``GET /api/model``,
+``GET /api/health``, ``GET /openapi.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import hashlib
+import hmac
+import io
+import logging
+import re
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import PIL.Image
+import SimpleITK as sitk
+import torch
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from monai.data import MetaTensor
+from monai.transforms import Orientation
+from scipy import ndimage
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import infer
+from cases import Case, read_case
+from common import ArgumentParser, InputError, run_command
+from dataset import ORIENTATION, PrepParams
+from model import resolve_device
+from readers import (
+    IMAGE_2D_SUFFIXES,
+    NIFTI_SUFFIXES,
+    SITK_SUFFIXES,
+    _declared_voxels,
+    mask_suffix,
+    spacing_mm,
+    volume_suffix,
+    voxel_size,
+    write_mask,
+)
+
+log = logging.getLogger("serve")
+STATIC = Path(__file__).resolve().parent / "static"
+UPLOAD_SUFFIXES = (*NIFTI_SUFFIXES, *SITK_SUFFIXES, *IMAGE_2D_SUFFIXES, ".zip")  # .nhdr needs its data file: refused
+ZIP_MAX_MEMBERS = 2000  # a DICOM series of more slices than this is not what a web upload is for
+ZIP_MAX_RATIO = 100  # DICOM compresses 2-10×; 100× and more is a zip bomb
+# Overlay colours, one per foreground label (blue first, as the PH2 service showed lesions), RGB.
+COLOURS = [(30, 90, 255), (255, 140, 0), (0, 200, 80), (230, 0, 200), (255, 230, 0), (0, 220, 230), (170, 90, 40)]
+ALPHA = 0.45
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    checkpoint: Path = Path("output/model.pt")
+    device: str = "auto"
+    max_upload_mb: float = 512
+    max_voxels: int = 2**28  # 1 GiB as float32: a header declaring more is refused before its data is read
+    queue_timeout: float = 60.0
+    token: str | None = None
+
+
+class RequestError(Exception):
+    """A refused request: HTTP ``status`` and a one-line message for ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- uploads: checked before anything is decoded
+
+
+def upload_suffix(name: str) -> str:
+    """The upload's type from the client's file name (only its suffix is used, never the name as a path)."""
+    lower = name.lower()
+    suffix = next((s for s in UPLOAD_SUFFIXES if lower.endswith(s)), None)
+    if suffix is None:
+        raise RequestError(415, f"{name}: unsupported file type (use {', '.join(UPLOAD_SUFFIXES)})")
+    return suffix
+
+
+def declared_voxels(path: Path) -> int:
+    """Voxels (pixels × channels for pictures) a file's header declares, read without decoding its data."""
+    suffix = volume_suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        return _declared_voxels(path)
+    try:
+        if suffix in IMAGE_2D_SUFFIXES:
+            with PIL.Image.open(path) as img:  # reads the header only
+                return img.width * img.height * len(img.getbands())
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return int(np.prod(reader.GetSize(), dtype=np.float64)) * reader.GetNumberOfComponents()
+    except PIL.Image.DecompressionBombError:  # Pillow's own limit, below ours: refused all the same
+        raise InputError(f"header declares over {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb)"
+                         ) from None
+    except (OSError, RuntimeError, ValueError):
+        return 0  # unreadable: the full read names the problem
+
+
+def extract_series(archive: Path, folder: Path, max_bytes: int) -> Path:
+    """The members of a zip of one DICOM series, written as ``folder/00000.dcm`` …: member names are never paths.
+    Refuses thousands of members, ``..`` or absolute names and bombs before extracting anything."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            check_zip_members(members, max_bytes)
+            folder.mkdir()
+            for k, member in enumerate(members):
+                with zf.open(member) as src:
+                    data = src.read(member.file_size + 1)  # a member longer than it declares is caught here
+                if len(data) > member.file_size:
+                    raise InputError(f"{member.filename}: longer than its zip entry declares")
+                (folder / f"{k:05d}.dcm").write_bytes(data)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as exc:
+        raise InputError(f"not a readable zip ({type(exc).__name__}: {str(exc)[:120]})") from None
+    return folder
+
+
+def check_zip_members(members: list[zipfile.ZipInfo], max_bytes: int) -> None:
+    """The zip's table of contents against the limits: member count, names, total and ratio of sizes."""
+    if not members:
+        raise InputError("zip holds no files; zip one DICOM series")
+    if len(members) > ZIP_MAX_MEMBERS:
+        raise InputError(f"zip holds {len(members)} files, more than {ZIP_MAX_MEMBERS}")
+    bad = next((m.filename for m in members
+                if m.filename.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", m.filename)), None)
+    if bad:
+        raise InputError(f"zip member {bad!r} points outside the archive")
+    size, packed = sum(m.file_size for m in members), sum(m.compress_size for m in members)
+    if size > max_bytes:
+        raise InputError(f"zip unpacks to {size} bytes, more than {max_bytes}")
+    if size > ZIP_MAX_RATIO * max(packed, 1) and size > 1 << 20:
+        raise InputError(f"zip unpacks {size / max(packed, 1):.0f}:1, more than {ZIP_MAX_RATIO}:1 (a zip bomb?)")
+
+
+def save_upload(src, target: Path, max_bytes: int) -> None:
+    """Copy the uploaded stream to ``target``, refusing more than ``max_bytes`` (413)."""
+    written = 0
+    with target.open("wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > max_bytes:
+                raise RequestError(413, f"upload larger than --max-upload-mb ({max_bytes >> 20} MB)")
+            out.write(chunk)
+
+
+# ---------------------------------------------------------------- segmenting one upload
+
+
+@dataclasses.dataclass
+class Result:
+    """One segmented upload: the mask file's bytes and name, what the page shows."""
+
+    mask_bytes: bytes
+    mask_name: str
+    mask: np.ndarray  # (X, Y, Z) label values
+    affine: np.ndarray
+    image: MetaTensor  # (C, X, Y, Z) as read
+    seconds: float
+
+
+class Server:
+    """The model, loaded once, and one model pass at a time."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.segmenter = infer.Segmenter.load(config.checkpoint, resolve_device(config.device))
+        self.lock = threading.Lock()
+        self.sha256 = hashlib.sha256(config.checkpoint.read_bytes()).hexdigest()
+        self.labels = [int(v) for v in self.segmenter.ckpt["label_values"]]
+
+    @property
+    def kind(self) -> str:
+        """``2d`` for a model of single slices, else ``3d`` (from the data fingerprint, or the window's depth)."""
+        ckpt = self.segmenter.ckpt
+        dims = ((ckpt.get("plan") or {}).get("fingerprint") or {}).get("dims")
+        return dims or ("2d" if ckpt["inference"]["roi"][0] == 1 else "3d")
+
+    def info(self) -> dict:
+        """What ``GET /api/model`` answers."""
+        ckpt = self.segmenter.ckpt
+        return {"checkpoint": self.config.checkpoint.name, "sha256": self.sha256, "kind": self.kind,
+                "labels": self.labels, "modalities": ckpt.get("channels"),
+                "in_channels": ckpt["model_args"]["in_channels"], "window": list(self.segmenter.window),
+                "overlap": self.segmenter.overlap, "best_dice": ckpt.get("best_dice"), "epoch": ckpt.get("epoch"),
+                "postprocessing": (ckpt.get("postprocessing") or {}).get("rules", [])}
+
+    def segment(self, upload, name: str, workdir: Path) -> Result:
+        """Save, check, read and segment one upload inside ``workdir``; the mask as infer.py writes it."""
+        suffix = upload_suffix(name)
+        max_bytes = int(self.config.max_upload_mb * (1 << 20))
+        source = workdir / f"upload{suffix}"
+        save_upload(upload, source, max_bytes)
+        if suffix == ".zip":
+            source = extract_series(source, workdir / "series", max_bytes * 4)
+        elif (declared := declared_voxels(source)) > self.config.max_voxels:
+            raise InputError(f"header declares {declared} voxels, more than the server's {self.config.max_voxels}")
+        ckpt = self.segmenter.ckpt
+        raw = read_case(Case("upload", source), PrepParams.from_dict(ckpt["prep_params"]).channel)
+        kind = "2d" if 1 in raw["image"].shape[1:] else "3d"
+        if kind != self.kind:
+            raise InputError(f"a {kind.upper()} image of shape {tuple(raw['image'].shape[1:])}, for a "
+                             f"{self.kind.upper()} model")
+        if not self.lock.acquire(timeout=self.config.queue_timeout):
+            raise RequestError(503, f"busy: no model pass free within --queue-timeout {self.config.queue_timeout} s")
+        try:
+            t0 = time.perf_counter()
+            mask = self.segmenter(raw["image"], source)
+            seconds = time.perf_counter() - t0
+        finally:
+            self.lock.release()
+        return self.write(raw["image"], mask, source, seconds, workdir)
+
+    def write(self, image: MetaTensor, mask: np.ndarray, source: Path, seconds: float, workdir: Path) -> Result:
+        """Postprocess and write the mask exactly as ``infer.run`` does, and read the bytes back."""
+        rules = (self.segmenter.ckpt.get("postprocessing") or {}).get("rules", [])
+        affine = np.asarray(image.affine, dtype=np.float64)
+        mask = infer.postprocess_unit([mask], [image.affine], rules)[0]
+        out = infer.mask_path(source, workdir / "out", mask_suffix(source))
+        out.parent.mkdir()
+        write_mask(mask, affine, out, binary=self.labels == [0, 1], source=source)
+        return Result(out.read_bytes(), out.name, mask, affine, image, seconds)
+
+
+# ---------------------------------------------------------------- pictures for the page
+
+
+def sizes(mask: np.ndarray, affine: np.ndarray, labels: list[int]) -> tuple[str, dict[str, dict]]:
+    """Unit (``mL`` or ``mm²``) and per foreground label: voxels and amount."""
+    unit, per_voxel = voxel_size(mask.shape, affine)
+    counts = {v: int((mask == v).sum()) for v in labels[1:]}
+    return ({"ml": "mL", "mm2": "mm²"}[unit],
+            {str(v): {"voxels": n, "amount": round(n * per_voxel, 4)} for v, n in counts.items()})
+
+
+def oriented(image: MetaTensor, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image (C, D, H, W) scaled to [0, 1] and mask (D, H, W) as the network sees them (SPL: a picture as displayed),
+    and the spacing (D, H, W) in mm."""
+    orient = Orientation(axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    img = orient(MetaTensor(image.as_tensor(), affine=image.affine))
+    grid = np.asarray(orient(MetaTensor(torch.from_numpy(mask.astype(np.int16))[None], affine=image.affine)))[0]
+    pixels = np.asarray(img, dtype=np.float32)
+    lo, hi = np.percentile(pixels, [0.5, 99.5], axis=(1, 2, 3), keepdims=True)
+    return np.clip((pixels - lo) / np.maximum(hi - lo, 1e-6), 0, 1), grid, spacing_mm(img.affine)
+
+
+def rgb(pixels: np.ndarray) -> np.ndarray:
+    """(C, h, w) in [0, 1] → (h, w, 3) uint8: colour pictures stay in colour, one channel is grey."""
+    grey = pixels if pixels.shape[0] == 3 else np.repeat(pixels[:1], 3, axis=0)
+    return (np.moveaxis(grey, 0, -1) * 255).round().astype(np.uint8)
+
+
+def blend(picture: np.ndarray, labels2d: np.ndarray, labels: list[int]) -> np.ndarray:
+    """The picture (h, w, 3) with each foreground label as a semi-transparent colour."""
+    out = picture.astype(np.float32)
+    for k, value in enumerate(labels[1:]):
+        where = labels2d == value
+        out[where] = (1 - ALPHA) * out[where] + ALPHA * np.asarray(COLOURS[k % len(COLOURS)], np.float32)
+    return out.round().astype(np.uint8)
+
+
+def png(picture: np.ndarray, height_scale: float = 1.0) -> str:
+    """Base64 PNG of (h, w, 3) uint8, stretched in height by ``height_scale`` (thick slices shown to scale)."""
+    img = PIL.Image.fromarray(picture)
+    if abs(height_scale - 1) > 0.01:
+        img = img.resize((img.width, max(1, round(img.height * height_scale))), PIL.Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def largest_lesion_centre(grid: np.ndarray) -> list[int]:
+    """(d, h, w) centre of the largest connected foreground component, or of the volume when there is none."""
+    components, n = ndimage.label(grid > 0)
+    if n == 0:
+        return [s // 2 for s in grid.shape]
+    biggest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(grid), components, range(1, n + 1))))
+    return [int(round(c)) for c in np.argwhere(components == biggest).mean(0)]
+
+
+def views(image: MetaTensor, mask: np.ndarray, labels: list[int]) -> dict:
+    """What a card shows: ``planes`` (original and overlay PNGs through the largest lesion: one for a picture,
+    axial, coronal and sagittal for a volume) and for a volume ``slices`` (every axial slice, for the slider)."""
+    pixels, grid, sp = oriented(image, mask)
+    d, h, w = largest_lesion_centre(grid)
+    cuts = [("axial", (slice(None), d, slice(None), slice(None)), 1.0)]
+    if grid.shape[0] > 1:  # superior up
+        cuts += [("coronal", (slice(None), slice(None, None, -1), h, slice(None)), sp[0] / sp[2]),
+                 ("sagittal", (slice(None), slice(None, None, -1), slice(None), w), sp[0] / sp[1])]
+    planes = [{"name": name, "original": png(rgb(pixels[cut]), scale),
+               "overlay": png(blend(rgb(pixels[cut]), grid[cut[1:]], labels), scale)} for name, cut, scale in cuts]
+    out = {"planes": planes, "centre": [d, h, w]}
+    if grid.shape[0] > 1:
+        out["slices"] = [png(blend(rgb(pixels[:, k]), grid[k], labels)) for k in range(grid.shape[0])]
+        out["slice"] = d
+    return out
+
+
+def summary(result: Result, name: str, labels: list[int], with_views: bool = True) -> dict:
+    """``?format=json``'s answer: sizes per label, shape, spacing, seconds, overlays, the mask file in base64."""
+    unit, per_label = sizes(result.mask, result.affine, labels)
+    legend = [{"value": v, "colour": "#{:02x}{:02x}{:02x}".format(*COLOURS[k % len(COLOURS)])}
+              for k, v in enumerate(labels[1:])]
+    out = {"file": name, "shape": list(result.mask.shape), "spacing_mm": spacing_mm(result.affine).round(4).tolist(),
+           "unit": unit, "sizes": per_label, "total": round(sum(s["amount"] for s in per_label.values()), 4),
+           "seconds": round(result.seconds, 3), "legend": legend, "mask_name": result.mask_name,
+           "mask": base64.b64encode(result.mask_bytes).decode("ascii")}
+    if with_views:
+        out.update(views(result.image, result.mask, labels))
+    return out
+
+
+# ---------------------------------------------------------------- the web application
+
+
+def display_name(name: str | None) -> str:
+    """The client's file name as it may appear in messages and headers: its last part, printable ASCII only."""
+    last = re.split(r"[/\\]", name or "upload")[-1]
+    return re.sub(r"[^A-Za-z0-9._ -]", "_", last)[:100] or "upload"
+
+
+def create_app(config: ServeConfig):
+    """The FastAPI application, with the model loaded (``InputError`` when the checkpoint is not usable)."""
+    server = Server(config)
+    app = FastAPI(title="MONAI segmentation", version="1", docs_url=None, redoc_url=None)  # Swagger needs a CDN
+    app.state.server = server
+    limit = int(config.max_upload_mb * (1 << 20))
+    app.add_middleware(BodyLimit, limit=limit + (64 << 10))  # a little room for the form around the file
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Token and upload size, before the body is read."""
+        if config.token and not authorised(request, config.token):
+            return error(401, "missing or wrong bearer token (Authorization: Bearer …)")
+        if int(request.headers.get("content-length") or 0) > limit + (64 << 10):  # refused before it is sent
+            return error(413, f"upload larger than --max-upload-mb ({config.max_upload_mb:g} MB)")
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(_request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        return error(422, f"{'.'.join(map(str, first.get('loc', [])))}: {first.get('msg', 'invalid request')}")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/health")
+    def health() -> dict:
+        """Liveness: the model is loaded."""
+        return {"status": "ok", "busy": server.lock.locked()}
+
+    @app.get("/api/model")
+    def model_info() -> dict:
+        """The checkpoint: labels, modalities, 2D or 3D, window, training Dice, its SHA-256."""
+        return server.info()
+
+    @app.post("/api/segment", responses={200: {"content": {"application/octet-stream": {}}}})
+    def segment(file: Annotated[UploadFile, File()], format: str = "mask"):
+        """One image in the field ``file``; the mask in its format (size headers), or JSON with ``?format=json``."""
+        name = display_name(file.filename)
+        if format not in ("mask", "json"):
+            return error(422, f"format: {format!r} is not mask or json")
+        with tempfile.TemporaryDirectory(prefix="serve-") as tmp:
+            try:
+                result = server.segment(file.file, name, Path(tmp))
+            except RequestError as exc:
+                return error(exc.status, str(exc))
+            except InputError as exc:  # messages name the temporary file: show the client's name instead
+                text = re.sub(re.escape(tmp) + r"[^\s:]*", name, str(exc))
+                return error(422, text if text.startswith(name) else f"{name}: {text}")
+        if format == "json":
+            return summary(result, name, server.labels)
+        unit, per_label = sizes(result.mask, result.affine, server.labels)
+        total = sum(s["amount"] for s in per_label.values())
+        headers = {"Content-Disposition": f'attachment; filename="{display_name(Path(name).name.split(".")[0])}'
+                   f'_mask{mask_suffix(Path(result.mask_name))}"',
+                   "X-Segmented-Size": f"{total:.4f}", "X-Segmented-Unit": "mm2" if unit == "mm²" else unit,
+                   "X-Segmented-Voxels": str(sum(s["voxels"] for s in per_label.values()))}
+        return Response(result.mask_bytes, media_type="application/octet-stream", headers=headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")  # the traceback stays in the server's log, the client gets one line
+        return error(500, f"internal error ({type(exc).__name__})")
+
+    return app
+
+
+class BodyLimit:
+    """ASGI middleware: a body that grows past ``limit`` bytes (a chunked upload has no Content-Length) ends in 413
+    while it is being received, before it is all spooled to disk."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413, f"upload larger than --max-upload-mb ({self.limit >> 20} MB)")
+            return message
+
+        await self.app(scope, limited if scope["type"] == "http" else receive, send)
+
+
+def authorised(request, token: str) -> bool:
+    """``Authorization: Bearer <token>``; the page may also be opened as ``/?token=…`` (a browser cannot send a
+    header when it opens an address), and then sends the header itself."""
+    given = request.headers.get("authorization", "")
+    given = given[7:] if given.lower().startswith("bearer ") else ""
+    if not given and request.url.path == "/":
+        given = request.query_params.get("token", "")
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(__doc__)
+    p.add_argument("--checkpoint", default="output/model.pt", help="a train.py checkpoint (infer.py's default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=512, help="larger uploads are refused (413)")
+    p.add_argument("--max-voxels", type=int, default=2**28, help="images whose header declares more are refused")
+    p.add_argument("--queue-timeout", type=float, default=60.0,
+                   help="seconds a request waits for the model before 503 (one model pass at a time)")
+    p.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN on the page and the API")
+    p.add_argument("--token-file", default=None, help="… the token read from this file's first line")
+    args = p.parse_args(argv)
+    if args.token_file:
+        try:
+            args.token = Path(args.token_file).read_text().strip().splitlines()[0]
+        except (OSError, IndexError):
+            raise InputError(f"{args.token_file}: cannot read a token from it") from None
+    if args.max_upload_mb <= 0 or args.queue_timeout < 0 or args.max_voxels < 1:
+        p.error("--max-upload-mb and --max-voxels must be positive, --queue-timeout not negative")
+    return args
+
+
+def config_from(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(Path(args.checkpoint), args.device, args.max_upload_mb, args.max_voxels, args.queue_timeout,
+                       args.token)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    app = create_app(config_from(args))
+    log.info("serving %s on http://%s:%d/ (%s model)", args.checkpoint, args.host, args.port, app.state.server.kind)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
