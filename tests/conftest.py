@@ -91,3 +91,34 @@ def restore_prepared_label(prep_dir: Path, case: dict, params_dict: dict):
     label = np.asarray(nib.load(prep_dir / case["prepared_label"]).dataobj) > 0
     back = infer.invert_to_original(torch.from_numpy(label).float()[None], image, chain)
     return to_classes(back[None])[0]
+
+
+def grey_disc(rng, size=(90, 120)):
+    """A (rows, columns) uint8 grey picture with a darker disc, and the disc's 0/1 mask."""
+    import numpy as np
+
+    rows, cols = np.ogrid[: size[0], : size[1]]
+    cy, cx, r = rng.uniform(30, 60), rng.uniform(40, 80), rng.uniform(12, 20)
+    mask = ((rows - cy) ** 2 + (cols - cx) ** 2 < r * r).astype(np.uint8)
+    return np.clip(np.where(mask > 0, 70, 190) + rng.normal(0, 8, size), 0, 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="session")
+def trained_2d(tmp_path_factory) -> Path:
+    """Output folder of a 1-epoch run of the tiny 2D network on six grey PNG pictures (one channel, so that a
+    single-slice NIfTI suits it too); the pictures are in ``<output>/../pics``."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("grey2d")
+    pics, prep, out = root / "pics", root / "prep", root / "output"
+    pics.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        image, mask = grey_disc(rng)
+        Image.fromarray(image).save(pics / f"grey{i}.png")
+        Image.fromarray(mask * 255).save(pics / f"grey{i}_mask.png")
+    assert preprocess.main([str(pics), str(prep), "--workers", "1"]) == 0
+    assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
+                       *TINY_WIDTHS, "--num-samples", "2"]) == 0
+    return out

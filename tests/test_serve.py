@@ -1,0 +1,297 @@
+"""serve.py's HTTP API through FastAPI's TestClient: masks equal infer.py's, and every bad input or abuse is refused
+with one line of JSON while the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import struct
+import tempfile
+import threading
+import zipfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import grey_disc, one_error_line
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import infer
+import serve
+
+
+def client_for(checkpoint: Path, **overrides) -> TestClient:
+    return TestClient(serve.create_app(serve.ServeConfig(checkpoint, device="cpu", **overrides)))
+
+
+@pytest.fixture(scope="module")
+def api_3d(trained) -> TestClient:
+    return client_for(trained / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def api_2d(trained_2d) -> TestClient:
+    return client_for(trained_2d / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def pictures(trained_2d) -> Path:
+    return trained_2d.parent / "pics"
+
+
+def post(client: TestClient, path: Path, name: str | None = None, fmt: str = "mask", **kwargs):
+    return client.post(f"/api/segment?format={fmt}", files={"file": (name or path.name, path.read_bytes())}, **kwargs)
+
+
+def infer_mask(source: Path, checkpoint: Path, out: Path) -> Path:
+    """The mask infer.py writes for ``source``."""
+    assert infer.main([str(source), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu"]) == 0
+    (mask,) = [p for p in out.iterdir() if p.name.endswith(("_mask.nii.gz", "_mask.png"))]
+    return mask
+
+
+def refused(resp, status: int, *needles: str) -> str:
+    """A refusal: the status, one-line JSON ``{"error": …}`` naming the problem, no traceback, no server path."""
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    body = resp.json()
+    assert list(body) == ["error"] and "\n" not in body["error"] and "Traceback" not in body["error"], body
+    assert "serve-" not in body["error"] and tempfile.gettempdir() not in body["error"], body
+    for needle in needles:
+        assert needle in body["error"], (needle, body)
+    return body["error"]
+
+
+# ---------------------------------------------------------------- the same masks as infer.py
+
+
+def test_3d_mask_is_infer_py_s_byte_for_byte(api_3d, trained, raw_dir, tmp_path):
+    source = raw_dir / "synth_000.nii.gz"
+    resp = post(api_3d, source)
+    assert resp.status_code == 200, resp.text
+    reference = infer_mask(source, trained / "model.pt", tmp_path)
+    assert resp.content == reference.read_bytes()
+    mask = np.asarray(nib.load(reference).dataobj)
+    voxel_ml = abs(np.linalg.det(nib.load(source).affine[:3, :3])) / 1000
+    assert resp.headers["X-Segmented-Unit"] == "mL"
+    assert int(resp.headers["X-Segmented-Voxels"]) == int((mask > 0).sum())
+    assert float(resp.headers["X-Segmented-Size"]) == pytest.approx((mask > 0).sum() * voxel_ml, abs=1e-3)
+    assert resp.headers["content-disposition"] == 'attachment; filename="synth_000_mask.nii.gz"'
+
+
+def test_2d_png_mask_is_infer_py_s_byte_for_byte(api_2d, trained_2d, pictures, tmp_path):
+    resp = post(api_2d, pictures / "grey3.png")
+    assert resp.status_code == 200, resp.text
+    assert resp.content == infer_mask(pictures / "grey3.png", trained_2d / "model.pt", tmp_path).read_bytes()
+    mask = np.asarray(Image.open(io.BytesIO(resp.content)))
+    assert mask.shape == (90, 120) and set(np.unique(mask)) <= {0, 255}
+    assert resp.headers["X-Segmented-Unit"] == "mm2"
+    assert int(resp.headers["X-Segmented-Voxels"]) == int((mask > 0).sum())
+
+
+def test_json_answer_for_a_picture(api_2d, pictures):
+    resp = post(api_2d, pictures / "grey1.png", fmt="json")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["file"] == "grey1.png" and body["shape"] == [120, 90, 1] and body["unit"] == "mm²"
+    assert body["spacing_mm"] == [1.0, 1.0, 1.0] and body["seconds"] > 0 and body["legend"][0]["value"] == 1
+    (plane,) = body["planes"]
+    for key in ("original", "overlay"):  # the picture as displayed: 120 columns, 90 rows
+        assert Image.open(io.BytesIO(base64.b64decode(plane[key]))).size == (120, 90)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask"]))))
+    assert body["sizes"]["1"]["voxels"] == int((mask > 0).sum()) == round(body["total"])
+    assert "slices" not in body
+
+
+def test_json_answer_for_a_volume(api_3d, raw_dir):
+    body = post(api_3d, raw_dir / "synth_001.nii.gz", fmt="json").json()
+    shape = list(nib.load(raw_dir / "synth_001.nii.gz").shape)
+    assert body["shape"] == shape and body["unit"] == "mL"
+    assert [p["name"] for p in body["planes"]] == ["axial", "coronal", "sagittal"]
+    assert len(body["slices"]) == 8 and 0 <= body["slice"] < 8  # one PNG per axial slice for the slider
+    mask = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(body["mask"]))).dataobj)
+    assert body["sizes"]["1"]["voxels"] == int((mask > 0).sum())
+
+
+def test_largest_lesion_centre_picks_the_biggest_component():
+    grid = np.zeros((6, 20, 20), np.uint8)
+    grid[1, 1:3, 1:3] = 1
+    grid[3:6, 10:16, 12:18] = 1
+    assert serve.largest_lesion_centre(grid) == [4, 12, 14]  # (12.5 rounds to even)
+    assert serve.largest_lesion_centre(np.zeros((4, 6, 8))) == [2, 3, 4]
+
+
+def test_four_parallel_requests_all_get_the_right_mask(api_3d, raw_dir):
+    sources = [raw_dir / f"synth_{i:03d}.nii.gz" for i in (0, 1, 2, 3)]
+    expected = {s.name: post(api_3d, s).content for s in sources}
+    answers: dict[str, bytes] = {}
+
+    def ask(source: Path) -> None:
+        resp = post(api_3d, source)
+        answers[source.name] = resp.content if resp.status_code == 200 else resp.text.encode()
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in sources]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == expected and len(set(expected.values())) == 4
+
+
+# ---------------------------------------------------------------- the other endpoints
+
+
+def test_model_health_and_openapi(api_3d, trained):
+    info = api_3d.get("/api/model").json()
+    assert info["kind"] == "3d" and info["labels"] == [0, 1] and info["in_channels"] == 1
+    assert info["sha256"] == hashlib.sha256((trained / "model.pt").read_bytes()).hexdigest()
+    assert len(info["window"]) == 3 and isinstance(info["best_dice"], float)
+    assert api_3d.get("/api/health").json() == {"status": "ok", "busy": False}
+    assert "/api/segment" in api_3d.get("/openapi.json").json()["paths"]
+    page = api_3d.get("/")
+    assert page.status_code == 200 and "<script>" in page.text and "http" not in page.text.split("<script>")[1]
+
+
+def test_page_and_api_need_the_token_when_one_is_set(trained, raw_dir):
+    api = client_for(trained / "model.pt", token="s3cret")
+    refused(api.get("/api/model"), 401, "token")
+    refused(api.get("/api/model", headers={"Authorization": "Bearer wrong"}), 401)
+    refused(api.get("/"), 401)
+    refused(post(api, raw_dir / "synth_000.nii.gz"), 401)
+    assert api.get("/api/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert api.get("/?token=s3cret").status_code == 200  # a browser opens the page with the token in the address
+    refused(api.get("/api/model?token=s3cret"), 401)  # the API wants the header
+
+
+def test_busy_model_answers_503_after_the_queue_timeout(trained, raw_dir):
+    api = client_for(trained / "model.pt", queue_timeout=0.1)
+    lock = api.app.state.server.lock
+    lock.acquire()
+    try:
+        refused(post(api, raw_dir / "synth_000.nii.gz"), 503, "busy")
+    finally:
+        lock.release()
+    assert post(api, raw_dir / "synth_000.nii.gz").status_code == 200
+
+
+def test_client_file_names_are_never_paths(api_2d, pictures, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    resp = post(api_2d, pictures / "grey2.png", name="../../etc/evil\r\nX-Bad: 1.png")
+    assert resp.status_code == 200
+    assert "\n" not in resp.headers["content-disposition"] and "/" not in resp.headers["content-disposition"]
+    assert "x-bad" not in resp.headers and not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- bad input and abuse
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` × ``height`` grey pixels and holds only one row's worth of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
+            + chunk(b"IEND", b""))
+
+
+def nifti_declaring(shape: tuple[int, ...]) -> bytes:
+    """A NIfTI header declaring ``shape`` (float32) followed by a few bytes of data."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    return header.binaryblock + b"\0" * 4 + b"\0" * 64
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def truncated_nifti(raw_dir: Path) -> bytes:
+    data = gzip.decompress((raw_dir / "synth_000.nii.gz").read_bytes())
+    return gzip.compress(data[: len(data) // 3])
+
+
+def rgb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# (name, file name, content(raw_dir, pictures), status, words the error holds) for the 2D model
+BAD_2D = [
+    ("not an image", "notes.png", lambda r, p: b"my notes, not a picture\n", 422, ["notes.png", "cannot read"]),
+    ("unsupported type", "report.pdf", lambda r, p: b"%PDF-1.4", 415, ["report.pdf", "unsupported file type"]),
+    ("wrong channel count", "colour.png", lambda r, p: rgb_png(), 422, ["colour.png", "3 channel", "takes 1"]),
+    ("3D volume to a 2D model", "vol.nii.gz", lambda r, p: (r / "synth_000.nii.gz").read_bytes(), 422,
+     ["vol.nii.gz", "3D image", "2D model"]),
+    ("PNG decompression bomb", "bomb.png", lambda r, p: png_header(40000, 40000), 422,
+     ["bomb.png", "declares over", "decompression bomb"]),
+    ("NIfTI declaring too many voxels", "huge.nii", lambda r, p: nifti_declaring((4000, 4000, 4000)), 422,
+     ["huge.nii", "declares 64000000000"]),
+    ("truncated NIfTI", "cut.nii.gz", lambda r, p: truncated_nifti(r), 422, ["cut.nii.gz", "cannot read"]),
+    ("zip of thousands of files", "many.zip", lambda r, p: zip_of({f"{k}.dcm": b"x" for k in range(2500)}), 422,
+     ["many.zip", "2500 files"]),
+    ("zip with ../ names", "escape.zip", lambda r, p: zip_of({"ok.dcm": b"x", "../../escape.dcm": b"x"}), 422,
+     ["escape.zip", "outside the archive"]),
+    ("zip bomb", "bomb.zip", lambda r, p: zip_of({"a.dcm": b"\0" * (40 << 20)}), 422, ["bomb.zip", "zip bomb"]),
+    ("zip that is not a zip", "junk.zip", lambda r, p: b"PK\x03\x04 not really", 422, ["junk.zip", "not a readable"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_2D, ids=[c[0] for c in BAD_2D])
+def test_bad_input_is_refused_and_the_server_keeps_serving(case, api_2d, raw_dir, pictures, tmp_path, monkeypatch):
+    _, name, content, status, needles = case
+    data = content(raw_dir, pictures)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # every temporary file of the request lands here
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: pytest.fail("extracted a refused zip"))
+    if "declar" in " ".join(needles):
+        monkeypatch.setattr(serve, "read_case", lambda *a, **k: pytest.fail("decoded a refused image"))
+    resp = api_2d.post("/api/segment", files={"file": (name, data)})
+    refused(resp, status, *needles)
+    monkeypatch.undo()
+    assert post(api_2d, pictures / "grey0.png").status_code == 200  # the next good request succeeds
+    assert not list(tmp_path.iterdir())  # temporary files removed, also on error
+
+
+def test_a_2d_picture_to_a_3d_model(api_3d, pictures):
+    refused(post(api_3d, pictures / "grey0.png"), 422, "grey0.png", "2D image", "3D model")
+
+
+def test_upload_over_the_limit_is_413(trained, raw_dir):
+    api = client_for(trained / "model.pt", max_upload_mb=0.05)
+    refused(api.post("/api/segment", files={"file": ("big.nii.gz", b"\0" * (200 << 10))}), 413, "max-upload-mb")
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="big.nii"\r\n\r\n'
+        for _ in range(40):
+            yield b"\0" * (10 << 10)
+    resp = api.post("/api/segment", content=chunked(), headers={"Content-Type": "multipart/form-data; boundary=x"})
+    refused(resp, 413, "max-upload-mb")
+    assert post(api, raw_dir / "synth_000.nii.gz").status_code == 413  # 1.3 MB: over this server's 0.05 MB
+    assert api.get("/api/health").status_code == 200
+
+
+def test_missing_file_field_and_bad_format(api_2d, pictures):
+    refused(api_2d.post("/api/segment", files={"other": ("a.png", b"x")}), 422, "file")
+    refused(post(api_2d, pictures / "grey0.png", fmt="xml"), 422, "format")
+
+
+def test_grey_disc_fixture_matches_its_mask():
+    """The 2D test pictures: the disc is darker than the background (what the tiny model learns)."""
+    image, mask = grey_disc(np.random.default_rng(0))
+    assert image[mask > 0].mean() < 100 < image[mask == 0].mean()
+
+
+def test_command_line_errors_are_one_line(capsys, tmp_path):
+    assert serve.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    one_error_line(capsys, "missing.pt", "checkpoint not found")
+    assert serve.main(["--max-upload-mb", "0"]) == 2
+    one_error_line(capsys, "--max-upload-mb")
