@@ -226,9 +226,10 @@ class Server:
             seconds = time.perf_counter() - t0
         finally:
             self.lock.release()
-        return self.write(raw["image"], mask, source, seconds, workdir)
+        return self.write(raw["image"], mask, source, seconds, workdir, name)
 
-    def write(self, image: MetaTensor, mask: np.ndarray, source: Path, seconds: float, workdir: Path) -> Result:
+    def write(self, image: MetaTensor, mask: np.ndarray, source: Path, seconds: float, workdir: Path, name: str
+              ) -> Result:
         """Postprocess and write the mask exactly as ``infer.run`` does, and read the bytes back."""
         rules = (self.segmenter.ckpt.get("postprocessing") or {}).get("rules", [])
         affine = np.asarray(image.affine, dtype=np.float64)
@@ -236,7 +237,9 @@ class Server:
         out = infer.mask_path(source, workdir / "out", mask_suffix(source))
         out.parent.mkdir()
         write_mask(mask, affine, out, binary=self.labels == [0, 1], source=source)
-        return Result(out.read_bytes(), out.name, mask, affine, image, seconds)
+        stem = Path(name[:-4] if name.lower().endswith(".zip") else name)
+        named = infer.mask_path(stem, out.parent, mask_suffix(source)).name  # named after the client's file
+        return Result(out.read_bytes(), named, mask, affine, image, seconds)
 
 
 # ---------------------------------------------------------------- pictures for the page
@@ -391,14 +394,13 @@ def create_app(config: ServeConfig):
             except RequestError as exc:
                 return error(exc.status, str(exc))
             except InputError as exc:  # messages name the temporary file: show the client's name instead
-                text = re.sub(re.escape(tmp) + r"[^\s:]*", name, str(exc))
+                text = re.sub(re.escape(tmp) + r"[^\s:'\"]*", name, str(exc))
                 return error(422, text if text.startswith(name) else f"{name}: {text}")
         if format == "json":
             return summary(result, name, server.labels)
         unit, per_label = sizes(result.mask, result.affine, server.labels)
         total = sum(s["amount"] for s in per_label.values())
-        headers = {"Content-Disposition": f'attachment; filename="{display_name(Path(name).name.split(".")[0])}'
-                   f'_mask{mask_suffix(Path(result.mask_name))}"',
+        headers = {"Content-Disposition": f'attachment; filename="{result.mask_name}"',
                    "X-Segmented-Size": f"{total:.4f}", "X-Segmented-Unit": "mm2" if unit == "mm²" else unit,
                    "X-Segmented-Voxels": str(sum(s["voxels"] for s in per_label.values()))}
         return Response(result.mask_bytes, media_type="application/octet-stream", headers=headers)

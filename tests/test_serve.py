@@ -93,6 +93,25 @@ def test_2d_png_mask_is_infer_py_s_byte_for_byte(api_2d, trained_2d, pictures, t
     assert int(resp.headers["X-Segmented-Voxels"]) == int((mask > 0).sum())
 
 
+def test_zip_of_a_dicom_series_gives_infer_py_s_mask(api_3d, trained, tmp_path):
+    from test_dicom import write_series
+
+    from preprocess import synthetic_volume
+
+    image, _ = synthetic_volume(np.random.default_rng(7), (8, 96, 96))
+    write_series(image, tmp_path / "study" / "series", "1.2.826.0.1.3680043.2.1125.77")
+    archive = tmp_path / "ct.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for dcm in sorted((tmp_path / "study").rglob("*.dcm")):
+            zf.write(dcm, dcm.relative_to(tmp_path).as_posix())  # study/series/IM0001.dcm …
+    resp = post(api_3d, archive)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-disposition"] == 'attachment; filename="ct_mask.nii.gz"'
+    reference = infer_mask(tmp_path / "study" / "series", trained / "model.pt", tmp_path / "out")
+    assert resp.content == reference.read_bytes()
+    assert nib.load(reference).shape == (96, 96, 8)
+
+
 def test_json_answer_for_a_picture(api_2d, pictures):
     resp = post(api_2d, pictures / "grey1.png", fmt="json")
     assert resp.status_code == 200, resp.text
