@@ -27,6 +27,7 @@ from common import ArgumentParser, InputError, atomic_write, region_arg, run_com
 from dataset import ORIENTATION, PrepParams, prepare_transforms, prepared_tissue
 from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts
 from model import load_checkpoint, model_from_checkpoint, predict_logits, probabilities, resolve_device, to_classes
+from onnx_engine import OnnxNetwork, export_onnx
 from postprocess import apply_rules
 from readers import (
     MASK_FORMATS,
@@ -263,10 +264,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="mask file format (default: the input's own: NIfTI, NRRD, MHA, PNG, BMP, TIFF; DICOM: NIfTI)")
     p.add_argument("--overlays", action="store_true",
                    help="also write OUT/overlays/<case>.png: image, predicted mask, true outline")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="onnx: --checkpoint is a .onnx file from --export-onnx, run by ONNX Runtime on the CPU")
+    p.add_argument("--export-onnx", default=None, metavar="FILE",
+                   help="write the checkpoint's network as ONNX (metadata included), check it against PyTorch, stop")
     p.add_alias("--roi", "--window")
     p.add_alias("--labels", "--truth")
     args = p.parse_args(argv)
-    if bool(args.inputs) == bool(args.evaluate):
+    if args.export_onnx and (args.inputs or args.evaluate or args.engine == "onnx"):
+        p.error("--export-onnx takes a --checkpoint (.pt) and nothing to segment")
+    if not args.export_onnx and bool(args.inputs) == bool(args.evaluate):
         p.error("give input volumes or --evaluate PREP, not both (nor neither)")
     if args.evaluate and args.truth:
         p.error("--evaluate takes the true masks from the manifest; leave out --truth")
@@ -311,8 +318,8 @@ def model_regions(config: argparse.Namespace, labels: Sequence[int], ckpt: dict)
 
 def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
     """Segment every input; returns (mask path, segmented amount, its unit: mL or mm²) per input."""
-    segmenter = Segmenter.load(Path(config.checkpoint), resolve_device(config.device), config.window,
-                               config.overlap, config.sw_batch_size, config.amp)
+    segmenter = load_segmenter(Path(config.checkpoint), config.device, config.engine, config.window, config.overlap,
+                               config.sw_batch_size, config.amp)
     cases = input_cases(config, segmenter.ckpt)
     out_dir = Path(config.out)
     targets = mask_targets(cases, out_dir, config.format)
@@ -404,8 +411,30 @@ def region_text(mean: dict[str, float], regions: dict) -> str:
     return "; regions " + ", ".join(f"{k} {mean[f'dice_{k}']:.4f}" for k in regions) if regions else ""
 
 
+def load_segmenter(path: Path, device: str, engine: str = "torch", window: Sequence[int] | None = None,
+                   overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None
+                   ) -> Segmenter:
+    """The checkpoint's network under PyTorch, or with ``engine="onnx"`` an exported ``.onnx`` file (its metadata
+    standing in for the checkpoint) under ONNX Runtime on the CPU; the same preprocessing, window and inverse."""
+    if engine == "onnx":
+        net = OnnxNetwork(path)
+        settings = net.ckpt["inference"]
+        return Segmenter(net, net.ckpt, tuple(window or settings["roi"]),
+                         settings["overlap"] if overlap is None else overlap, sw_batch_size, False)
+    return Segmenter.load(path, resolve_device(device), window, overlap, sw_batch_size, amp)
+
+
+def export(config: argparse.Namespace) -> None:
+    """``--export-onnx``: the checkpoint's network as ONNX, and how far ONNX Runtime is from PyTorch."""
+    diff = export_onnx(Path(config.checkpoint), Path(config.export_onnx))
+    log.info("exported %s → %s; ONNX Runtime vs PyTorch on a random window: max abs difference %.3g (logits)",
+             config.checkpoint, config.export_onnx, diff)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(lambda: run(parse_args(argv)))
+    def command(config: argparse.Namespace) -> None:
+        export(config) if config.export_onnx else run(config)
+    return run_command(lambda: command(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import infer
 from cases import Case, read_case
 from common import ArgumentParser, InputError, run_command
 from dataset import ORIENTATION, PrepParams
-from model import resolve_device
 from readers import (
     IMAGE_2D_SUFFIXES,
     NIFTI_SUFFIXES,
@@ -72,6 +71,7 @@ class ServeConfig:
     max_voxels: int = 2**28  # 1 GiB as float32: a header declaring more is refused before its data is read
     queue_timeout: float = 60.0
     token: str | None = None
+    engine: str = "torch"  # onnx: the checkpoint is an infer.py --export-onnx file, run by ONNX Runtime
 
 
 class RequestError(Exception):
@@ -181,7 +181,7 @@ class Server:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.segmenter = infer.Segmenter.load(config.checkpoint, resolve_device(config.device))
+        self.segmenter = infer.load_segmenter(config.checkpoint, config.device, config.engine)
         self.lock = threading.Lock()
         self.sha256 = hashlib.sha256(config.checkpoint.read_bytes()).hexdigest()
         self.labels = [int(v) for v in self.segmenter.ckpt["label_values"]]
@@ -453,6 +453,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="onnx: --checkpoint is a .onnx file from infer.py --export-onnx, run by ONNX Runtime")
     p.add_argument("--max-upload-mb", type=float, default=512, help="larger uploads are refused (413)")
     p.add_argument("--max-voxels", type=int, default=2**28, help="images whose header declares more are refused")
     p.add_argument("--queue-timeout", type=float, default=60.0,
@@ -472,7 +474,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(Path(args.checkpoint), args.device, args.max_upload_mb, args.max_voxels, args.queue_timeout,
-                       args.token)
+                       args.token, args.engine)
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -1,0 +1,92 @@
+"""infer.py --export-onnx and --engine onnx: the network in ONNX with the checkpoint's metadata, ONNX Runtime's
+logits against PyTorch's, and the same masks from both engines (infer.py and serve.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import one_error_line
+
+import infer
+from dice import dice_binary
+from model import load_checkpoint, model_from_checkpoint
+from onnx_engine import METADATA_KEYS, OnnxNetwork
+
+TOLERANCE = 1e-4  # logits of order 1-10; float32 kernels of two libraries differ by a few 1e-6
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    assert infer.main(["--checkpoint", str(trained / "model.pt"), "--export-onnx", str(out)]) == 0
+    return out
+
+
+def test_export_reports_the_difference_and_keeps_the_metadata(trained, caplog, tmp_path):
+    out = tmp_path / "again.onnx"
+    with caplog.at_level("INFO", logger="infer"):
+        assert infer.main(["--checkpoint", str(trained / "model.pt"), "--export-onnx", str(out)]) == 0
+    line = next(r.getMessage() for r in caplog.records if "max abs difference" in r.getMessage())
+    assert float(line.split("max abs difference ")[1].split()[0]) < TOLERANCE
+    ckpt = load_checkpoint(trained / "model.pt")
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert {k: json.loads(props[k]) for k in METADATA_KEYS} == json.loads(json.dumps({k: ckpt.get(k)
+                                                                                      for k in METADATA_KEYS}))
+
+
+def test_spatial_axes_are_dynamic_and_logits_match_pytorch(trained, exported):
+    ckpt = load_checkpoint(trained / "model.pt")
+    net = model_from_checkpoint(ckpt, trained / "model.pt").eval()
+    x = torch.rand(3, 1, 16, 32, 96, generator=torch.Generator().manual_seed(1))  # not the export's window
+    with torch.no_grad():
+        expected = net(x)
+    got = OnnxNetwork(exported)(x)
+    assert got.shape == expected.shape == (3, 1, 16, 32, 96)
+    assert (got - expected).abs().max().item() < TOLERANCE
+
+
+def test_onnx_engine_mask_agrees_with_pytorch(trained, exported, raw_dir, tmp_path):
+    source = raw_dir / "synth_001.nii.gz"
+    masks = []
+    for engine, checkpoint in (("torch", trained / "model.pt"), ("onnx", exported)):
+        out = tmp_path / engine
+        assert infer.main([str(source), "--checkpoint", str(checkpoint), "--engine", engine, "--out", str(out),
+                           "--device", "cpu"]) == 0
+        masks.append(np.asarray(nib.load(out / "synth_001_mask.nii.gz").dataobj))
+    a, b = (torch.from_numpy(m > 0)[None, None] for m in masks)
+    assert dice_binary(a, b).item() >= 0.999 and masks[0].any()
+
+
+def test_serve_runs_the_onnx_file(exported, raw_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    import serve
+
+    api = TestClient(serve.create_app(serve.ServeConfig(exported, device="cpu", engine="onnx")))
+    resp = api.post("/api/segment", files={"file": ("a.nii.gz", (raw_dir / "synth_001.nii.gz").read_bytes())})
+    assert resp.status_code == 200, resp.text
+    assert infer.main([str(raw_dir / "synth_001.nii.gz"), "--checkpoint", str(exported), "--engine", "onnx",
+                       "--out", str(tmp_path)]) == 0
+    assert resp.content == (tmp_path / "synth_001_mask.nii.gz").read_bytes()
+    assert api.get("/api/model").json()["kind"] == "3d"
+
+
+def test_bad_onnx_uses_are_one_line_errors(trained, raw_dir, tmp_path, capsys):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    assert infer.main([str(raw_dir / "synth_000.nii.gz"), "--checkpoint", str(junk), "--engine", "onnx",
+                       "--out", str(tmp_path)]) == 2
+    one_error_line(capsys, "junk.onnx", "not a readable ONNX model")
+    assert infer.main([str(raw_dir / "synth_000.nii.gz"), "--checkpoint", str(trained / "model.pt"), "--engine",
+                       "onnx", "--out", str(tmp_path)]) == 2
+    one_error_line(capsys, "model.pt", "ONNX")
+    assert infer.main(["--checkpoint", str(tmp_path / "missing.pt"), "--export-onnx", str(tmp_path / "m.onnx")]) == 2
+    one_error_line(capsys, "missing.pt", "checkpoint not found")
+    assert infer.main([str(raw_dir / "synth_000.nii.gz"), "--export-onnx", str(tmp_path / "m.onnx")]) == 2
+    one_error_line(capsys, "--export-onnx")
