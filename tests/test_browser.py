@@ -1,13 +1,10 @@
 """serve.py's page in a real browser: Playwright driving Debian's chromium (never ``playwright install``, which
-downloads a browser). Skipped where chromium is missing; ``.ci/run`` installs it."""
+downloads a browser), through the helpers of benchmarks/serve_screenshot.py. Skipped where chromium is missing;
+``.ci/run`` installs it."""
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import socket
-import threading
-import time
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,65 +13,18 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-import serve
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+import serve_screenshot  # noqa: E402
+from serve_screenshot import CHROMIUM, browser_page, running, segment  # noqa: E402
+
+import serve  # noqa: E402
+
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 SCREENSHOT = ROOT / "output" / "serve_page.png"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(checkpoint: Path):
-    """serve.py's app under uvicorn on a free port of 127.0.0.1, in a thread; its address; stopped afterwards."""
-    import uvicorn
-
-    app = serve.create_app(serve.ServeConfig(checkpoint, device="cpu"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(10)
-
-
-@contextlib.contextmanager
-def browser_page(url: str):
-    """A chromium page at ``url`` (Debian's browser: ``executable_path``) and the list of addresses it requested."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        requested: list[str] = []
-        page.on("request", lambda r: requested.append(r.url))
-        page.goto(url)
-        page.wait_for_function("document.getElementById('model').textContent.startsWith('model ')")
-        yield page, requested
-        browser.close()
-    assert all(u.startswith((url, "data:", "blob:")) for u in requested), requested  # works offline
-
-
-def segment(page, files: list[str], cards: int) -> list:
-    """Choose ``files``, press the button, wait until ``cards`` cards are finished; the cards."""
-    page.set_input_files("#files", files)
-    page.click("#go")
-    page.wait_for_function(f"document.querySelectorAll('.card:not([data-state=working])').length === {cards}",
-                           timeout=120_000)
-    return page.query_selector_all(".card")
-
-
-def uploads(pictures: Path, folder: Path) -> dict[str, tuple[int, int]]:
+def uploads(pictures: Path, folder: Path) -> dict[str, tuple[int, int] | None]:
     """Two PNGs, one single-slice NIfTI and one file that is no image; each with the (width, height) of its
     overlay (None: an error card)."""
     nifti = folder / "slice.nii.gz"
@@ -85,10 +35,21 @@ def uploads(pictures: Path, folder: Path) -> dict[str, tuple[int, int]]:
             str(folder / "notes.png"): None}
 
 
+def check_mask(path: Path, size: tuple[int, int]) -> None:
+    """A downloaded mask: a 0/255 PNG of the picture's size, or a NIfTI slice of the input's shape."""
+    if path.suffix == ".png":
+        mask = Image.open(path)
+        assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 255}
+    else:
+        img = nib.load(path)
+        assert img.shape == (*size, 1) and set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+
+
 def test_page_segments_several_files_in_chromium(trained_2d, tmp_path):
     files = uploads(trained_2d.parent / "pics", tmp_path)
-    with running(trained_2d / "model.pt") as url, browser_page(url) as (page, _):
-        cards = segment(page, list(files), 4)
+    config = serve.ServeConfig(trained_2d / "model.pt", device="cpu")
+    with running(config) as url, browser_page(url) as (page, requested):
+        cards = segment(page, list(files))
         assert [c.query_selector("h3").inner_text() for c in cards] == [Path(f).name for f in files]
         for card, (path, size) in zip(cards, files.items()):
             if size is None:  # its own card says what is wrong; the other files went through
@@ -107,13 +68,14 @@ def test_page_segments_several_files_in_chromium(trained_2d, tmp_path):
             check_mask(saved, size)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert all(u.startswith((url, "data:", "blob:")) for u in requested), requested  # works offline
 
 
 def test_page_shows_a_volume_in_three_planes_with_a_slice_slider(trained, raw_dir, tmp_path):
     source = raw_dir / "synth_002.nii.gz"
     x, y, z = nib.load(source).shape
-    with running(trained / "model.pt") as url, browser_page(url) as (page, _):
-        (card,) = segment(page, [str(source)], 1)
+    with running(serve.ServeConfig(trained / "model.pt", device="cpu")) as url, browser_page(url) as (page, _):
+        (card,) = segment(page, [str(source)])
         assert card.get_attribute("data-state") == "done", card.inner_text()
         captions = [f.inner_text() for f in card.query_selector_all("figcaption")]
         assert captions[:6] == [f"{p} {k}" for p in ("axial", "coronal", "sagittal") for k in ("original", "overlay")]
@@ -125,14 +87,10 @@ def test_page_shows_a_volume_in_three_planes_with_a_slice_slider(trained, raw_di
         before = slice_img.get_attribute("src")
         slider.evaluate("(s) => { s.value = s.value === '0' ? 1 : 0; s.dispatchEvent(new Event('input')); }")
         assert slice_img.get_attribute("src") != before and "mL" in card.inner_text()
-        page.screenshot(path=str(SCREENSHOT.with_name("serve_page_3d.png")), full_page=True)
 
 
-def check_mask(path: Path, size: tuple[int, int]) -> None:
-    """A downloaded mask: a 0/255 PNG of the picture's size, or a NIfTI slice of the input's shape."""
-    if path.suffix == ".png":
-        mask = Image.open(path)
-        assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 255}
-    else:
-        img = nib.load(path)
-        assert img.shape == (*size, 1) and set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+def test_screenshot_command(trained, raw_dir, tmp_path, capsys):
+    out = tmp_path / "page.png"
+    assert serve_screenshot.main(["--checkpoint", str(trained / "model.pt"), str(raw_dir / "synth_003.nii.gz"),
+                                  "--out", str(out)]) == 0
+    assert Image.open(out).width == 1400 and "synth_003.nii.gz" in capsys.readouterr().out
