@@ -83,6 +83,7 @@ class OnnxNetwork(torch.nn.Module):
         try:
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # errors only
+            options.intra_op_num_threads = torch.get_num_threads()  # PyTorch's count: OMP_NUM_THREADS holds for both
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             meta = self.session.get_modelmeta().custom_metadata_map
         except Exception as exc:  # ONNX Runtime's errors (InvalidProtobuf, NoSuchFile …) derive from Exception only

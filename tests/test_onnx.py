@@ -4,6 +4,8 @@ logits against PyTorch's, and the same masks from both engines (infer.py and ser
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import one_error_line
+from conftest import ROOT, one_error_line
 
 import infer
 from dice import dice_binary
@@ -90,3 +92,24 @@ def test_bad_onnx_uses_are_one_line_errors(trained, raw_dir, tmp_path, capsys):
     one_error_line(capsys, "missing.pt", "checkpoint not found")
     assert infer.main([str(raw_dir / "synth_000.nii.gz"), "--export-onnx", str(tmp_path / "m.onnx")]) == 2
     one_error_line(capsys, "--export-onnx")
+
+
+def test_a_2d_model_through_onnx_gives_the_same_picture_mask(trained_2d, tmp_path):
+    onnx_file, pictures = tmp_path / "2d.onnx", trained_2d.parent / "pics"
+    assert infer.main(["--checkpoint", str(trained_2d / "model.pt"), "--export-onnx", str(onnx_file)]) == 0
+    for engine, checkpoint in (("torch", trained_2d / "model.pt"), ("onnx", onnx_file)):
+        assert infer.main([str(pictures / "grey2.png"), "--checkpoint", str(checkpoint), "--engine", engine,
+                           "--out", str(tmp_path / engine), "--device", "cpu"]) == 0
+    assert (tmp_path / "torch" / "grey2_mask.png").read_bytes() == (tmp_path / "onnx" / "grey2_mask.png").read_bytes()
+
+
+def test_engine_benchmark_runs(trained, raw_dir, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_onnx
+
+    assert bench_onnx.main(["--checkpoint", str(trained / "model.pt"), str(raw_dir / "synth_000.nii.gz"),
+                            "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert float(re.search(r"max abs difference of the logits on a random window (\S+)", out)[1]) < TOLERANCE
+    assert float(re.search(r"synth_000.nii.gz .*Dice between the masks ([\d.]+)", out)[1]) >= 0.999
+    assert re.search(r"network pass on 2 windows .* ratio onnx/torch [\d.]+", out)
