@@ -55,7 +55,9 @@ from readers import (
 
 log = logging.getLogger("serve")
 STATIC = Path(__file__).resolve().parent / "static"
-UPLOAD_SUFFIXES = (*NIFTI_SUFFIXES, *SITK_SUFFIXES, *IMAGE_2D_SUFFIXES, ".zip")  # .nhdr needs its data file: refused
+# .nhdr and .mhd headers name a separate data file: a path chosen by the client, so they are not accepted.
+UPLOAD_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha", *IMAGE_2D_SUFFIXES, ".zip")
+DETACHED_DATA = re.compile(rb"^(data ?file|ElementDataFile)[ \t]*[:=][ \t]*(?=\S)(?!LOCAL\b)", re.I | re.M)
 ZIP_MAX_MEMBERS = 2000  # a DICOM series of more slices than this is not what a web upload is for
 ZIP_MAX_RATIO = 100  # DICOM compresses 2-10×; 100× and more is a zip bomb
 # Overlay colours, one per foreground label (blue first, as the PH2 service showed lesions), RGB.
@@ -112,6 +114,17 @@ def declared_voxels(path: Path) -> int:
                          ) from None
     except (OSError, RuntimeError, ValueError):
         return 0  # unreadable: the full read names the problem
+
+
+def check_attached(path: Path) -> None:
+    """An NRRD or MHA header may name a separate data file (``data file:``, ``ElementDataFile = other.raw``): a
+    path chosen by the client, which SimpleITK would open. Only data inside the upload is accepted."""
+    if volume_suffix(path) not in SITK_SUFFIXES:
+        return
+    with path.open("rb") as f:
+        header = f.read(64 << 10).split(b"\n\n")[0]  # NRRD: the header ends at a blank line; MHA's is short
+    if DETACHED_DATA.search(header):
+        raise InputError("header names a separate data file; upload a self-contained .nrrd or .mha")
 
 
 def extract_series(archive: Path, folder: Path, max_bytes: int) -> Path:
@@ -210,8 +223,10 @@ class Server:
         save_upload(upload, source, max_bytes)
         if suffix == ".zip":
             source = extract_series(source, workdir / "series", max_bytes * 4)
-        elif (declared := declared_voxels(source)) > self.config.max_voxels:
-            raise InputError(f"header declares {declared} voxels, more than the server's {self.config.max_voxels}")
+        else:
+            check_attached(source)
+            if (declared := declared_voxels(source)) > self.config.max_voxels:
+                raise InputError(f"header declares {declared} voxels, more than the server's {self.config.max_voxels}")
         ckpt = self.segmenter.ckpt
         raw = read_case(Case("upload", source), PrepParams.from_dict(ckpt["prep_params"]).channel)
         kind = "2d" if 1 in raw["image"].shape[1:] else "3d"

@@ -261,6 +261,13 @@ BAD_2D = [
     ("zip with ../ names", "escape.zip", lambda r, p: zip_of({"ok.dcm": b"x", "../../escape.dcm": b"x"}), 422,
      ["escape.zip", "outside the archive"]),
     ("zip bomb", "bomb.zip", lambda r, p: zip_of({"a.dcm": b"\0" * (40 << 20)}), 422, ["bomb.zip", "zip bomb"]),
+    ("NRRD naming a separate data file", "detached.nrrd",
+     lambda r, p: b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: ../../etc/passwd\n\n",
+     422, ["detached.nrrd", "separate data file"]),
+    ("MHA naming a separate data file", "detached.mha",
+     lambda r, p: b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
+                  b"ElementDataFile = /etc/passwd\n", 422, ["detached.mha", "separate data file"]),
+    ("detached header type", "scan.mhd", lambda r, p: b"ObjectType = Image\n", 415, ["scan.mhd", "unsupported"]),
     ("zip that is not a zip", "junk.zip", lambda r, p: b"PK\x03\x04 not really", 422, ["junk.zip", "not a readable"]),
 ]
 
@@ -278,6 +285,21 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(case, api_2d, raw_dir
     monkeypatch.undo()
     assert post(api_2d, pictures / "grey0.png").status_code == 200  # the next good request succeeds
     assert not list(tmp_path.iterdir())  # temporary files removed, also on error
+
+
+def test_self_contained_nrrd_and_mha_are_accepted(api_3d, trained, raw_dir, tmp_path):
+    """A volume re-saved as NRRD and MHA (data inside the file) is segmented as infer.py segments it."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(raw_dir / "synth_003.nii.gz"))
+    for suffix in (".nrrd", ".mha"):
+        source = tmp_path / f"scan{suffix}"
+        sitk.WriteImage(image, str(source), True)
+        resp = post(api_3d, source)
+        assert resp.status_code == 200, resp.text
+        assert infer.main([str(source), "--checkpoint", str(trained / "model.pt"), "--out", str(tmp_path / "out"),
+                           "--device", "cpu"]) == 0
+        assert resp.content == (tmp_path / "out" / f"scan_mask{suffix}").read_bytes()
 
 
 def test_a_2d_picture_to_a_3d_model(api_3d, pictures):
