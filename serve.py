@@ -97,7 +97,10 @@ def upload_suffix(name: str) -> str:
 
 
 def declared_voxels(path: Path) -> int:
-    """Voxels (pixels × channels for pictures) a file's header declares, read without decoding its data."""
+    """Voxels (pixels × channels for pictures) a file's header declares (a DICOM folder: its slices' together),
+    read without decoding its data."""
+    if path.is_dir():
+        return sum(sitk_voxels(p) for p in path.iterdir())
     suffix = volume_suffix(path)
     if suffix in NIFTI_SUFFIXES:
         return _declared_voxels(path)
@@ -105,21 +108,29 @@ def declared_voxels(path: Path) -> int:
         if suffix in IMAGE_2D_SUFFIXES:
             with PIL.Image.open(path) as img:  # reads the header only
                 return img.width * img.height * len(img.getbands())
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        return int(np.prod(reader.GetSize(), dtype=np.float64)) * reader.GetNumberOfComponents()
     except PIL.Image.DecompressionBombError:  # Pillow's own limit, below ours: refused all the same
         raise InputError(f"header declares over {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb)"
                          ) from None
-    except (OSError, RuntimeError, ValueError):
+    except (OSError, ValueError):
         return 0  # unreadable: the full read names the problem
+    return sitk_voxels(path)
+
+
+def sitk_voxels(path: Path) -> int:
+    """Voxels an NRRD, MHA or DICOM header declares (SimpleITK reads the header only); 0 when unreadable."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return 0
+    return int(np.prod(reader.GetSize(), dtype=np.float64)) * reader.GetNumberOfComponents()
 
 
 def check_attached(path: Path) -> None:
     """An NRRD or MHA header may name a separate data file (``data file:``, ``ElementDataFile = other.raw``): a
     path chosen by the client, which SimpleITK would open. Only data inside the upload is accepted."""
-    if volume_suffix(path) not in SITK_SUFFIXES:
+    if path.is_dir() or volume_suffix(path) not in SITK_SUFFIXES:
         return
     with path.open("rb") as f:
         header = f.read(64 << 10).split(b"\n\n")[0]  # NRRD: the header ends at a blank line; MHA's is short
@@ -223,10 +234,9 @@ class Server:
         save_upload(upload, source, max_bytes)
         if suffix == ".zip":
             source = extract_series(source, workdir / "series", max_bytes * 4)
-        else:
-            check_attached(source)
-            if (declared := declared_voxels(source)) > self.config.max_voxels:
-                raise InputError(f"header declares {declared} voxels, more than the server's {self.config.max_voxels}")
+        check_attached(source)
+        if (declared := declared_voxels(source)) > self.config.max_voxels:
+            raise InputError(f"header declares {declared} voxels, more than the server's {self.config.max_voxels}")
         ckpt = self.segmenter.ckpt
         raw = read_case(Case("upload", source), PrepParams.from_dict(ckpt["prep_params"]).channel)
         kind = "2d" if 1 in raw["image"].shape[1:] else "3d"
@@ -388,12 +398,12 @@ def create_app(config: ServeConfig):
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/api/health")
-    def health() -> dict:
+    async def health() -> dict:  # async: answered even while every worker thread waits
         """Liveness: the model is loaded."""
         return {"status": "ok", "busy": server.lock.locked()}
 
     @app.get("/api/model")
-    def model_info() -> dict:
+    async def model_info() -> dict:  # async: answered even while every worker thread waits
         """The checkpoint: labels, modalities, 2D or 3D, window, training Dice, its SHA-256."""
         return server.info()
 

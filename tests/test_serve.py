@@ -110,6 +110,8 @@ def test_zip_of_a_dicom_series_gives_infer_py_s_mask(api_3d, trained, tmp_path):
     reference = infer_mask(tmp_path / "study" / "series", trained / "model.pt", tmp_path / "out")
     assert resp.content == reference.read_bytes()
     assert nib.load(reference).shape == (96, 96, 8)
+    small = client_for(trained / "model.pt", max_voxels=10_000)  # the slices' headers, read before the series
+    refused(post(small, archive), 422, "ct.zip", "declares 73728 voxels")
 
 
 def test_json_answer_for_a_picture(api_2d, pictures):
