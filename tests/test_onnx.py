@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT, one_error_line
+from conftest import ROOT, SHARED, TINY_WIDTHS, one_error_line
+from PIL import Image
 
 import infer
 from dice import dice_binary
@@ -113,3 +114,36 @@ def test_engine_benchmark_runs(trained, raw_dir, capsys):
     assert float(re.search(r"max abs difference of the logits on a random window (\S+)", out)[1]) < TOLERANCE
     assert float(re.search(r"synth_000.nii.gz .*Dice between the masks ([\d.]+)", out)[1]) >= 0.999
     assert re.search(r"network pass on 2 windows .* ratio onnx/torch [\d.]+", out)
+
+
+PH2 = SHARED / "ph2" / "PH2Dataset" / "PH2 Dataset images"
+
+
+@pytest.mark.skipif(not PH2.is_dir(), reason="../shared/data/ph2 is absent")
+def test_ph2_image_masks_agree_between_engines(tmp_path):
+    """A tiny RGB 2D model (1 epoch on three PH2 images) through both engines, on a fourth PH2 image."""
+    import shutil
+
+    import preprocess
+    import train
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for case in ("IMD016", "IMD027", "IMD002"):
+        shutil.copy(PH2 / case / f"{case}_Dermoscopic_Image" / f"{case}.bmp", raw)
+        shutil.copy(PH2 / case / f"{case}_lesion" / f"{case}_lesion.bmp", raw)
+    assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1"]) == 0
+    assert train.main(["--data", str(tmp_path / "prep"), "--output", str(tmp_path / "out"), "--epochs", "1",
+                       "--device", "cpu", *TINY_WIDTHS, "--num-samples", "2", "--no-postprocess"]) == 0
+    checkpoint, onnx_file = tmp_path / "out" / "model.pt", tmp_path / "model.onnx"
+    assert infer.main(["--checkpoint", str(checkpoint), "--export-onnx", str(onnx_file)]) == 0
+    image = next(p for p in sorted(PH2.glob("*/*_Dermoscopic_Image/*.bmp")) if p.stem not in ("IMD016", "IMD027",
+                                                                                              "IMD002"))
+    masks = []
+    for engine, ckpt in (("torch", checkpoint), ("onnx", onnx_file)):
+        assert infer.main([str(image), "--checkpoint", str(ckpt), "--engine", engine, "--out", str(tmp_path / engine),
+                           "--device", "cpu"]) == 0
+        masks.append(np.asarray(Image.open(tmp_path / engine / f"{image.stem}_mask.bmp")) > 0)
+    a, b = (torch.from_numpy(m)[None, None] for m in masks)
+    assert masks[0].shape == Image.open(image).size[::-1] and masks[0].any()  # rows × columns, something found
+    assert dice_binary(a, b).item() >= 0.999
