@@ -6,9 +6,10 @@ Needs neither the readers nor the transform chain: a network is built, loaded an
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,37 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[in
     with autocast(device, amp):
         logits = sliding_window_inference(x, window, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
     return logits.float()
+
+
+def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every combination of the spatial ``axes`` (of D, H, W), the empty one (no flip) first: nnU-Net's mirroring."""
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), r)]
+
+
+def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], overlap: float = 0.75,
+                          sw_batch_size: int | None = None, amp: bool = False, tissue: torch.Tensor | None = None,
+                          flips: Sequence[int] = ()) -> Iterator[torch.Tensor]:
+    """Probabilities (B, K, D, H, W) of ``model`` for the image as it is, then flipped along each combination of the
+    spatial axes ``flips`` (``flip_sets``), each ``predict_logits``' sliding window flipped back onto the image."""
+    for combo in flip_sets(flips):
+        dims = [2 + a for a in combo]  # (B, C, D, H, W)
+        x, t = (image.flip(dims), None if tissue is None else tissue.flip(dims)) if dims else (image, tissue)
+        p = probabilities(predict_logits(model, x, roi, overlap, sw_batch_size, amp, t))
+        yield p.flip(dims) if dims else p
+
+
+@torch.inference_mode()
+def predict_probabilities(models: Sequence[torch.nn.Module], image: torch.Tensor, roi: Sequence[int],
+                          overlap: float = 0.75, sw_batch_size: int | None = None, amp: bool = False,
+                          tissue: torch.Tensor | None = None, flips: Sequence[int] = ()) -> torch.Tensor:
+    """Probabilities (B, K, D, H, W) averaged over ``models`` (an ensemble) and over test-time flips
+    (``flipped_probabilities``). Averaged as probabilities, as nnU-Net ensembles folds, so that one overconfident
+    network does not outvote the others."""
+    total, n = None, 0
+    for model in models:
+        for p in flipped_probabilities(model, image, roi, overlap, sw_batch_size, amp, tissue, flips):
+            total, n = p if total is None else total + p, n + 1
+    return total / n
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
