@@ -281,12 +281,16 @@ def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, roi: Sequ
                           sw_batch_size: int | None = None, amp: bool = False, tissue: torch.Tensor | None = None,
                           flips: Sequence[int] = ()) -> Iterator[torch.Tensor]:
     """Probabilities (B, K, D, H, W) of ``model`` for the image as it is, then flipped along each combination of the
-    spatial axes ``flips`` (``flip_sets``), each ``predict_logits``' sliding window flipped back onto the image."""
-    for combo in flip_sets(flips):
-        dims = [2 + a for a in combo]  # (B, C, D, H, W)
-        x, t = (image.flip(dims), None if tissue is None else tissue.flip(dims)) if dims else (image, tissue)
-        p = probabilities(predict_logits(model, x, roi, overlap, sw_batch_size, amp, t))
-        yield p.flip(dims) if dims else p
+    spatial axes ``flips`` (``flip_sets``), each flipped back onto the image. The flipped copies go through one
+    ``predict_logits`` as one batch, so their windows share network passes: on the CPU a lone window (a 2D slice)
+    runs as a pair anyway (``Windows``), and its flipped copy takes the place of the duplicate."""
+    dims = [[2 + a for a in combo] for combo in flip_sets(flips)]  # of (B, C, D, H, W)
+    x = torch.cat([image.flip(d) if d else image for d in dims]) if len(dims) > 1 else image
+    t = tissue if tissue is None or len(dims) == 1 else torch.cat([tissue.flip(d) if d else tissue for d in dims])
+    probs = probabilities(predict_logits(model, x, roi, overlap, sw_batch_size, amp, t))
+    n = len(image)
+    for k, d in enumerate(dims):
+        yield probs[k * n:(k + 1) * n].flip(d) if d else probs[k * n:(k + 1) * n]
 
 
 @torch.inference_mode()
