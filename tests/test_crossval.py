@@ -196,3 +196,23 @@ def test_impossible_folds_are_refused(prep_dir, tmp_path, capsys, argv, needle):
 def test_fold_without_folds_is_a_usage_error(capsys):
     assert train.main(["--fold", "1"]) == 2
     one_error_line(capsys, "--fold needs --folds N")
+
+
+def test_an_output_folder_means_what_train_py_wrote_last(tmp_path):
+    """infer.py --checkpoint FOLDER: the folds cv.json lists, unless a plain run wrote model.pt after them; names
+    that leave the folder are refused."""
+    import os
+
+    (tmp_path / "fold_0").mkdir()
+    (tmp_path / "cv.json").write_text(json.dumps({"checkpoints": ["fold_0/model.pt", "fold_1/model.pt"]}))
+    assert infer.checkpoint_paths([str(tmp_path)]) == [tmp_path / "fold_0/model.pt", tmp_path / "fold_1/model.pt"]
+    (tmp_path / "model.pt").write_bytes(b"")
+    os.utime(tmp_path / "cv.json", (1, 1))  # the plain run came later
+    assert infer.checkpoint_paths([str(tmp_path)]) == [tmp_path / "model.pt"]
+    os.utime(tmp_path / "model.pt", (0, 0))
+    assert infer.checkpoint_paths([str(tmp_path)])[0] == tmp_path / "fold_0/model.pt"
+    (tmp_path / "cv.json").write_text(json.dumps({"checkpoints": ["../elsewhere.pt"]}))
+    with pytest.raises(InputError, match="lists no checkpoints inside its folder"):
+        infer.checkpoint_paths([str(tmp_path)])
+    with pytest.raises(InputError, match="holds neither model.pt nor cv.json"):
+        infer.checkpoint_paths([str(tmp_path / "fold_0")])
