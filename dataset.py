@@ -44,6 +44,10 @@ from scipy import ndimage
 
 from readers import read_volume
 
+# Spatial axes (of D, H, W) that training flips at random: in-plane only, so that 2D data stays 2D. Test-time flips
+# (model.predict_probabilities) use these, and the checkpoint records them.
+FLIP_AXES = (1, 2)
+
 ORIENTATION = "SPL"  # array axes (D, H, W) = inferior→superior, anterior→posterior, right→left
 
 
@@ -297,8 +301,7 @@ def get_transforms(mode: str, label_values: Sequence[int] = (0, 1), aug: Augment
             # 90° turns only where they keep the crop's shape (a batch needs one shape; flips cover 180°)
             *([RandRotate90d(keys, prob=0.5, spatial_axes=(1, 2))] if aug.crop[1] == aug.crop[2] else []),
             *spatial_augment(aug, keys),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in FLIP_AXES],
             *(intensity_augment() if aug.intensity else []),
             EnsureTyped("label", dtype=torch.uint8),  # rotation resampled it as float
             EnsureTyped(keys, track_meta=False),

@@ -1,12 +1,16 @@
 """Segment volumes with a trained checkpoint; masks are written on each input's own grid.
 
-    python infer.py volume.nii.gz [more.nii.gz | folder ...] [--checkpoint output/model.pt] [--out output]
+    python infer.py volume.nii.gz [more.nii.gz | folder ...] [--checkpoint output] [--out output]
+
+``--checkpoint`` takes checkpoints or train.py output folders (model.pt, or the ensemble of a cross-validation's
+folds that cv.json lists); several networks average their probabilities.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -24,9 +28,15 @@ from tqdm import tqdm
 
 from cases import Case, case_name, cases_from_manifest, find_inputs, patient_slice, read_case, with_truth
 from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
-from dataset import ORIENTATION, PrepParams, prepare_transforms, prepared_tissue
+from dataset import FLIP_AXES, ORIENTATION, PrepParams, prepare_transforms, prepared_tissue
 from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts
-from model import load_checkpoint, model_from_checkpoint, predict_logits, probabilities, resolve_device, to_classes
+from model import (
+    load_checkpoint,
+    model_from_checkpoint,
+    predict_probabilities,
+    resolve_device,
+    to_classes,
+)
 from onnx_engine import OnnxNetwork, export_onnx
 from postprocess import apply_rules
 from readers import (
@@ -60,24 +70,44 @@ def invert_to_original(probs: torch.Tensor, image: MetaTensor, chain: Compose) -
 
 @dataclasses.dataclass(frozen=True)
 class Segmenter:
-    """A checkpoint's network with its preprocessing and sliding window: an image on its own grid in, a mask out."""
+    """A checkpoint's network (or an ensemble's networks) with its preprocessing, sliding window, test-time flips
+    and postprocessing: an image on its own grid in, a mask out."""
 
-    model: torch.nn.Module
-    ckpt: dict
+    models: tuple[torch.nn.Module, ...]
+    ckpt: dict  # the first checkpoint's (labels, preprocessing, window: an ensemble's all agree, ``check_ensemble``)
     window: tuple[int, ...]
     overlap: float
     sw_batch_size: int | None = None  # None: the device's default (model.default_sw_batch_size)
     amp: bool | None = None
+    flips: tuple[int, ...] = ()  # spatial axes of the test-time flips; (): none
+    rules: tuple[dict, ...] = ()  # postprocessing (infer.py applies it per unit: ``postprocess_unit``)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.models[0]
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, window: Sequence[int] | None = None, overlap: float | None = None,
-             sw_batch_size: int | None = None, amp: bool | None = None) -> Segmenter:
-        """The checkpoint at ``path`` on ``device``, with its own window and overlap unless given."""
-        ckpt = load_checkpoint(path)
-        model = model_from_checkpoint(ckpt, path).to(device, memory_format=torch.channels_last_3d).eval()
-        settings = ckpt["inference"]
-        return cls(model, ckpt, tuple(window or settings["roi"]), settings["overlap"] if overlap is None else overlap,
-                   sw_batch_size, amp)
+    def load(cls, paths: Path | Sequence[Path], device: torch.device, window: Sequence[int] | None = None,
+             overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
+             tta: bool | None = None) -> Segmenter:
+        """The checkpoints at ``paths`` on ``device``, with the first's window and overlap unless given; flips as
+        the checkpoints decided on validation (``tta`` None), every axis training flipped (True) or none (False);
+        the postprocessing rules every checkpoint holds."""
+        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        ckpts = [load_checkpoint(p) for p in paths]
+        check_ensemble(ckpts, paths)
+        models = tuple(model_from_checkpoint(c, p).to(device, memory_format=torch.channels_last_3d).eval()
+                       for c, p in zip(ckpts, paths))
+        decided = [c.get("postprocessing") or {} for c in ckpts]
+        rules = tuple(r for r in decided[0].get("rules", []) if all(r in d.get("rules", []) for d in decided))
+        if tta is None:  # the decision, where every network made the same one
+            agreed = all(d.get("flips") == decided[0].get("flips") for d in decided)
+            flips = decided[0].get("flips", []) if agreed else []
+        else:
+            flips = ckpts[0].get("flip_axes", list(FLIP_AXES)) if tta else []
+        settings = ckpts[0]["inference"]
+        return cls(models, ckpts[0], tuple(window or settings["roi"]),
+                   settings["overlap"] if overlap is None else overlap, sw_batch_size, amp, tuple(flips), rules)
 
     def __call__(self, image: MetaTensor, path: Path) -> np.ndarray:
         """Mask (X, Y, Z) in label values on the grid of ``image`` (C, X, Y, Z), as read from ``path``."""
@@ -88,11 +118,58 @@ class Segmenter:
         chain = prepare_transforms(params, with_label=False)
         prepared = chain({"image": image})["image"]
         tissue = prepared_tissue(prepared, params)[None]
-        logits = predict_logits(self.model, prepared[None], self.window, self.overlap, self.sw_batch_size, self.amp,
-                                tissue)
-        classes = to_classes(invert_to_original(probabilities(logits)[0], prepared, chain)[None])[0, 0]
+        probs = predict_probabilities(self.models, prepared[None], self.window, self.overlap, self.sw_batch_size,
+                                      self.amp, tissue, self.flips)
+        classes = to_classes(invert_to_original(probs[0], prepared, chain)[None])[0, 0]
         values = np.asarray(self.ckpt["label_values"])
         return values[classes.numpy()].astype(label_dtype(int(values.max())))
+
+
+# What networks of one ensemble must share: they are averaged voxel for voxel and read inputs the same way.
+ENSEMBLE_KEYS = {"label_values": "labels", "prep_params": "preprocessing", "channels": "modalities",
+                 "stack_slices": "slice stacking"}
+
+
+def check_ensemble(ckpts: Sequence[dict], paths: Sequence[Path]) -> None:
+    """Refuse, in one line, checkpoints that disagree on what an ensemble averages or how it reads inputs."""
+    for ckpt, path in zip(ckpts[1:], paths[1:]):
+        for key, name in ENSEMBLE_KEYS.items():
+            if ckpt.get(key) != ckpts[0].get(key):
+                raise InputError(f"{path}: its {name} ({ckpt.get(key)}) differ from {paths[0]}'s "
+                                 f"({ckpts[0].get(key)}); an ensemble needs one dataset's checkpoints")
+        if ckpt["model_args"]["in_channels"] != ckpts[0]["model_args"]["in_channels"]:
+            raise InputError(f"{path}: takes {ckpt['model_args']['in_channels']} input channel(s), {paths[0]} "
+                             f"{ckpts[0]['model_args']['in_channels']}; an ensemble needs one dataset's checkpoints")
+
+
+def checkpoint_paths(specs: Sequence[str]) -> list[Path]:
+    """Checkpoint files from ``--checkpoint``: a file as it is; a train.py output folder gives the folds its
+    ``cv.json`` lists (an ensemble) or its ``model.pt``, whichever train.py wrote last."""
+    out: list[Path] = []
+    for spec in map(Path, specs):
+        if not spec.is_dir():
+            out.append(spec)
+            continue
+        cv, single = spec / "cv.json", spec / "model.pt"
+        if cv.is_file() and (not single.is_file() or cv.stat().st_mtime >= single.stat().st_mtime):
+            out += fold_checkpoints(cv)
+        elif single.is_file():
+            out.append(single)
+        else:
+            raise InputError(f"{spec}: holds neither model.pt nor cv.json; train first, or name a checkpoint")
+    return out
+
+
+def fold_checkpoints(cv: Path) -> list[Path]:
+    """The checkpoints a cross-validation's ``cv.json`` lists, each inside its folder."""
+    try:
+        names = json.loads(cv.read_text())["checkpoints"]
+        paths = [cv.parent / name for name in names if ".." not in Path(name).parts and not Path(name).is_absolute()]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"{cv}: not a cv.json written by train.py ({type(exc).__name__})") from None
+    if not paths or len(paths) != len(names):
+        raise InputError(f"{cv}: lists no checkpoints inside its folder")
+    return paths
 
 
 def mask_path(source: Path, out_dir: Path, suffix: str = ".nii.gz") -> Path:
@@ -240,8 +317,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
     p.add_argument("inputs", nargs="*", help="images (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .tif, .tiff, .png, "
                    ".bmp), DICOM series folders, case folders (one file per modality), or folders of these")
-    p.add_argument("--checkpoint", default="output/model.pt",
-                   help="a train.py checkpoint: model.pt is the one it keeps for inference (see train.py --select)")
+    p.add_argument("--checkpoint", nargs="+", default=["output"], metavar="CKPT",
+                   help="train.py checkpoints or output folders (a folder: the ensemble of its cross-validation "
+                        "folds, or its model.pt); several are an ensemble that averages probabilities")
     p.add_argument("--out", default="output", help="folder for <case>_mask.nii.gz, evaluation.csv, overlays/")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
@@ -251,6 +329,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="windows per network pass (default: 2 on the CPU, 4 on a GPU)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
     p.add_argument("--overwrite", action="store_true", help="replace masks that exist already")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time flips (in-plane, as in training): averaged over every combination; default: as "
+                        "train.py decided on validation (recorded in the checkpoint)")
     p.add_argument("--no-postprocess", action="store_true",
                    help="leave out the postprocessing the checkpoint holds (train.py decides it on validation)")
     p.add_argument("--truth", nargs="+", default=None, metavar="MASK",
@@ -318,8 +399,12 @@ def model_regions(config: argparse.Namespace, labels: Sequence[int], ckpt: dict)
 
 def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
     """Segment every input; returns (mask path, segmented amount, its unit: mL or mm²) per input."""
-    segmenter = load_segmenter(Path(config.checkpoint), config.device, config.engine, config.window, config.overlap,
-                               config.sw_batch_size, config.amp)
+    paths = checkpoint_paths(config.checkpoint)
+    segmenter = load_segmenter(paths, config.device, config.engine, config.window, config.overlap,
+                               config.sw_batch_size, config.amp, config.tta)
+    log.info("%s; test-time flips %s; postprocessing %s", f"ensemble of {len(paths)} networks" if len(paths) > 1
+             else f"network {paths[0]}", list(segmenter.flips) or "none",
+             "off" if config.no_postprocess else list(segmenter.rules) or "none")
     cases = input_cases(config, segmenter.ckpt)
     out_dir = Path(config.out)
     targets = mask_targets(cases, out_dir, config.format)
@@ -327,7 +412,7 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
     labels = segmenter.ckpt["label_values"]
     regions = model_regions(config, labels, segmenter.ckpt)
     channel = PrepParams.from_dict(segmenter.ckpt["prep_params"]).channel
-    rules = [] if config.no_postprocess else (segmenter.ckpt.get("postprocessing") or {}).get("rules", [])
+    rules = [] if config.no_postprocess else list(segmenter.rules)
     scores, patients, results, blank, t0 = {}, PatientDice(labels, regions), [], 0, time.perf_counter()
     bar = tqdm(total=len(cases), desc="infer", unit="case", disable=None)  # quiet off a terminal
     for unit in segmentation_units(cases):
@@ -411,24 +496,35 @@ def region_text(mean: dict[str, float], regions: dict) -> str:
     return "; regions " + ", ".join(f"{k} {mean[f'dice_{k}']:.4f}" for k in regions) if regions else ""
 
 
-def load_segmenter(path: Path, device: str, engine: str = "torch", window: Sequence[int] | None = None,
-                   overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None
-                   ) -> Segmenter:
-    """The checkpoint's network under PyTorch, or with ``engine="onnx"`` an exported ``.onnx`` file (its metadata
-    standing in for the checkpoint) under ONNX Runtime on the CPU; the same preprocessing, window and inverse."""
-    if engine == "onnx":
-        net = OnnxNetwork(path)
-        settings = net.ckpt["inference"]
-        return Segmenter(net, net.ckpt, tuple(window or settings["roi"]),
-                         settings["overlap"] if overlap is None else overlap, sw_batch_size, False)
-    return Segmenter.load(path, resolve_device(device), window, overlap, sw_batch_size, amp)
+def load_segmenter(paths: Sequence[Path], device: str, engine: str = "torch", window: Sequence[int] | None = None,
+                   overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
+                   tta: bool | None = None) -> Segmenter:
+    """The checkpoints' networks under PyTorch (``Segmenter.load``), or with ``engine="onnx"`` one exported
+    ``.onnx`` file (its metadata standing in for the checkpoint) under ONNX Runtime on the CPU; the same
+    preprocessing, window, flips, inverse and postprocessing."""
+    if engine != "onnx":
+        return Segmenter.load(paths, resolve_device(device), window, overlap, sw_batch_size, amp, tta)
+    if len(paths) != 1:
+        raise InputError(f"--engine onnx: runs one .onnx file, got {len(paths)} checkpoints")
+    net = OnnxNetwork(paths[0])
+    decided, settings = net.ckpt.get("postprocessing") or {}, net.ckpt["inference"]
+    if tta is None:  # as the checkpoint decided on validation, as Segmenter.load does
+        flips = decided.get("flips", [])
+    else:
+        flips = (net.ckpt.get("flip_axes") or list(FLIP_AXES)) if tta else []
+    return Segmenter((net,), net.ckpt, tuple(window or settings["roi"]),
+                     settings["overlap"] if overlap is None else overlap, sw_batch_size, False, tuple(flips),
+                     tuple(decided.get("rules", [])))
 
 
 def export(config: argparse.Namespace) -> None:
     """``--export-onnx``: the checkpoint's network as ONNX, and how far ONNX Runtime is from PyTorch."""
-    diff = export_onnx(Path(config.checkpoint), Path(config.export_onnx))
+    paths = checkpoint_paths(config.checkpoint)
+    if len(paths) != 1:
+        raise InputError(f"--export-onnx: exports one network, got {len(paths)} checkpoints; name one (a fold's)")
+    diff = export_onnx(paths[0], Path(config.export_onnx))
     log.info("exported %s → %s; ONNX Runtime vs PyTorch on a random window: max abs difference %.3g (logits)",
-             config.checkpoint, config.export_onnx, diff)
+             paths[0], config.export_onnx, diff)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,10 @@ Needs neither the readers nor the transform chain: a network is built, loaded an
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,41 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[in
     with autocast(device, amp):
         logits = sliding_window_inference(x, window, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
     return logits.float()
+
+
+def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every combination of the spatial ``axes`` (of D, H, W), the empty one (no flip) first: nnU-Net's mirroring."""
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), r)]
+
+
+def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], overlap: float = 0.75,
+                          sw_batch_size: int | None = None, amp: bool = False, tissue: torch.Tensor | None = None,
+                          flips: Sequence[int] = ()) -> Iterator[torch.Tensor]:
+    """Probabilities (B, K, D, H, W) of ``model`` for the image as it is, then flipped along each combination of the
+    spatial axes ``flips`` (``flip_sets``), each flipped back onto the image. The flipped copies go through one
+    ``predict_logits`` as one batch, so their windows share network passes: on the CPU a lone window (a 2D slice)
+    runs as a pair anyway (``Windows``), and its flipped copy takes the place of the duplicate."""
+    dims = [[2 + a for a in combo] for combo in flip_sets(flips)]  # of (B, C, D, H, W)
+    x = torch.cat([image.flip(d) if d else image for d in dims]) if len(dims) > 1 else image
+    t = tissue if tissue is None or len(dims) == 1 else torch.cat([tissue.flip(d) if d else tissue for d in dims])
+    probs = probabilities(predict_logits(model, x, roi, overlap, sw_batch_size, amp, t))
+    n = len(image)
+    for k, d in enumerate(dims):
+        yield probs[k * n:(k + 1) * n].flip(d) if d else probs[k * n:(k + 1) * n]
+
+
+@torch.inference_mode()
+def predict_probabilities(models: Sequence[torch.nn.Module], image: torch.Tensor, roi: Sequence[int],
+                          overlap: float = 0.75, sw_batch_size: int | None = None, amp: bool = False,
+                          tissue: torch.Tensor | None = None, flips: Sequence[int] = ()) -> torch.Tensor:
+    """Probabilities (B, K, D, H, W) averaged over ``models`` (an ensemble) and over test-time flips
+    (``flipped_probabilities``). Averaged as probabilities, as nnU-Net ensembles folds, so that one overconfident
+    network does not outvote the others."""
+    total, n = None, 0
+    for model in models:
+        for p in flipped_probabilities(model, image, roi, overlap, sw_batch_size, amp, tissue, flips):
+            total, n = p if total is None else total + p, n + 1
+    return total / n
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

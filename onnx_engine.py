@@ -23,7 +23,7 @@ from model import load_checkpoint, model_from_checkpoint
 log = logging.getLogger("onnx")
 # What inference takes from a checkpoint, stored as JSON strings in the ONNX model's metadata_props.
 METADATA_KEYS = ("model_args", "prep_params", "label_values", "channels", "stack_slices", "regions", "inference",
-                 "postprocessing", "epoch", "best_dice")
+                 "postprocessing", "flip_axes", "epoch", "best_dice")
 FORMAT = "monai-segmentation-onnx/1"
 
 

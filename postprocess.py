@@ -84,13 +84,19 @@ def small_sizes(truths: Sequence[tuple[np.ndarray, float]], labels: Sequence[int
     return out
 
 
-def scores(units: Sequence[Unit], labels: Sequence[int], rules: Sequence[Rule]) -> np.ndarray:
-    """Per foreground label, the mean over ``units`` of the Dice after ``rules``: (len(labels),)."""
+def unit_scores(units: Sequence[Unit], targets: Sequence[Sequence[int]], rules: Sequence[Rule] = ()) -> np.ndarray:
+    """Dice of each unit after ``rules`` for each target (a label, or a union of labels such as BraTS's whole
+    tumour): (len(units), len(targets))."""
     rows = []
     for pred, truth, mm3 in units:
         pred = apply_rules(pred, rules, mm3)
-        rows.append([float(dice_binary((pred == v)[None, None], (truth == v)[None, None])) for v in labels])
-    return np.asarray(rows).mean(0)
+        rows.append([float(dice_binary(np.isin(pred, t)[None, None], np.isin(truth, t)[None, None])) for t in targets])
+    return np.asarray(rows, dtype=np.float64).reshape(len(units), len(targets))
+
+
+def scores(units: Sequence[Unit], labels: Sequence[int], rules: Sequence[Rule]) -> np.ndarray:
+    """Per foreground label, the mean over ``units`` of the Dice after ``rules``: (len(labels),)."""
+    return unit_scores(units, [(v,) for v in labels], rules).mean(0)
 
 
 def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, ...], float]

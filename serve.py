@@ -1,6 +1,6 @@
 """A web page and an HTTP API in front of infer.py's segmentation: a file in, its mask out in the file's format.
 
-    python serve.py [--checkpoint output/model.pt] [--host 127.0.0.1] [--port 8000]
+    python serve.py [--checkpoint output] [--host 127.0.0.1] [--port 8000]
 
 ``GET /`` is the page (one static file, no internet needed); ``POST /api/segment`` takes one file in the multipart
 field ``file`` and answers the mask infer.py would write (or JSON with ``?format=json``); ``GET /api/model``,
@@ -67,7 +67,7 @@ ALPHA = 0.45
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    checkpoint: Path = Path("output/model.pt")
+    checkpoint: Path | tuple[Path, ...] = Path("output")  # as infer.py's --checkpoint: files, or train.py's folder
     device: str = "auto"
     max_upload_mb: float = 512
     max_voxels: int = 2**28  # 1 GiB as float32: a header declaring more is refused before its data is read
@@ -205,9 +205,12 @@ class Server:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.segmenter = infer.load_segmenter(config.checkpoint, config.device, config.engine)
+        self.paths = infer.checkpoint_paths([config.checkpoint] if isinstance(config.checkpoint, str | Path)
+                                            else list(config.checkpoint))
+        self.segmenter = infer.load_segmenter(self.paths, config.device, config.engine)
         self.lock = threading.Lock()
-        self.sha256 = hashlib.sha256(config.checkpoint.read_bytes()).hexdigest()
+        digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in self.paths]  # an ensemble: of its files'
+        self.sha256 = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
         self.labels = [int(v) for v in self.segmenter.ckpt["label_values"]]
 
     @property
@@ -220,11 +223,12 @@ class Server:
     def info(self) -> dict:
         """What ``GET /api/model`` answers."""
         ckpt = self.segmenter.ckpt
-        return {"checkpoint": self.config.checkpoint.name, "sha256": self.sha256, "kind": self.kind,
+        return {"checkpoint": ", ".join(p.name for p in self.paths), "networks": len(self.paths),
+                "sha256": self.sha256, "kind": self.kind,
                 "labels": self.labels, "modalities": ckpt.get("channels"),
                 "in_channels": ckpt["model_args"]["in_channels"], "window": list(self.segmenter.window),
                 "overlap": self.segmenter.overlap, "best_dice": ckpt.get("best_dice"), "epoch": ckpt.get("epoch"),
-                "postprocessing": (ckpt.get("postprocessing") or {}).get("rules", [])}
+                "postprocessing": list(self.segmenter.rules), "flips": list(self.segmenter.flips)}
 
     def segment(self, upload, name: str, workdir: Path) -> Result:
         """Save, check, read and segment one upload inside ``workdir``; the mask as infer.py writes it."""
@@ -256,7 +260,7 @@ class Server:
     def write(self, image: MetaTensor, mask: np.ndarray, source: Path, seconds: float, workdir: Path, name: str
               ) -> Result:
         """Postprocess and write the mask exactly as ``infer.run`` does, and read the bytes back."""
-        rules = (self.segmenter.ckpt.get("postprocessing") or {}).get("rules", [])
+        rules = list(self.segmenter.rules)
         affine = np.asarray(image.affine, dtype=np.float64)
         mask = infer.postprocess_unit([mask], [image.affine], rules)[0]
         out = infer.mask_path(source, workdir / "out", mask_suffix(source))
@@ -474,7 +478,9 @@ def authorised(request, token: str) -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
-    p.add_argument("--checkpoint", default="output/model.pt", help="a train.py checkpoint (infer.py's default)")
+    p.add_argument("--checkpoint", nargs="+", default=["output"], metavar="CKPT",
+                   help="as infer.py's: checkpoint files, or train.py's output folder (its model.pt, or the folds "
+                   "cv.json lists); several are an ensemble")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -498,15 +504,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def config_from(args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(Path(args.checkpoint), args.device, args.max_upload_mb, args.max_voxels, args.queue_timeout,
-                       args.token, args.engine)
+    return ServeConfig(tuple(map(Path, args.checkpoint)), args.device, args.max_upload_mb, args.max_voxels,
+                       args.queue_timeout, args.token, args.engine)
 
 
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     app = create_app(config_from(args))
-    log.info("serving %s on http://%s:%d/ (%s model)", args.checkpoint, args.host, args.port, app.state.server.kind)
+    log.info("serving %s on http://%s:%d/ (%s model)", " ".join(map(str, app.state.server.paths)), args.host,
+             args.port, app.state.server.kind)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -2,6 +2,7 @@
 
     python train.py --epochs 200 --device cuda [--data data/prep] [--output output] [--resume]
     python train.py --time-limit 20m --device cpu        # the plan decides what --epochs, --crop … leave open
+    python train.py --folds 5 --fold all                 # cross-validation: output/fold_K/, cv.csv, cv.png
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -40,7 +40,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cases import load_manifest
 from common import ArgumentParser, InputError, atomic_write, region_arg, run_command, write_json
-from dataset import AugmentParams, PrepParams, make_dataset
+from crossval import Judged, assign_folds, judge, report, write_decision
+from dataset import FLIP_AXES, AugmentParams, PrepParams, make_dataset
 from dice import dice_from_counts, mean_dice, overlap_counts
 from model import (
     DEFAULT_MODEL_ARGS,
@@ -52,6 +53,7 @@ from model import (
     build_model,
     choose_window,
     flat_args,
+    flip_sets,
     load_checkpoint,
     model_args,
     model_from_checkpoint,
@@ -64,7 +66,6 @@ from model import (
     window_independent,
 )
 from planner import machine, make_plan
-from postprocess import decide, small_sizes, stack_units
 
 log = logging.getLogger("train")
 
@@ -110,16 +111,23 @@ class TrainConfig:
     select: str = "final"  # which epoch model.pt (what infer.py uses) holds: "final" or "best" (on validation)
     postprocess: bool = True  # decide postprocessing on validation after the last epoch (postprocess.py)
     ema_epochs: float = 5.0  # horizon of the weights' moving average, in epochs; 0: no average, the raw weights
+    folds: int = 0  # k-fold cross-validation (crossval.assign_folds); 0: the manifest's train/validation split
+    fold: int | None = None  # the fold this run trains (its validation cases are that fold's); None: all in turn
 
 
 # ---------------------------------------------------------------- 1. data
 
 
-def split_items(manifest: dict[str, Any], data_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train, val) lists of ``{"image", "label", "name"}`` with paths to the prepared files."""
+def split_items(manifest: dict[str, Any], data_dir: Path, folds: int = 0, fold: int | None = None, seed: int = 0
+                ) -> tuple[list[dict], list[dict]]:
+    """(train, val) lists of ``{"image", "label", "name", "group"}`` with paths to the prepared files: the manifest's
+    split, or with ``folds`` and ``fold`` fold ``fold``'s cases for validation and the other folds' for training."""
     items: dict[str, list[dict]] = {"train": [], "val": []}
+    fold_of = assign_folds(manifest, folds, seed) if folds and fold is not None else {}
     for case in manifest["cases"]:
         if case.get("split") in items:
+            if fold_of:
+                case = {**case, "split": "val" if fold_of[case["name"]] == fold else "train"}
             item = {"image": str(prepared_path(data_dir, case, "prepared_image")),
                     "label": str(prepared_path(data_dir, case, "prepared_label")), "name": case["name"],
                     "group": case.get("group") or case["name"]}
@@ -350,6 +358,7 @@ def make_checkpoint(model: torch.nn.Module, run: Plan, epoch: int, best: dict, h
         "history": history,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
         "plan": run.record,
+        "flip_axes": list(FLIP_AXES),  # what training flipped: the axes test-time flips may use
     }
 
 
@@ -376,7 +385,10 @@ def plan(cfg: TrainConfig, device: torch.device | None = None) -> Plan:
     instance norm, ``choose_window`` for batch norm)."""
     data_dir = Path(cfg.data)
     manifest = load_manifest(data_dir)
-    train_items, val_items = split_items(manifest, data_dir)
+    train_items, val_items = split_items(manifest, data_dir, cfg.folds, cfg.fold, cfg.seed)
+    if cfg.fold is not None:
+        log.info("fold %d of %d: %d training and %d validation cases (%d patients)", cfg.fold, cfg.folds,
+                 len(train_items), len(val_items), len({item["group"] for item in val_items}))
     label_values = manifest["label_values"]
     n_classes = len(label_values)
     if n_classes < 2:
@@ -508,8 +520,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     started = time.perf_counter()  # the budget counts setup (reading, caching) too
     s = setup(cfg, rank, world, device)
     cfg = s.run.cfg
+    # Time kept for the decision after the last epoch: a validation pass per flip combination.
     clock = Clock(cfg.time_limit, started - sum(float(row["seconds"]) for row in s.history),
-                  closing=1.0 if cfg.postprocess else 0.0)
+                  closing=float(len(flip_sets(FLIP_AXES))) if cfg.postprocess else 0.0)
     for epoch in range(s.start, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = cosine_lr(cfg.lr, epoch, cfg.epochs) if clock.limit is None else clock.lr(cfg.lr)
@@ -530,8 +543,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             log.info("early stop: no better validation Dice for %d validations", s.stale)
         if last or early:
             break
-    if rank == 0 and cfg.postprocess:
-        decide_postprocessing(s)
+    if rank == 0 and cfg.postprocess and cfg.fold is None:  # folds decide together (cross_validate)
+        out_dir = Path(cfg.output)
+        decision = judge([Judged(out_dir / "model.pt", s.run.val_items)], s.run.manifest, s.run.train_items,
+                         s.device, s.amp, FLIP_AXES, dict(cfg.regions))
+        write_decision(decision, [out_dir / "model.pt"], out_dir)
     if s.writer is not None:
         s.writer.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -539,6 +555,58 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
              " MB on the GPU" if device.type == "cuda" else "")
     return {"best_dice": s.best["dice"], "best_epoch": s.best["epoch"], "epochs_run": len(s.history),
             "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in s.train_ds.data], "model": s.weights}
+
+
+def train_folds(cfg: TrainConfig) -> dict[int, dict[str, Any]]:
+    """k-fold cross-validation: fold ``cfg.fold`` (or every fold in turn, sharing ``--time-limit`` equally among
+    those left) trained into ``OUTPUT/fold_K/``; once every fold holds a model, ``cross_validate``. The data's own
+    train/validation folders, where it has them, win over folds: one run on them."""
+    manifest = load_manifest(Path(cfg.data))
+    if manifest.get("split", {}).get("from_folders"):
+        log.warning("%s: the data comes with its own train/validation split (folders), which wins over --folds",
+                    cfg.data)
+        return {0: train(dataclasses.replace(cfg, folds=0, fold=None))}
+    assign_folds(manifest, cfg.folds, cfg.seed)  # refuses an impossible fold count before any work
+    if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
+        raise InputError(f"--fold {cfg.fold}: folds are numbered 0 to {cfg.folds - 1}")
+    todo = list(range(cfg.folds)) if cfg.fold is None else [cfg.fold]
+    if len(todo) > 1 and distributed():
+        raise InputError("--fold all under torchrun: start one torchrun job per fold (--fold K)")
+    start, results = time.perf_counter(), {}
+    for i, k in enumerate(todo):
+        limit = None if cfg.time_limit is None else max(
+            1.0, (cfg.time_limit - (time.perf_counter() - start)) / (len(todo) - i))
+        out = Path(cfg.output) / f"fold_{k}"
+        results[k] = train(dataclasses.replace(cfg, fold=k, output=str(out), time_limit=limit,
+                                               resume=cfg.resume and (out / "last.pt").is_file()))
+    if not distributed() or dist.get_rank() == 0:
+        cross_validate(cfg)
+    return results
+
+
+def cross_validate(cfg: TrainConfig) -> dict | None:
+    """When every fold of ``OUTPUT`` holds its ``model.pt``: each predicts its validation cases, the flips and
+    postprocessing are decided on all of them pooled and written into every fold's checkpoint; ``cv.csv``,
+    ``cv.png``, ``postprocessing.json`` and ``cv.json`` (the folds that make the ensemble infer.py uses)."""
+    out_dir, data_dir = Path(cfg.output), Path(cfg.data)
+    checkpoints = [out_dir / f"fold_{k}" / "model.pt" for k in range(cfg.folds)]
+    missing = [str(p) for p in checkpoints if not p.is_file()]
+    if missing:
+        log.info("cross-validation report when every fold is trained; missing %s", ", ".join(missing))
+        return None
+    manifest = load_manifest(data_dir)
+    fold_of = assign_folds(manifest, cfg.folds, cfg.seed)
+    train_items, val_items = split_items(manifest, data_dir, cfg.folds, 0, cfg.seed)
+    items = train_items + val_items
+    judged = [Judged(p, [i for i in items if fold_of[i["name"]] == k], k) for k, p in enumerate(checkpoints)]
+    device = resolve_device(cfg.device)
+    record = judge(judged, manifest, items, device, use_amp(cfg.amp, device), FLIP_AXES if cfg.postprocess else (),
+                   dict(cfg.regions), cfg.postprocess)
+    write_decision(record, checkpoints, out_dir)
+    write_json({"folds": cfg.folds, "seed": cfg.seed, "checkpoints": [str(p.relative_to(out_dir)) for p in checkpoints],
+                "flips": record["flips"], "rules": record["rules"]}, out_dir / "cv.json")
+    report(record, out_dir)
+    return record
 
 
 VALIDATION_SHARE = 0.2  # a --time-limit run validates when that keeps validation under this share of the time
@@ -621,42 +689,6 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Sess
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start) if rank == 0 else None
     return Session(run, device, amp, rank, model, net, optimizer, scaler, loss_fn, train_ds, val_loader, on_gpu,
                    writer, start, best, history, average=average)
-
-
-def decide_postprocessing(s: Session) -> dict:
-    """After the last epoch: the postprocessing rules (``postprocess.decide``) that raise the validation Dice of
-    ``model.pt``'s weights, components counted per volume or per patient's stacked slices, "small" learned from the
-    training masks. Written into ``model.pt`` (and the checkpoint it copies) and ``postprocessing.json``."""
-    run, out_dir, t0 = s.run, Path(s.run.cfg.output), time.perf_counter()
-    ckpt = load_checkpoint(out_dir / "model.pt")
-    net = model_from_checkpoint(ckpt, out_dir / "model.pt").to(s.device, memory_format=torch.channels_last_3d).eval()
-    values = np.asarray(run.label_values)
-    cases = {c["name"]: c for c in run.manifest["cases"]}
-    entries = []
-    for item in make_dataset(run.val_items, "val", run.label_values, AugmentParams(crop=run.cfg.crop), 0.0,
-                             in_channels=run.in_channels, params=run.params):
-        logits = predict_logits(net, item["image"][None], run.window, run.cfg.overlap, run.cfg.sw_batch_size, s.amp,
-                                item["tissue"][None])
-        pred = values[to_classes(probabilities(logits))[0, 0].cpu().numpy()]
-        entries.append((cases[item["name"]], pred, values[np.asarray(item["label"][0])]))
-    truths = [(cases[item["name"]], np.asarray(nib.load(item["label"]).dataobj), None) for item in run.train_items]
-    small = small_sizes([(mask, mm3) for mask, _, mm3 in stack_units(truths)], run.label_values[1:])
-    units = stack_units(entries)
-    rules, trace = decide(units, run.label_values[1:], small)
-    record = {"rules": rules, "trace": trace, "validation_units": len(units),
-              "small_mm3": {",".join(map(str, k)): v for k, v in small.items()}, "checkpoint": "model.pt",
-              "seconds": round(time.perf_counter() - t0, 1)}
-    with DeferredInterrupt():
-        write_json(record, out_dir / "postprocessing.json")
-        save_checkpoint({**ckpt, "postprocessing": record}, out_dir / "model.pt")
-        twin = out_dir / ("last.pt" if run.cfg.select == "final" else "best.pt")
-        save_checkpoint({**load_checkpoint(twin), "postprocessing": record}, twin)
-    for row in trace:
-        log.info("postprocessing: %s: Dice %.4f → %.4f%s", row["rule"], row["dice_before"], row["dice_after"],
-                 " (kept)" if row["kept"] else "")
-    log.info("postprocessing: %s, decided on %d validation units in %.1f s", rules or "none", len(units),
-             record["seconds"])
-    return record
 
 
 def moving_average(model: torch.nn.Module, epochs: float, steps_per_epoch: int) -> AveragedModel | None:
@@ -870,6 +902,10 @@ def build_parser() -> ArgumentParser:
                    "postprocessing on validation after the last epoch (postprocessing.json); infer.py applies it")
     p.add_argument("--ema-epochs", type=float, default=d.ema_epochs, help="validate and save a moving average of "
                    "the weights over about this many epochs; 0: the raw weights")
+    p.add_argument("--folds", type=int, default=d.folds, help="k-fold cross-validation by patient: OUTPUT/fold_K/ "
+                   "per fold, then cv.csv and cv.png; infer.py takes the folds' ensemble; 0: the manifest's split")
+    p.add_argument("--fold", type=fold_arg, default=None, metavar="K|all",
+                   help="with --folds: the fold to train (0 … N-1), or all in turn (default), sharing --time-limit")
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA only)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -902,7 +938,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     if a.plan:
         given = given_options(p, argv)
         for key, value in read_plan(Path(a.plan)).items():
-            if key not in given and key not in ("data", "output", "resume", "plan"):
+            if key not in given and key not in ("data", "output", "resume", "plan", "fold"):
                 setattr(a, key, value)
     if a.epochs is None:
         a.epochs = 100_000 if a.time_limit else TrainConfig.epochs
@@ -940,6 +976,15 @@ def read_plan(path: Path) -> dict[str, Any]:
     return settings
 
 
+def fold_arg(text: str) -> int | None:
+    """``--fold`` value: a fold number, or ``all`` (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fold number nor 'all'")
+    return int(text)
+
+
 def duration(text: str) -> float:
     """``--time-limit`` value: ``90s``, ``20m``, ``2h`` or plain seconds → seconds."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text.lower())
@@ -962,6 +1007,10 @@ def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
             not 0 <= a.ema_epochs <= 1000):
         p.error("need --lr > 0, 0 <= --overlap < 1, 0 <= --cache-rate <= 1, --patience >= 0, "
                 "0 <= --ema-epochs <= 1000")
+    if a.fold is not None and not a.folds:
+        p.error("--fold needs --folds N")
+    if a.folds and not 2 <= a.folds <= 100:
+        p.error("--folds must lie in 2..100 (0: the manifest's split)")
     if a.window and (min(a.window) < 1 or max(a.window) > 1024):
         p.error("--window sizes must lie in 1..1024")
 
@@ -973,6 +1022,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         given.append(parse_args(argv))
+        if given[0].folds:
+            for k, result in train_folds(given[0]).items():
+                log.info("fold %d: best validation Dice %.4f at epoch %d", k, result["best_dice"], result["best_epoch"])
+            return
         result = train(given[0])
         log.info("best validation Dice %.4f at epoch %d", result["best_dice"], result["best_epoch"])
 

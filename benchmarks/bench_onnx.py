@@ -71,7 +71,7 @@ def bench(args: argparse.Namespace) -> None:
         onnx_path = Path(tmp) / "model.onnx"
         diff = export_onnx(Path(args.checkpoint), onnx_path)
         print(f"export: max abs difference of the logits on a random window {diff:.3g}")
-        engines = {e: infer.load_segmenter(Path(args.checkpoint if e == "torch" else onnx_path), "cpu", e)
+        engines = {e: infer.load_segmenter([Path(args.checkpoint if e == "torch" else onnx_path)], "cpu", e)
                    for e in ("torch", "onnx")}
         ckpt, window = engines["torch"].ckpt, engines["torch"].window
         windows = torch.rand(2, ckpt["model_args"]["in_channels"], *window)

@@ -6,10 +6,10 @@ patients, segment patients it never saw (not even for validation), score them.
 
 For fold K of N (patients sorted by name, then dealt round-robin, so that each is held out once across the folds):
 a raw folder of the other patients' folders (links to their files), ``preprocess.py`` on it, ``train.py``, then
-``infer.py`` on the held-out patients' images as a user would give them, once with ``best.pt`` (the best validation
-epoch) and once with ``last.pt`` (the final epoch), which ``model.pt`` (what infer.py uses by default) copies with
-``--select final``, and carries the postprocessing rules; ``last.pt`` once more with ``--no-postprocess`` shows what
-they change. Each held-out patient is scored by its Dice over all its slices pooled (the LGG literature's figure; one
+``infer.py`` on the held-out patients' images as a user would give them: with the output folder as it is (what
+infer.py uses by default: ``model.pt``, or with ``--folds`` in the training options the ensemble of the folds, with
+the test-time flips and postprocessing train.py decided on validation), with the networks alone (``--no-tta
+--no-postprocess``), and with flips forced on (``--tta``), to show what each step changes. Each held-out patient is scored by its Dice over all its slices pooled (the LGG literature's figure; one
 case = one patient for volumes), and by how many of its slices without
 tumour got a false positive. Prints one line per patient and the mean; ``--json`` writes them.
 Not a test: tests/test_benchmarks.py only smoke-runs it.
@@ -36,9 +36,8 @@ from dice import dice_binary  # noqa: E402
 from readers import mask_suffix, read_volume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# infer.py runs scored: the best validation epoch; the final one (what model.pt holds by default), with the
-# postprocessing train.py decided and without it
-PASSES = (("best.pt",), ("last.pt",), ("last.pt", "--no-postprocess"))
+# infer.py runs scored, each on the output folder: as train.py left it (its decisions), the networks alone, flips forced
+PASSES = ((), ("--no-tta", "--no-postprocess"), ("--tta",))
 
 
 def patients(raw: Path) -> list[Path]:
@@ -72,8 +71,8 @@ def score_patient(cases: list[Case], masks: Path) -> dict:
 
 
 def fold(args: argparse.Namespace) -> dict:
-    """Prepare, train and segment one fold; returns per-patient scores for ``best.pt`` (the best validation epoch) and
-    ``last.pt`` (the final one), and the commands' seconds."""
+    """Prepare, train and segment one fold; returns per-patient scores of each pass (``PASSES``) and the commands'
+    seconds."""
     folders = patients(Path(args.raw))
     held = folders[args.fold :: args.folds]
     work = Path(args.work) / f"fold_{args.fold}"
@@ -88,10 +87,10 @@ def fold(args: argparse.Namespace) -> dict:
                "train": run("train.py", "--data", str(work / "prep"), "--output", str(work / "output"),
                             *shlex.split(args.train_args))}
     result: dict = {"fold": args.fold, "folds": args.folds, "seconds": seconds}
-    for checkpoint, *extra in PASSES:
-        key = " ".join([checkpoint, *extra])
-        masks = work / f"masks_{Path(checkpoint).stem}{''.join(extra).replace('--', '_')}"
-        seconds[f"infer_{key}"] = run("infer.py", *map(str, held), "--checkpoint", str(work / "output" / checkpoint),
+    for extra in PASSES:
+        key = " ".join(["output", *extra])
+        masks = work / f"masks{''.join(extra).replace('--', '_')}"
+        seconds[f"infer_{key}"] = run("infer.py", *map(str, held), "--checkpoint", str(work / "output"),
                                       "--out", str(masks), "--overwrite", *extra)
         scores = {folder.name: score_patient(find_cases(folder)[0], masks) for folder in held}
         mean = float(np.mean([s["dice"] for s in scores.values()]))

@@ -125,11 +125,11 @@ def test_holdout_scores_patients_the_run_never_saw(tmp_path):
     assert holdout.main([str(raw), "--folds", "2", "--fold", "1", "--work", str(tmp_path / "work"), "--json", str(out),
                          "--train-args", "--epochs 1 --device cpu " + " ".join(TINY_WIDTHS) + " --crop 1 32 32"]) == 0
     result = json.loads(out.read_text())
-    assert sorted(result["last.pt"]["patients"]) == ["pb", "pd"]  # the 2nd and 4th patients in name order
+    assert sorted(result["output"]["patients"]) == ["pb", "pd"]  # the 2nd and 4th patients in name order
     prepared = {c["group"] for c in json.loads((tmp_path / "work" / "fold_1" / "prep" / "dataset.json").read_text())
                 ["cases"]}
     assert prepared == {"pa", "pc"}
-    for checkpoint in ("best.pt", "last.pt", "last.pt --no-postprocess"):
-        scores = result[checkpoint]["patients"].values()
-        assert result[checkpoint]["mean_dice"] == pytest.approx(np.mean([p["dice"] for p in scores]))
+    for key in ("output", "output --no-tta --no-postprocess", "output --tta"):
+        scores = result[key]["patients"].values()
+        assert result[key]["mean_dice"] == pytest.approx(np.mean([p["dice"] for p in scores]))
         assert all(p["cases"] == 4 and p["empty"] == 2 for p in scores)  # blank first and last

@@ -1,0 +1,206 @@
+"""What inference does, decided on validation as nnU-Net decides it, and cross-validation's folds and report.
+
+- Folds: patient-grouped and seeded (a patient's slices, a case's modalities, never straddle two folds); the test
+  split is in none of them.
+- The decision: each network predicts the validation cases it never trained on (one network for a plain run, every
+  fold's for cross-validation, pooled); on those predictions, test-time flips are kept if they raise the mean Dice and
+  lower no label's, then postprocessing rules are kept the same way (``postprocess.decide``). The decision goes into
+  every checkpoint judged, so that ``infer.py`` (one checkpoint or the ensemble of the folds) applies it.
+- The report: Dice per fold, mean, standard deviation and pooled, for the network alone, with flips, with
+  postprocessing and with both (``cv.csv``, ``cv.png``), so that a user sees what each step bought.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from monai.data import partition_dataset  # noqa: E402
+
+from common import InputError, atomic_write, write_json  # noqa: E402
+from dataset import AugmentParams, PrepParams, make_dataset  # noqa: E402
+from model import flipped_probabilities, load_checkpoint, model_from_checkpoint, save_checkpoint, to_classes  # noqa: E402
+from postprocess import Unit, decide, small_sizes, stack_units, unit_scores  # noqa: E402
+
+log = logging.getLogger("crossval")
+
+STEPS = ("network", "flips", "postprocessing", "flips+postprocessing")  # the rows of the report, per fold
+
+
+def assign_folds(manifest: dict, folds: int, seed: int) -> dict[str, int]:
+    """``{case name: fold}`` for the labelled cases that train or validate (never the test split): the groups
+    (patients) shuffled with ``seed`` and dealt out in turn, so fold sizes differ by at most one group."""
+    cases = [c for c in manifest["cases"] if c.get("split") in ("train", "val")]
+    groups = sorted({c.get("group") or c["name"] for c in cases})
+    if not 2 <= folds <= len(groups):
+        raise InputError(f"--folds {folds}: need 2 to {len(groups)} folds for {len(groups)} patients (groups) "
+                         "of training and validation cases")
+    parts = partition_dataset(groups, num_partitions=folds, shuffle=True, seed=seed)
+    fold_of = {group: k for k, part in enumerate(parts) for group in part}
+    return {c["name"]: fold_of[c.get("group") or c["name"]] for c in cases}
+
+
+@dataclasses.dataclass(frozen=True)
+class Judged:
+    """A network (its ``model.pt``) and the validation items it never trained on."""
+
+    checkpoint: Path
+    items: list[dict]
+    fold: int = 0
+
+
+def predict_validation(judged: Judged, cases: dict[str, dict], device: torch.device, amp: bool,
+                       flips: Sequence[int]) -> list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per validation item: (manifest case, mask without flips, mask with ``flips``, true mask), label values on
+    the prepared grid (D, H, W), predicted as inference predicts (the checkpoint's window and overlap)."""
+    ckpt = load_checkpoint(judged.checkpoint)
+    net = model_from_checkpoint(ckpt, judged.checkpoint).to(device, memory_format=torch.channels_last_3d).eval()
+    values = np.asarray(ckpt["label_values"])
+    window, overlap = ckpt["inference"]["roi"], ckpt["inference"]["overlap"]
+    chain = make_dataset(judged.items, "val", ckpt["label_values"], AugmentParams(crop=tuple(ckpt["config"]["crop"])),
+                         0.0, in_channels=ckpt["model_args"]["in_channels"],
+                         params=PrepParams.from_dict(ckpt["prep_params"]))
+    out = []
+    for item in chain:
+        probs = list(flipped_probabilities(net, item["image"][None], window, overlap, ckpt["inference"].get(
+            "sw_batch_size"), amp, item["tissue"][None], flips))
+        masks = [values[to_classes(p)[0, 0].cpu().numpy()] for p in (probs[0], torch.stack(probs).mean(0))]
+        out.append((cases[item["name"]], *masks, values[np.asarray(item["label"][0])]))
+    return out
+
+
+def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict], device: torch.device, amp: bool,
+          flips: Sequence[int], regions: dict[str, Sequence[int]] | None = None, postprocess: bool = True) -> dict:
+    """Predict every network's validation cases, decide flips (of the axes ``flips``) then, with ``postprocess``,
+    the postprocessing rules on the pooled predictions, and score each fold under each step; returns the record
+    (``postprocessing.json``; its ``folds`` feed cv.csv)."""
+    t0, labels = time.perf_counter(), manifest["label_values"]
+    cases = {c["name"]: c for c in manifest["cases"]}
+    units: dict[int, dict[bool, list[Unit]]] = {}
+    for j in judged:
+        entries = predict_validation(j, cases, device, amp, flips)
+        units[j.fold] = {mirrored: stack_units([(c, (m1 if mirrored else m0), t) for c, m0, m1, t in entries])
+                         for mirrored in (False, True)}
+    pooled = {m: [u for fold in units.values() for u in fold[m]] for m in (False, True)}
+    per_label = [(v,) for v in labels[1:]]
+    plain, mirrored = (unit_scores(pooled[m], per_label).mean(0) for m in (False, True))
+    use_flips = bool(flips) and better(mirrored, plain)
+    truths = [(cases[i["name"]], np.asarray(nib.load(i["label"]).dataobj), None) for i in train_items]
+    small = small_sizes([(mask, mm3) for mask, _, mm3 in stack_units(truths)], labels[1:])
+    rules, trace = decide(pooled[use_flips], labels[1:], small) if postprocess else ([], [])
+    targets = {**{str(v): [v] for v in labels[1:]}, **{k: list(v) for k, v in (regions or {}).items()}}
+    return {"rules": rules, "flips": list(flips) if use_flips else [], "trace": trace,
+            "flips_dice": {"without": round(float(plain.mean()), 6), "with": round(float(mirrored.mean()), 6),
+                           "axes_tried": list(flips)},
+            "validation_units": len(pooled[False]),
+            "small_mm3": {",".join(map(str, k)): v for k, v in small.items()},
+            "folds": {fold: fold_scores(u, targets, rules) for fold, u in units.items()}, "targets": targets,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def better(after: np.ndarray, before: np.ndarray) -> bool:
+    """The rule ``postprocess.decide`` keeps a step by: a higher mean Dice, and no label lower."""
+    return bool(after.mean() > before.mean() + 1e-9 and (after >= before - 1e-9).all())
+
+
+def fold_scores(units: dict[bool, list[Unit]], targets: dict[str, list[int]], rules: list[dict]
+                ) -> dict[str, list[list[float]]]:
+    """Per step (``STEPS``), the Dice of each unit (volume or patient) for each target: {step: [[...], ...]}."""
+    out = {}
+    for step in STEPS:
+        mirrored, post = "flips" in step, "postprocessing" in step
+        out[step] = unit_scores(units[mirrored], list(targets.values()), rules if post else []).tolist()
+    return out
+
+
+def write_decision(record: dict, checkpoints: Sequence[Path], out_dir: Path) -> None:
+    """The decision into each checkpoint judged, and the checkpoint ``model.pt`` copies (``last.pt`` for the final
+    epoch, ``best.pt`` for the best), and ``out_dir/postprocessing.json``."""
+    kept = {k: v for k, v in record.items() if k != "folds"}
+    for path in checkpoints:
+        ckpt = load_checkpoint(path)
+        save_checkpoint({**ckpt, "postprocessing": kept}, path)
+        twin = path.parent / ("best.pt" if ckpt.get("selected") == "best" else "last.pt")
+        if twin.is_file():
+            save_checkpoint({**load_checkpoint(twin), "postprocessing": kept}, twin)
+    write_json(kept, out_dir / "postprocessing.json")
+    for row in record["trace"]:
+        log.info("postprocessing: %s: Dice %.4f → %.4f%s", row["rule"], row["dice_before"], row["dice_after"],
+                 " (kept)" if row["kept"] else "")
+    f = record["flips_dice"]
+    log.info("test-time flips of axes %s: Dice %.4f → %.4f (%s)", f["axes_tried"], f["without"], f["with"],
+             "kept" if record["flips"] else "not kept")
+    log.info("decided on %d validation units in %.1f s: flips %s, postprocessing %s", record["validation_units"],
+             record["seconds"], record["flips"] or "none", record["rules"] or "none")
+
+
+def report(record: dict, out_dir: Path) -> list[dict]:
+    """``cv.csv``: per fold, then mean and standard deviation over folds and pooled over all units, the mean Dice
+    over units of each target under each step; ``cv.png``: the mean Dice per fold and step. Returns the rows."""
+    names = list(record["targets"])
+    rows = []
+    folds = sorted(record["folds"])
+    chosen_step = chosen(record)
+    for step in STEPS:
+        taken = step == chosen_step
+        per_fold = {k: np.asarray(record["folds"][k][step]) for k in folds}
+        means = {k: a.mean(0) for k, a in per_fold.items()}
+        for k in folds:
+            rows.append(cv_row(str(k), step, taken, len(per_fold[k]), means[k], names))
+        stacked = np.stack([means[k] for k in folds])
+        rows.append(cv_row("mean", step, taken, len(folds), stacked.mean(0), names))
+        rows.append(cv_row("std", step, taken, len(folds), stacked.std(0), names))
+        rows.append(cv_row("pooled", step, taken, sum(len(a) for a in per_fold.values()),
+                           np.concatenate(list(per_fold.values())).mean(0), names))
+    with atomic_write(out_dir / "cv.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, folds, out_dir / "cv.png")
+    for row in rows:
+        if row["fold"] in ("mean", "pooled"):
+            log.info("cross-validation %s, %s: Dice %s%s", row["fold"], row["step"], row["dice"],
+                     " (what inference does)" if row["chosen"] == "yes" else "")
+    return rows
+
+
+def chosen(record: dict) -> str:
+    """The step that inference takes: ``network``, ``flips``, ``postprocessing`` or both."""
+    return "+".join(s for s, on in (("flips", record["flips"]), ("postprocessing", record["rules"])) if on) or "network"
+
+
+def cv_row(fold: str, step: str, taken: bool, units: int, dice: np.ndarray, names: list[str]) -> dict:
+    """One line of cv.csv: the mean over labels (regions left out) and each target's Dice."""
+    n_labels = sum(name.isdigit() for name in names)
+    return {"fold": fold, "step": step, "chosen": "yes" if taken else "", "units": units,
+            "dice": round(float(dice[:n_labels].mean()), 4),
+            **{f"dice_{name}": round(float(d), 4) for name, d in zip(names, dice)}}
+
+
+def plot(rows: list[dict], folds: list[int], path: Path) -> None:
+    """Bars of the mean Dice per fold (and pooled), one bar per step."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * (len(folds) + 1)), 3.5))
+    width = 0.8 / len(STEPS)
+    columns = [str(k) for k in folds] + ["pooled"]
+    for i, step in enumerate(STEPS):
+        dice = {r["fold"]: r["dice"] for r in rows if r["step"] == step}
+        ax.bar(np.arange(len(columns)) + (i - 1.5) * width, [dice[c] for c in columns], width, label=step)
+    ax.set_xticks(np.arange(len(columns)), [f"fold {c}" if c.isdigit() else c for c in columns])
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
