@@ -338,3 +338,16 @@ def test_command_line_errors_are_one_line(capsys, tmp_path):
     one_error_line(capsys, "missing.pt", "checkpoint not found")
     assert serve.main(["--max-upload-mb", "0"]) == 2
     one_error_line(capsys, "--max-upload-mb")
+
+
+def test_an_ensemble_is_served_as_infer_py_runs_it(trained, raw_dir, tmp_path):
+    """An ensemble of two checkpoints (model.pt and best.pt) gives the mask infer.py gives with both."""
+    ckpts = (trained / "model.pt", trained / "best.pt")
+    api = TestClient(serve.create_app(serve.ServeConfig(ckpts, device="cpu")))
+    info = api.get("/api/model").json()
+    assert info["networks"] == 2 and info["checkpoint"] == "model.pt, best.pt"
+    resp = post(api, raw_dir / "synth_002.nii.gz")
+    assert resp.status_code == 200, resp.text
+    assert infer.main([str(raw_dir / "synth_002.nii.gz"), "--checkpoint", *map(str, ckpts), "--out", str(tmp_path),
+                       "--device", "cpu"]) == 0
+    assert resp.content == (tmp_path / "synth_002_mask.nii.gz").read_bytes()
