@@ -351,3 +351,14 @@ def test_an_ensemble_is_served_as_infer_py_runs_it(trained, raw_dir, tmp_path):
     assert infer.main([str(raw_dir / "synth_002.nii.gz"), "--checkpoint", *map(str, ckpts), "--out", str(tmp_path),
                        "--device", "cpu"]) == 0
     assert resp.content == (tmp_path / "synth_002_mask.nii.gz").read_bytes()
+
+
+def test_token_file_and_options_make_the_config(tmp_path, capsys):
+    token = tmp_path / "token.txt"
+    token.write_text("s3cret\n")
+    config = serve.config_from(serve.parse_args(["--token-file", str(token), "--max-upload-mb", "8", "--engine",
+                                                 "onnx", "--queue-timeout", "5"]))
+    assert (config.token, config.max_upload_mb, config.engine, config.queue_timeout) == ("s3cret", 8, "onnx", 5)
+    (tmp_path / "empty.txt").write_text("")
+    assert serve.main(["--token-file", str(tmp_path / "empty.txt")]) == 2
+    one_error_line(capsys, "empty.txt", "cannot read a token")
