@@ -9,10 +9,10 @@ a raw folder of the other patients' folders (links to their files), ``preprocess
 ``infer.py`` on the held-out patients' images as a user would give them: with the output folder as it is (what
 infer.py uses by default: ``model.pt``, or with ``--folds`` in the training options the ensemble of the folds, with
 the test-time flips and postprocessing train.py decided on validation), with the networks alone (``--no-tta
---no-postprocess``), and with flips forced on (``--tta``), to show what each step changes. Each held-out patient is scored by its Dice over all its slices pooled (the LGG literature's figure; one
-case = one patient for volumes), and by how many of its slices without
-tumour got a false positive. Prints one line per patient and the mean; ``--json`` writes them.
-Not a test: tests/test_benchmarks.py only smoke-runs it.
+--no-postprocess``), and with flips forced on (``--tta``), to show what each step changes. Each held-out patient
+is scored by its Dice over all its slices pooled (the LGG literature's figure; one case = one patient for volumes),
+and by how many of its slices without tumour got a false positive. Prints one line per patient and the mean;
+``--json`` writes them. Not a test: tests/test_benchmarks.py only smoke-runs it.
 """
 
 from __future__ import annotations
