@@ -1,10 +1,12 @@
 """A web page and an HTTP API in front of infer.py's segmentation: a file in, its mask out in the file's format.
 
     python serve.py [--checkpoint output] [--host 127.0.0.1] [--port 8000]
+    python serve.py --model output --model output_ph2     # several models side by side (a 3D and a 2D one)
 
 ``GET /`` is the page (one static file, no internet needed); ``POST /api/segment`` takes one file in the multipart
 field ``file`` and answers the mask infer.py would write (or JSON with ``?format=json``); ``GET /api/model``,
-``GET /api/health``, ``GET /openapi.json``.
+``GET /api/health``, ``GET /openapi.json``. With several ``--model``, each upload goes to the first model that
+takes its kind (2D or 3D) and channel count.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -74,6 +77,9 @@ class ServeConfig:
     queue_timeout: float = 60.0
     token: str | None = None
     engine: str = "torch"  # onnx: the checkpoint is an infer.py --export-onnx file, run by ONNX Runtime
+    # Several models side by side, each as ``checkpoint`` (an upload goes to the first that takes it); when given,
+    # ``checkpoint`` is not used.
+    models: tuple[tuple[Path, ...], ...] = ()
 
 
 class RequestError(Exception):
@@ -190,28 +196,30 @@ def save_upload(src, target: Path, max_bytes: int) -> None:
 
 @dataclasses.dataclass
 class Result:
-    """One segmented upload: the mask file's bytes and name, what the page shows."""
+    """One segmented upload: the mask file's bytes and name, what the page shows, the model that segmented it."""
 
     mask_bytes: bytes
     mask_name: str
     mask: np.ndarray  # (X, Y, Z) label values
     affine: np.ndarray
-    image: MetaTensor  # (C, X, Y, Z) as read
+    image: MetaTensor  # (C, X, Y, Z) as the model took it
     seconds: float
+    model: Model
 
 
-class Server:
-    """The model, loaded once, and one model pass at a time."""
+class Model:
+    """One model (a checkpoint, or an ensemble's checkpoints), loaded once; ``name`` is what clients see of it
+    (its files' or folders' names, never a server path)."""
 
-    def __init__(self, config: ServeConfig) -> None:
-        self.config = config
-        self.paths = infer.checkpoint_paths([config.checkpoint] if isinstance(config.checkpoint, str | Path)
-                                            else list(config.checkpoint))
+    def __init__(self, specs: Sequence[Path], name: str, config: ServeConfig) -> None:
+        self.name = name
+        self.paths = infer.checkpoint_paths(list(specs))
         self.segmenter = infer.load_segmenter(self.paths, config.device, config.engine)
-        self.lock = threading.Lock()
         digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in self.paths]  # an ensemble: of its files'
         self.sha256 = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
         self.labels = [int(v) for v in self.segmenter.ckpt["label_values"]]
+        self.in_channels = int(self.segmenter.ckpt["model_args"]["in_channels"])
+        self.channel = PrepParams.from_dict(self.segmenter.ckpt["prep_params"]).channel  # of a colour picture
 
     @property
     def kind(self) -> str:
@@ -220,18 +228,69 @@ class Server:
         dims = ((ckpt.get("plan") or {}).get("fingerprint") or {}).get("dims")
         return dims or ("2d" if ckpt["inference"]["roi"][0] == 1 else "3d")
 
+    def takes(self) -> str:
+        """What the model takes, for messages: ``a 2D model that takes 1 channel(s) (channel 0 of a colour image)``."""
+        picked = f" (channel {self.channel} of a colour image)" if self.channel is not None else ""
+        return f"a {self.kind.upper()} model that takes {self.in_channels} channel(s){picked}"
+
+    def fit(self, image: MetaTensor) -> MetaTensor | None:
+        """``image`` (C, X, Y, Z), read with every channel, as this model reads it (its channel picked, as
+        ``read_volume`` picks it); None when the model does not take images of its kind or channels."""
+        kind = "2d" if 1 in image.shape[1:] else "3d"
+        if kind != self.kind:
+            return None
+        if self.channel is not None:
+            if not 0 <= self.channel < image.shape[0]:
+                return None
+            meta = {k: v for k, v in image.meta.items() if k != "affine"}
+            image = MetaTensor(image.as_tensor()[self.channel : self.channel + 1], affine=image.affine, meta=meta)
+        return image if image.shape[0] == self.in_channels else None
+
     def info(self) -> dict:
-        """What ``GET /api/model`` answers."""
+        """What ``GET /api/model`` answers about this model."""
         ckpt = self.segmenter.ckpt
-        return {"checkpoint": ", ".join(p.name for p in self.paths), "networks": len(self.paths),
-                "sha256": self.sha256, "kind": self.kind,
-                "labels": self.labels, "modalities": ckpt.get("channels"),
-                "in_channels": ckpt["model_args"]["in_channels"], "window": list(self.segmenter.window),
+        return {"name": self.name, "checkpoint": ", ".join(p.name for p in self.paths), "networks": len(self.paths),
+                "sha256": self.sha256, "kind": self.kind, "labels": self.labels, "modalities": ckpt.get("channels"),
+                "in_channels": self.in_channels, "channel": self.channel, "window": list(self.segmenter.window),
                 "overlap": self.segmenter.overlap, "best_dice": ckpt.get("best_dice"), "epoch": ckpt.get("epoch"),
                 "postprocessing": list(self.segmenter.rules), "flips": list(self.segmenter.flips)}
 
-    def segment(self, upload, name: str, workdir: Path) -> Result:
-        """Save, check, read and segment one upload inside ``workdir``; the mask as infer.py writes it."""
+    def write(self, image: MetaTensor, mask: np.ndarray, source: Path, seconds: float, workdir: Path, name: str
+              ) -> Result:
+        """Postprocess and write the mask exactly as ``infer.run`` does, and read the bytes back."""
+        affine = np.asarray(image.affine, dtype=np.float64)
+        mask = infer.postprocess_unit([mask], [image.affine], list(self.segmenter.rules))[0]
+        out = infer.mask_path(source, workdir / "out", mask_suffix(source))
+        out.parent.mkdir()
+        write_mask(mask, affine, out, binary=self.labels == [0, 1], source=source)
+        stem = Path(name[:-4] if name.lower().endswith(".zip") else name)
+        named = infer.mask_path(stem, out.parent, mask_suffix(source)).name  # named after the client's file
+        return Result(out.read_bytes(), named, mask, affine, image, seconds, self)
+
+
+def model_names(specs: Sequence[Sequence[Path]]) -> list[str]:
+    """Each model's name: its files' or folders' names (``output``, ``model.pt, best.pt``), numbered where two
+    would read the same."""
+    names = [", ".join(Path(p).name for p in spec) for spec in specs]
+    return [f"{n} ({k + 1})" if names.count(n) > 1 else n for k, n in enumerate(names)]
+
+
+class Server:
+    """The models side by side, each upload routed to the first that takes it; one model pass at a time."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        specs = config.models or ((config.checkpoint,) if isinstance(config.checkpoint, str | Path)
+                                  else tuple(config.checkpoint),)
+        self.models = [Model(tuple(map(Path, s)), n, config) for s, n in zip(specs, model_names(specs))]
+        self.lock = threading.Lock()  # one for all models: one model pass at a time on this machine
+
+    def info(self) -> dict:
+        """``GET /api/model``: the first model's fields (as when one model is served), and ``models``: every one."""
+        return {**self.models[0].info(), "models": [m.info() for m in self.models]}
+
+    def receive(self, upload, name: str, workdir: Path) -> Path:
+        """Save and check one upload inside ``workdir`` (a zip: extracted); the path to read."""
         suffix = upload_suffix(name)
         max_bytes = int(self.config.max_upload_mb * (1 << 20))
         source = workdir / f"upload{suffix}"
@@ -241,34 +300,33 @@ class Server:
         check_attached(source)
         if (declared := declared_voxels(source)) > self.config.max_voxels:
             raise InputError(f"header declares {declared} voxels, more than the server's {self.config.max_voxels}")
-        ckpt = self.segmenter.ckpt
-        raw = read_case(Case("upload", source), PrepParams.from_dict(ckpt["prep_params"]).channel)
-        kind = "2d" if 1 in raw["image"].shape[1:] else "3d"
-        if kind != self.kind:
-            raise InputError(f"a {kind.upper()} image of shape {tuple(raw['image'].shape[1:])}, for a "
-                             f"{self.kind.upper()} model")
+        return source
+
+    def route(self, image: MetaTensor) -> tuple[Model, MetaTensor]:
+        """The first model that takes ``image`` (C, X, Y, Z), and the image as that model reads it."""
+        for model in self.models:
+            if (fitted := model.fit(image)) is not None:
+                return model, fitted
+        what = f"a {'2D' if 1 in image.shape[1:] else '3D'} image of shape {tuple(image.shape[1:])} with " \
+               f"{image.shape[0]} channel(s)"
+        if len(self.models) == 1:
+            raise InputError(f"{what}, for {self.models[0].takes()}")
+        raise InputError(f"{what} fits none of the models ({'; '.join(f'{m.name}: {m.takes()}' for m in self.models)})")
+
+    def segment(self, upload, name: str, workdir: Path) -> Result:
+        """Save, check and read one upload inside ``workdir``, segment it with the model that takes it; the mask
+        as infer.py writes it."""
+        source = self.receive(upload, name, workdir)
+        model, image = self.route(read_case(Case("upload", source))["image"])  # read once, with every channel
         if not self.lock.acquire(timeout=self.config.queue_timeout):
             raise RequestError(503, f"busy: no model pass free within --queue-timeout {self.config.queue_timeout} s")
         try:
             t0 = time.perf_counter()
-            mask = self.segmenter(raw["image"], source)
+            mask = model.segmenter(image, source)
             seconds = time.perf_counter() - t0
         finally:
             self.lock.release()
-        return self.write(raw["image"], mask, source, seconds, workdir, name)
-
-    def write(self, image: MetaTensor, mask: np.ndarray, source: Path, seconds: float, workdir: Path, name: str
-              ) -> Result:
-        """Postprocess and write the mask exactly as ``infer.run`` does, and read the bytes back."""
-        rules = list(self.segmenter.rules)
-        affine = np.asarray(image.affine, dtype=np.float64)
-        mask = infer.postprocess_unit([mask], [image.affine], rules)[0]
-        out = infer.mask_path(source, workdir / "out", mask_suffix(source))
-        out.parent.mkdir()
-        write_mask(mask, affine, out, binary=self.labels == [0, 1], source=source)
-        stem = Path(name[:-4] if name.lower().endswith(".zip") else name)
-        named = infer.mask_path(stem, out.parent, mask_suffix(source)).name  # named after the client's file
-        return Result(out.read_bytes(), named, mask, affine, image, seconds)
+        return model.write(image, mask, source, seconds, workdir, name)
 
 
 # ---------------------------------------------------------------- pictures for the page
@@ -345,13 +403,16 @@ def views(image: MetaTensor, mask: np.ndarray, labels: list[int]) -> dict:
     return out
 
 
-def summary(result: Result, name: str, labels: list[int], with_views: bool = True) -> dict:
-    """``?format=json``'s answer: sizes per label, shape, spacing, seconds, overlays, the mask file in base64."""
+def summary(result: Result, name: str, with_views: bool = True) -> dict:
+    """``?format=json``'s answer: the model's name, sizes per label, shape, spacing, seconds, overlays, the mask file
+    in base64."""
+    labels = result.model.labels
     unit, per_label = sizes(result.mask, result.affine, labels)
     legend = [{"value": v, "colour": "#{:02x}{:02x}{:02x}".format(*COLOURS[k % len(COLOURS)])}
               for k, v in enumerate(labels[1:])]
-    out = {"file": name, "shape": list(result.mask.shape), "spacing_mm": spacing_mm(result.affine).round(4).tolist(),
-           "unit": unit, "sizes": per_label, "total": round(sum(s["amount"] for s in per_label.values()), 4),
+    out = {"file": name, "model": result.model.name, "shape": list(result.mask.shape),
+           "spacing_mm": spacing_mm(result.affine).round(4).tolist(), "unit": unit, "sizes": per_label,
+           "total": round(sum(s["amount"] for s in per_label.values()), 4),
            "seconds": round(result.seconds, 3), "legend": legend, "mask_name": result.mask_name,
            "mask": base64.b64encode(result.mask_bytes).decode("ascii")}
     if with_views:
@@ -426,12 +487,13 @@ def create_app(config: ServeConfig):
                 text = re.sub(re.escape(tmp) + r"[^\s:'\"]*", name, str(exc))
                 return error(422, text if text.startswith(name) else f"{name}: {text}")
         if format == "json":
-            return summary(result, name, server.labels)
-        unit, per_label = sizes(result.mask, result.affine, server.labels)
+            return summary(result, name)
+        unit, per_label = sizes(result.mask, result.affine, result.model.labels)
         total = sum(s["amount"] for s in per_label.values())
         headers = {"Content-Disposition": f'attachment; filename="{result.mask_name}"',
                    "X-Segmented-Size": f"{total:.4f}", "X-Segmented-Unit": "mm2" if unit == "mm²" else unit,
-                   "X-Segmented-Voxels": str(sum(s["voxels"] for s in per_label.values()))}
+                   "X-Segmented-Voxels": str(sum(s["voxels"] for s in per_label.values())),
+                   "X-Model": display_name(result.model.name)}  # which model segmented it
         return Response(result.mask_bytes, media_type="application/octet-stream", headers=headers)
 
     @app.exception_handler(Exception)
@@ -478,9 +540,13 @@ def authorised(request, token: str) -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
-    p.add_argument("--checkpoint", nargs="+", default=["output"], metavar="CKPT",
-                   help="as infer.py's: checkpoint files, or train.py's output folder (its model.pt, or the folds "
-                   "cv.json lists); several are an ensemble")
+    p.add_argument("--checkpoint", nargs="+", default=None, metavar="CKPT",
+                   help="one model, as infer.py's --checkpoint: checkpoint files, or train.py's output folder (its "
+                   "model.pt, or the folds cv.json lists); several are an ensemble (default: output)")
+    p.add_argument("--model", action="append", type=model_arg, default=None, metavar="CKPT[,CKPT...]",
+                   help="instead of --checkpoint, several models side by side: each --model is one model, its "
+                   "comma-separated items as --checkpoint's (a,b: an ensemble); an upload goes to the first model "
+                   "that takes its kind (2D/3D) and channels, e.g. --model output --model output_ph2")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -493,6 +559,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN on the page and the API")
     p.add_argument("--token-file", default=None, help="… the token read from this file's first line")
     args = p.parse_args(argv)
+    if args.model and args.checkpoint:
+        p.error("give --checkpoint (one model) or --model (one or several), not both")
+    args.checkpoint = args.checkpoint or ["output"]
     if args.token_file:
         try:
             args.token = Path(args.token_file).read_text().strip().splitlines()[0]
@@ -503,17 +572,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def model_arg(text: str) -> tuple[Path, ...]:
+    """``--model`` ``a.pt,b.pt`` → its checkpoint files or folders."""
+    items = tuple(Path(t) for t in text.split(",") if t.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} names no checkpoint")
+    return items
+
+
 def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(tuple(map(Path, args.checkpoint)), args.device, args.max_upload_mb, args.max_voxels,
-                       args.queue_timeout, args.token, args.engine)
+                       args.queue_timeout, args.token, args.engine, tuple(args.model or ()))
 
 
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     app = create_app(config_from(args))
-    log.info("serving %s on http://%s:%d/ (%s model)", " ".join(map(str, app.state.server.paths)), args.host,
-             args.port, app.state.server.kind)
+    for model in app.state.server.models:
+        log.info("model %s: %s (%s)", model.name, " ".join(map(str, model.paths)), model.takes())
+    log.info("serving on http://%s:%d/", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import grey_disc, one_error_line
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -362,3 +363,69 @@ def test_token_file_and_options_make_the_config(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert serve.main(["--token-file", str(tmp_path / "empty.txt")]) == 2
     one_error_line(capsys, "empty.txt", "cannot read a token")
+
+
+# ---------------------------------------------------------------- several models side by side
+
+
+@pytest.fixture(scope="module")
+def api_both(trained, trained_2d) -> TestClient:
+    """The tiny 3D model and the tiny 2D one in one server, as ``--model <3D folder> --model <2D folder>``."""
+    return TestClient(serve.create_app(serve.ServeConfig(models=((trained,), (trained_2d,)), device="cpu")))
+
+
+def test_each_upload_goes_to_the_model_that_takes_it(api_both, trained, trained_2d, raw_dir, pictures, tmp_path):
+    """A volume to the 3D model and a picture to the 2D one, each mask infer.py's with that model's checkpoint."""
+    for source, ckpt, name in ((raw_dir / "synth_001.nii.gz", trained, trained.name),
+                               (pictures / "grey2.png", trained_2d, trained_2d.name)):
+        resp = post(api_both, source)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["X-Model"] == name
+        assert resp.content == infer_mask(source, ckpt / "model.pt", tmp_path / name).read_bytes()
+        assert post(api_both, source, fmt="json").json()["model"] == name
+
+
+def test_model_info_lists_every_model(api_both, trained, trained_2d):
+    info = api_both.get("/api/model").json()
+    assert [(m["name"], m["kind"], m["in_channels"]) for m in info["models"]] == [
+        (trained.name, "3d", 1), (trained_2d.name, "2d", 1)]
+    assert {k: v for k, v in info.items() if k != "models"} == info["models"][0]  # the first, as with one model
+    assert info["sha256"] == hashlib.sha256((trained / "model.pt").read_bytes()).hexdigest()
+
+
+def test_a_file_that_fits_no_model_is_refused(api_both, trained, trained_2d, pictures, tmp_path):
+    source = tmp_path / "colour.png"
+    source.write_bytes(rgb_png())
+    refused(post(api_both, source), 422, "colour.png", "2D image", "3 channel(s) fits none of the models",
+            f"{trained.name}: a 3D model that takes 1", f"{trained_2d.name}: a 2D model that takes 1")
+    assert post(api_both, pictures / "grey0.png").status_code == 200  # the next good request succeeds
+
+
+def test_each_model_reads_its_own_channel(trained, trained_2d, pictures, tmp_path):
+    """A model trained on one channel of colour pictures (``--channel 0``) takes an RGB picture, read as infer.py
+    reads it with that checkpoint; a grey picture still goes to the first model that takes it."""
+    ckpt = torch.load(trained_2d / "model.pt", map_location="cpu", weights_only=True)
+    ckpt["prep_params"]["channel"] = 0
+    (tmp_path / "red").mkdir()
+    torch.save(ckpt, tmp_path / "red" / "model.pt")
+    models = ((trained,), (trained_2d / "model.pt",), (tmp_path / "red",))
+    api = TestClient(serve.create_app(serve.ServeConfig(models=models, device="cpu")))
+    colour = tmp_path / "colour.png"
+    colour.write_bytes(rgb_png())
+    resp = post(api, colour)
+    assert resp.status_code == 200 and resp.headers["X-Model"] == "red", resp.text
+    assert resp.content == infer_mask(colour, tmp_path / "red" / "model.pt", tmp_path / "out").read_bytes()
+    assert post(api, pictures / "grey1.png").headers["X-Model"] == "model.pt"
+    assert api.get("/api/model").json()["models"][2]["channel"] == 0
+
+
+def test_model_option_makes_models_and_excludes_checkpoint(tmp_path, capsys):
+    config = serve.config_from(serve.parse_args(["--model", "output", "--model", "a.pt,b.pt"]))
+    assert config.models == ((Path("output"),), (Path("a.pt"), Path("b.pt")))
+    assert serve.config_from(serve.parse_args([])).checkpoint == (Path("output"),) and not serve.parse_args([]).model
+    assert serve.main(["--model", "output", "--checkpoint", "output"]) == 2
+    one_error_line(capsys, "--checkpoint", "--model", "not both")
+    assert serve.main(["--model", ","]) == 2
+    one_error_line(capsys, "--model", "names no checkpoint")
+    assert serve.model_names([(Path("a/output"),), (Path("b/output"),), (Path("x.pt"), Path("y.pt"))]) == [
+        "output (1)", "output (2)", "x.pt, y.pt"]
