@@ -89,6 +89,32 @@ def test_page_shows_a_volume_in_three_planes_with_a_slice_slider(trained, raw_di
         assert slice_img.get_attribute("src") != before and "mL" in card.inner_text()
 
 
+def test_page_sends_a_volume_and_two_pictures_to_the_models_that_take_them(trained, trained_2d, raw_dir, tmp_path):
+    """Issue 15's done-when with the tiny models: a 3D and a 2D model side by side; the demo-like volume and two
+    pictures each get a card naming the model that segmented it, and a mask to download."""
+    pics, volume = trained_2d.parent / "pics", raw_dir / "synth_002.nii.gz"
+    files = {str(volume): trained.name, str(pics / "grey1.png"): trained_2d.name,
+             str(pics / "grey3.png"): trained_2d.name}
+    config = serve.ServeConfig(models=((trained,), (trained_2d,)), device="cpu")
+    with running(config) as url, browser_page(url) as (page, _):
+        header = page.inner_text("#model")
+        assert f"model {trained.name} (model.pt, 3D" in header and f"model {trained_2d.name} (model.pt, 2D" in header
+        cards = segment(page, list(files))
+        for card, (path, model) in zip(cards, files.items()):
+            assert card.get_attribute("data-state") == "done", card.inner_text()
+            assert card.query_selector(".which").inner_text() == f"model: {model}"
+            with page.expect_download() as info:
+                card.query_selector("a.download").click()
+            saved = tmp_path / info.value.suggested_filename
+            info.value.save_as(saved)
+            if path.endswith(".png"):
+                assert "mm²" in card.inner_text()
+                check_mask(saved, (120, 90))
+            else:
+                assert "mL" in card.inner_text() and len(card.query_selector_all("img.overlay")) == 3
+                assert nib.load(saved).shape == nib.load(volume).shape
+
+
 def test_screenshot_command(trained, raw_dir, tmp_path, capsys):
     out = tmp_path / "page.png"
     assert serve_screenshot.main(["--checkpoint", str(trained / "model.pt"), str(raw_dir / "synth_003.nii.gz"),
