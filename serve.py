@@ -236,8 +236,7 @@ class Model:
     def fit(self, image: MetaTensor) -> MetaTensor | None:
         """``image`` (C, X, Y, Z), read with every channel, as this model reads it (its channel picked, as
         ``read_volume`` picks it); None when the model does not take images of its kind or channels."""
-        kind = "2d" if 1 in image.shape[1:] else "3d"
-        if kind != self.kind:
+        if image_kind(image) != self.kind:
             return None
         if self.channel is not None:
             if not 0 <= self.channel < image.shape[0]:
@@ -268,10 +267,15 @@ class Model:
         return Result(out.read_bytes(), named, mask, affine, image, seconds, self)
 
 
+def image_kind(image: MetaTensor) -> str:
+    """``2d`` for an image (C, X, Y, Z) one voxel thick along an axis (a picture, a single slice), else ``3d``."""
+    return "2d" if 1 in image.shape[1:] else "3d"
+
+
 def model_names(specs: Sequence[Sequence[Path]]) -> list[str]:
-    """Each model's name: its files' or folders' names (``output``, ``model.pt, best.pt``), numbered where two
-    would read the same."""
-    names = [", ".join(Path(p).name for p in spec) for spec in specs]
+    """Each model's name: its files' or folders' names (``output``, ``model.pt, best.pt``; never the path, which
+    is the server's business), numbered where two would read the same."""
+    names = [", ".join(Path(p).resolve().name for p in spec) for spec in specs]
     return [f"{n} ({k + 1})" if names.count(n) > 1 else n for k, n in enumerate(names)]
 
 
@@ -307,8 +311,7 @@ class Server:
         for model in self.models:
             if (fitted := model.fit(image)) is not None:
                 return model, fitted
-        what = f"a {'2D' if 1 in image.shape[1:] else '3D'} image of shape {tuple(image.shape[1:])} with " \
-               f"{image.shape[0]} channel(s)"
+        what = f"a {image_kind(image).upper()} image of shape {tuple(image.shape[1:])} with {image.shape[0]} channel(s)"
         if len(self.models) == 1:
             raise InputError(f"{what}, for {self.models[0].takes()}")
         raise InputError(f"{what} fits none of the models ({'; '.join(f'{m.name}: {m.takes()}' for m in self.models)})")
