@@ -1,6 +1,7 @@
 """A web page and an HTTP API in front of infer.py's segmentation: a file in, its mask out in the file's format.
 
     python serve.py [--checkpoint output] [--host 127.0.0.1] [--port 8000]
+    python serve.py                                       # every model train.py wrote into output/ and its folders
     python serve.py --model output --model output_ph2     # several models side by side (a 3D and a 2D one)
 
 ``GET /`` is the page (one static file, no internet needed); ``POST /api/segment`` takes one file in the multipart
@@ -564,6 +565,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.model and args.checkpoint:
         p.error("give --checkpoint (one model) or --model (one or several), not both")
+    if not args.model and not args.checkpoint:
+        args.model = default_models(Path("output"))
     args.checkpoint = args.checkpoint or ["output"]
     if args.token_file:
         try:
@@ -573,6 +576,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.max_upload_mb <= 0 or args.queue_timeout < 0 or args.max_voxels < 1:
         p.error("--max-upload-mb and --max-voxels must be positive, --queue-timeout not negative")
     return args
+
+
+def default_models(root: Path) -> list[tuple[Path, ...]] | None:
+    """What ``python serve.py`` serves with neither option: ``root`` (train.py's default output) and each folder
+    right inside it that train.py wrote into (``model.pt`` or ``cv.json``, e.g. ``output/ph2``), side by side, so
+    that the demo's 3D model and a 2D one trained beside it answer the same page; a cross-validation's
+    ``fold_K`` folders belong to their ensemble, not beside it. None where ``root`` holds one model or none."""
+    def trained(folder: Path) -> bool:
+        return (folder / "model.pt").is_file() or (folder / "cv.json").is_file()
+
+    inside = sorted(f for f in root.glob("*") if f.is_dir() and not re.fullmatch(r"fold_\d+", f.name) and trained(f))
+    models = ([(root,)] if trained(root) else []) + [(f,) for f in inside]
+    return models if len(models) > 1 else None
 
 
 def model_arg(text: str) -> tuple[Path, ...]:

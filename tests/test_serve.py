@@ -7,6 +7,7 @@ import base64
 import gzip
 import hashlib
 import io
+import shutil
 import struct
 import tempfile
 import threading
@@ -429,3 +430,23 @@ def test_model_option_makes_models_and_excludes_checkpoint(tmp_path, capsys):
     one_error_line(capsys, "--model", "names no checkpoint")
     assert serve.model_names([(Path("a/output"),), (Path("b/output"),), (Path("x.pt"), Path("y.pt"))]) == [
         "output (1)", "output (2)", "x.pt, y.pt"]
+
+
+def test_plain_serve_takes_every_model_train_py_wrote_into_output(tmp_path, monkeypatch):
+    """``python serve.py`` with no option: output/ and the folders inside it that hold a trained model (the demo's
+    3D model and a PH2 model in output/ph2, say) side by side; a cross-validation's folds stay its ensemble."""
+    root = tmp_path / "output"
+    for folder in ("", "ph2", "fold_0", "notes"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for folder in ("", "ph2", "fold_0"):
+        (root / folder / "model.pt").write_bytes(b"")
+    (root / "bench").mkdir()
+    (root / "bench" / "cv.json").write_text("{}")
+    assert serve.default_models(root) == [(root,), (root / "bench",), (root / "ph2",)]
+    monkeypatch.chdir(tmp_path)
+    args = serve.parse_args([])
+    assert args.model == [(Path("output"),), (Path("output/bench"),), (Path("output/ph2"),)]
+    assert serve.parse_args(["--checkpoint", "output"]).model is None  # one model, as asked
+    for folder in ("ph2", "bench"):
+        shutil.rmtree(root / folder)
+    assert serve.default_models(root) is None and serve.parse_args([]).checkpoint == ["output"]
