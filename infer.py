@@ -9,8 +9,6 @@ folds that cv.json lists); several networks average their probabilities.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
@@ -23,159 +21,28 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.metrics import compute_hausdorff_distance
-from monai.transforms import Compose, Invertd
 from tqdm import tqdm
 
-from cases import Case, case_name, cases_from_manifest, find_inputs, patient_slice, read_case, with_truth
+from cases import Case, cases_from_manifest, find_inputs, patient_slice, read_case, with_truth
 from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
-from dataset import FLIP_AXES, ORIENTATION, PrepParams, prepare_transforms, prepared_tissue
+from dataset import ORIENTATION, PrepParams
 from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts
-from model import (
-    load_checkpoint,
-    model_from_checkpoint,
-    predict_probabilities,
-    resolve_device,
-    to_classes,
-)
-from onnx_engine import OnnxNetwork, export_onnx
-from postprocess import apply_rules
+from onnx_engine import export_onnx
 from readers import (
     MASK_FORMATS,
     is_blank,
-    label_dtype,
     mask_suffix,
     segmented_size,
     spacing_mm,
     voxel_size,
     write_mask,
 )
+from segmenter import checkpoint_paths, load_segmenter, mask_path, postprocess_unit
 
 log = logging.getLogger("infer")
 
 
 # ---------------------------------------------------------------- a mask on the input's grid
-
-
-def invert_to_original(probs: torch.Tensor, image: MetaTensor, chain: Compose) -> torch.Tensor:
-    """Map probabilities (K, D, H, W) on the prepared grid back to the input's (K, X, Y, Z) grid.
-
-    ``Invertd`` undoes ``chain`` (crop → pad with zeros, in-plane downsampling → trilinear upsampling,
-    reorientation → the file's axis order) using the operations recorded on ``image``.
-    """
-    pred = MetaTensor(probs.detach().cpu(), meta=dict(image.meta))
-    pred.applied_operations = list(image.applied_operations)
-    inverter = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=False, to_tensor=True)
-    return torch.as_tensor(inverter({"pred": pred, "image": image})["pred"])
-
-
-@dataclasses.dataclass(frozen=True)
-class Segmenter:
-    """A checkpoint's network (or an ensemble's networks) with its preprocessing, sliding window, test-time flips
-    and postprocessing: an image on its own grid in, a mask out."""
-
-    models: tuple[torch.nn.Module, ...]
-    ckpt: dict  # the first checkpoint's (labels, preprocessing, window: an ensemble's all agree, ``check_ensemble``)
-    window: tuple[int, ...]
-    overlap: float
-    sw_batch_size: int | None = None  # None: the device's default (model.default_sw_batch_size)
-    amp: bool | None = None
-    flips: tuple[int, ...] = ()  # spatial axes of the test-time flips; (): none
-    rules: tuple[dict, ...] = ()  # postprocessing (infer.py applies it per unit: ``postprocess_unit``)
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.models[0]
-
-    @classmethod
-    def load(cls, paths: Path | Sequence[Path], device: torch.device, window: Sequence[int] | None = None,
-             overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
-             tta: bool | None = None) -> Segmenter:
-        """The checkpoints at ``paths`` on ``device``, with the first's window and overlap unless given; flips as
-        the checkpoints decided on validation (``tta`` None), every axis training flipped (True) or none (False);
-        the postprocessing rules every checkpoint holds."""
-        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-        ckpts = [load_checkpoint(p) for p in paths]
-        check_ensemble(ckpts, paths)
-        models = tuple(model_from_checkpoint(c, p).to(device, memory_format=torch.channels_last_3d).eval()
-                       for c, p in zip(ckpts, paths))
-        decided = [c.get("postprocessing") or {} for c in ckpts]
-        rules = tuple(r for r in decided[0].get("rules", []) if all(r in d.get("rules", []) for d in decided))
-        if tta is None:  # the decision, where every network made the same one
-            agreed = all(d.get("flips") == decided[0].get("flips") for d in decided)
-            flips = decided[0].get("flips", []) if agreed else []
-        else:
-            flips = ckpts[0].get("flip_axes", list(FLIP_AXES)) if tta else []
-        settings = ckpts[0]["inference"]
-        return cls(models, ckpts[0], tuple(window or settings["roi"]),
-                   settings["overlap"] if overlap is None else overlap, sw_batch_size, amp, tuple(flips), rules)
-
-    def __call__(self, image: MetaTensor, path: Path) -> np.ndarray:
-        """Mask (X, Y, Z) in label values on the grid of ``image`` (C, X, Y, Z), as read from ``path``."""
-        if image.shape[0] != self.ckpt["model_args"]["in_channels"]:
-            raise InputError(f"{path}: has {image.shape[0]} channel(s), the model takes "
-                             f"{self.ckpt['model_args']['in_channels']}")
-        params = PrepParams.from_dict(self.ckpt["prep_params"])
-        chain = prepare_transforms(params, with_label=False)
-        prepared = chain({"image": image})["image"]
-        tissue = prepared_tissue(prepared, params)[None]
-        probs = predict_probabilities(self.models, prepared[None], self.window, self.overlap, self.sw_batch_size,
-                                      self.amp, tissue, self.flips)
-        classes = to_classes(invert_to_original(probs[0], prepared, chain)[None])[0, 0]
-        values = np.asarray(self.ckpt["label_values"])
-        return values[classes.numpy()].astype(label_dtype(int(values.max())))
-
-
-# What networks of one ensemble must share: they are averaged voxel for voxel and read inputs the same way.
-ENSEMBLE_KEYS = {"label_values": "labels", "prep_params": "preprocessing", "channels": "modalities",
-                 "stack_slices": "slice stacking"}
-
-
-def check_ensemble(ckpts: Sequence[dict], paths: Sequence[Path]) -> None:
-    """Refuse, in one line, checkpoints that disagree on what an ensemble averages or how it reads inputs."""
-    for ckpt, path in zip(ckpts[1:], paths[1:]):
-        for key, name in ENSEMBLE_KEYS.items():
-            if ckpt.get(key) != ckpts[0].get(key):
-                raise InputError(f"{path}: its {name} ({ckpt.get(key)}) differ from {paths[0]}'s "
-                                 f"({ckpts[0].get(key)}); an ensemble needs one dataset's checkpoints")
-        if ckpt["model_args"]["in_channels"] != ckpts[0]["model_args"]["in_channels"]:
-            raise InputError(f"{path}: takes {ckpt['model_args']['in_channels']} input channel(s), {paths[0]} "
-                             f"{ckpts[0]['model_args']['in_channels']}; an ensemble needs one dataset's checkpoints")
-
-
-def checkpoint_paths(specs: Sequence[str]) -> list[Path]:
-    """Checkpoint files from ``--checkpoint``: a file as it is; a train.py output folder gives the folds its
-    ``cv.json`` lists (an ensemble) or its ``model.pt``, whichever train.py wrote last."""
-    out: list[Path] = []
-    for spec in map(Path, specs):
-        if not spec.is_dir():
-            out.append(spec)
-            continue
-        cv, single = spec / "cv.json", spec / "model.pt"
-        if cv.is_file() and (not single.is_file() or cv.stat().st_mtime >= single.stat().st_mtime):
-            out += fold_checkpoints(cv)
-        elif single.is_file():
-            out.append(single)
-        else:
-            raise InputError(f"{spec}: holds neither model.pt nor cv.json; train first, or name a checkpoint")
-    return out
-
-
-def fold_checkpoints(cv: Path) -> list[Path]:
-    """The checkpoints a cross-validation's ``cv.json`` lists, each inside its folder."""
-    try:
-        names = json.loads(cv.read_text())["checkpoints"]
-        paths = [cv.parent / name for name in names if ".." not in Path(name).parts and not Path(name).is_absolute()]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"{cv}: not a cv.json written by train.py ({type(exc).__name__})") from None
-    if not paths or len(paths) != len(names):
-        raise InputError(f"{cv}: lists no checkpoints inside its folder")
-    return paths
-
-
-def mask_path(source: Path, out_dir: Path, suffix: str = ".nii.gz") -> Path:
-    """``out_dir/<input stem>_mask<suffix>`` (a case name works too): a file name only, so it cannot point outside
-    ``out_dir``."""
-    return out_dir / f"{Path(case_name(source)).name}_mask{suffix}"
 
 
 def mask_targets(cases: Sequence[Case], out_dir: Path, forced: str | None = None) -> list[Path]:
@@ -461,18 +328,6 @@ def segmentation_units(cases: Sequence[Case]) -> list[list[int]]:
             for u in units.values()]
 
 
-def postprocess_unit(masks: list[np.ndarray], affines: Sequence, rules: Sequence[dict]) -> list[np.ndarray]:
-    """The checkpoint's postprocessing rules applied to one unit's masks (X, Y, Z): a volume alone, a patient's
-    single-slice masks of one shape stacked along the slice axis (Z), so that components are counted in 3D."""
-    if not rules:
-        return masks
-    mm3 = [float(np.prod(spacing_mm(np.asarray(a, dtype=np.float64)))) for a in affines]
-    if len(masks) > 1 and all(m.shape == masks[0].shape and m.shape[2] == 1 for m in masks):
-        stack = apply_rules(np.concatenate(masks, axis=2), rules, mm3[0])
-        return [stack[:, :, [z]] for z in range(len(masks))]
-    return [apply_rules(m, rules, v) for m, v in zip(masks, mm3)]
-
-
 def report(scores: dict[str, dict], patients: PatientDice, labels: Sequence[int], regions: dict, out_dir: Path
            ) -> None:
     """``evaluation.csv`` (per case) and ``evaluation_patients.csv`` (per patient's pooled slices), when scored."""
@@ -494,27 +349,6 @@ def mean_label_dice(mean: dict[str, float], labels: Sequence[int]) -> float:
 def region_text(mean: dict[str, float], regions: dict) -> str:
     """``; regions WT 0.81, TC 0.62`` for the log, or nothing."""
     return "; regions " + ", ".join(f"{k} {mean[f'dice_{k}']:.4f}" for k in regions) if regions else ""
-
-
-def load_segmenter(paths: Sequence[Path], device: str, engine: str = "torch", window: Sequence[int] | None = None,
-                   overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
-                   tta: bool | None = None) -> Segmenter:
-    """The checkpoints' networks under PyTorch (``Segmenter.load``), or with ``engine="onnx"`` one exported
-    ``.onnx`` file (its metadata standing in for the checkpoint) under ONNX Runtime on the CPU; the same
-    preprocessing, window, flips, inverse and postprocessing."""
-    if engine != "onnx":
-        return Segmenter.load(paths, resolve_device(device), window, overlap, sw_batch_size, amp, tta)
-    if len(paths) != 1:
-        raise InputError(f"--engine onnx: runs one .onnx file, got {len(paths)} checkpoints")
-    net = OnnxNetwork(paths[0])
-    decided, settings = net.ckpt.get("postprocessing") or {}, net.ckpt["inference"]
-    if tta is None:  # as the checkpoint decided on validation, as Segmenter.load does
-        flips = decided.get("flips", [])
-    else:
-        flips = (net.ckpt.get("flip_axes") or list(FLIP_AXES)) if tta else []
-    return Segmenter((net,), net.ckpt, tuple(window or settings["roi"]),
-                     settings["overlap"] if overlap is None else overlap, sw_batch_size, False, tuple(flips),
-                     tuple(decided.get("rules", [])))
 
 
 def export(config: argparse.Namespace) -> None:

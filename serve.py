@@ -41,7 +41,7 @@ from monai.transforms import Orientation
 from scipy import ndimage
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import infer
+import segmenter
 from cases import Case, read_case
 from common import ArgumentParser, InputError, run_command
 from dataset import ORIENTATION, PrepParams
@@ -214,8 +214,8 @@ class Model:
 
     def __init__(self, specs: Sequence[Path], name: str, config: ServeConfig) -> None:
         self.name = name
-        self.paths = infer.checkpoint_paths(list(specs))
-        self.segmenter = infer.load_segmenter(self.paths, config.device, config.engine)
+        self.paths = segmenter.checkpoint_paths(list(specs))
+        self.segmenter = segmenter.load_segmenter(self.paths, config.device, config.engine)
         digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in self.paths]  # an ensemble: of its files'
         self.sha256 = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
         self.labels = [int(v) for v in self.segmenter.ckpt["label_values"]]
@@ -259,12 +259,12 @@ class Model:
               ) -> Result:
         """Postprocess and write the mask exactly as ``infer.run`` does, and read the bytes back."""
         affine = np.asarray(image.affine, dtype=np.float64)
-        mask = infer.postprocess_unit([mask], [image.affine], list(self.segmenter.rules))[0]
-        out = infer.mask_path(source, workdir / "out", mask_suffix(source))
+        mask = segmenter.postprocess_unit([mask], [image.affine], list(self.segmenter.rules))[0]
+        out = segmenter.mask_path(source, workdir / "out", mask_suffix(source))
         out.parent.mkdir()
         write_mask(mask, affine, out, binary=self.labels == [0, 1], source=source)
         stem = Path(name[:-4] if name.lower().endswith(".zip") else name)
-        named = infer.mask_path(stem, out.parent, mask_suffix(source)).name  # named after the client's file
+        named = segmenter.mask_path(stem, out.parent, mask_suffix(source)).name  # named after the client's file
         return Result(out.read_bytes(), named, mask, affine, image, seconds, self)
 
 
@@ -433,6 +433,11 @@ def display_name(name: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9._ -]", "_", last)[:100] or "upload"
 
 
+def error(status: int, message: str) -> JSONResponse:
+    """A refused request: ``{"error": "<one line>"}`` with its status."""
+    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
+
+
 def create_app(config: ServeConfig):
     """The FastAPI application, with the model loaded (``InputError`` when the checkpoint is not usable)."""
     server = Server(config)
@@ -440,27 +445,7 @@ def create_app(config: ServeConfig):
     app.state.server = server
     limit = int(config.max_upload_mb * (1 << 20))
     app.add_middleware(BodyLimit, limit=limit + (64 << 10))  # a little room for the form around the file
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Token and upload size, before the body is read."""
-        if config.token and not authorised(request, config.token):
-            return error(401, "missing or wrong bearer token (Authorization: Bearer …)")
-        if int(request.headers.get("content-length") or 0) > limit + (64 << 10):  # refused before it is sent
-            return error(413, f"upload larger than --max-upload-mb ({config.max_upload_mb:g} MB)")
-        return await call_next(request)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def refused(_request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, exc.detail)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        return error(422, f"{'.'.join(map(str, first.get('loc', [])))}: {first.get('msg', 'invalid request')}")
+    add_guards(app, config, limit)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -479,33 +464,60 @@ def create_app(config: ServeConfig):
     @app.post("/api/segment", responses={200: {"content": {"application/octet-stream": {}}}})
     def segment(file: Annotated[UploadFile, File()], format: str = "mask"):
         """One image in the field ``file``; the mask in its format (size headers), or JSON with ``?format=json``."""
-        name = display_name(file.filename)
-        if format not in ("mask", "json"):
-            return error(422, f"format: {format!r} is not mask or json")
-        with tempfile.TemporaryDirectory(prefix="serve-") as tmp:
-            try:
-                result = server.segment(file.file, name, Path(tmp))
-            except RequestError as exc:
-                return error(exc.status, str(exc))
-            except InputError as exc:  # messages name the temporary file: show the client's name instead
-                text = re.sub(re.escape(tmp) + r"[^\s:'\"]*", name, str(exc))
-                return error(422, text if text.startswith(name) else f"{name}: {text}")
-        if format == "json":
-            return summary(result, name)
-        unit, per_label = sizes(result.mask, result.affine, result.model.labels)
-        total = sum(s["amount"] for s in per_label.values())
-        headers = {"Content-Disposition": f'attachment; filename="{result.mask_name}"',
-                   "X-Segmented-Size": f"{total:.4f}", "X-Segmented-Unit": "mm2" if unit == "mm²" else unit,
-                   "X-Segmented-Voxels": str(sum(s["voxels"] for s in per_label.values())),
-                   "X-Model": display_name(result.model.name)}  # which model segmented it
-        return Response(result.mask_bytes, media_type="application/octet-stream", headers=headers)
+        return segment_response(server, file, format)
+
+    return app
+
+
+def add_guards(app, config: ServeConfig, limit: int) -> None:
+    """The token and the upload size checked before a body is read; every refusal and failure as one line of
+    JSON (a traceback stays in the server's log)."""
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if config.token and not authorised(request, config.token):
+            return error(401, "missing or wrong bearer token (Authorization: Bearer …)")
+        if int(request.headers.get("content-length") or 0) > limit + (64 << 10):  # refused before it is sent
+            return error(413, f"upload larger than --max-upload-mb ({config.max_upload_mb:g} MB)")
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(_request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        return error(422, f"{'.'.join(map(str, first.get('loc', [])))}: {first.get('msg', 'invalid request')}")
 
     @app.exception_handler(Exception)
     async def unexpected(_request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")  # the traceback stays in the server's log, the client gets one line
+        log.exception("unexpected error")
         return error(500, f"internal error ({type(exc).__name__})")
 
-    return app
+
+def segment_response(server: Server, file: UploadFile, format: str):
+    """``POST /api/segment``: the upload segmented in a temporary folder (removed also on error); the mask's bytes
+    with size headers, the JSON summary, or a one-line refusal naming the client's file (never a server path)."""
+    name = display_name(file.filename)
+    if format not in ("mask", "json"):
+        return error(422, f"format: {format!r} is not mask or json")
+    with tempfile.TemporaryDirectory(prefix="serve-") as tmp:
+        try:
+            result = server.segment(file.file, name, Path(tmp))
+        except RequestError as exc:
+            return error(exc.status, str(exc))
+        except InputError as exc:  # messages name the temporary file: show the client's name instead
+            text = re.sub(re.escape(tmp) + r"[^\s:'\"]*", name, str(exc))
+            return error(422, text if text.startswith(name) else f"{name}: {text}")
+    if format == "json":
+        return summary(result, name)
+    unit, per_label = sizes(result.mask, result.affine, result.model.labels)
+    total = sum(s["amount"] for s in per_label.values())
+    headers = {"Content-Disposition": f'attachment; filename="{result.mask_name}"',
+               "X-Segmented-Size": f"{total:.4f}", "X-Segmented-Unit": "mm2" if unit == "mm²" else unit,
+               "X-Segmented-Voxels": str(sum(s["voxels"] for s in per_label.values())),
+               "X-Model": display_name(result.model.name)}  # which model segmented it
+    return Response(result.mask_bytes, media_type="application/octet-stream", headers=headers)
 
 
 class BodyLimit:

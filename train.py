@@ -912,6 +912,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--cache-rate", type=float, default=d.cache_rate, help="share of volumes cached in memory")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
+    add_network_options(p)
+    p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=None,
+                   help="Dice loss pooled over the batch's crops (default: on for 2D slices, off for volumes)")
+    p.add_argument("--regions", type=region_arg, nargs="+", default=[], metavar="NAME=V,V",
+                   help="label unions also scored in validation (BraTS: WT=1,2,3,4 TC=1,3,4 ET=4)")
+    p.add_alias("--roi", "--crop")
+    p.add_alias("--channels", "--widths")
+    return p
+
+
+def add_network_options(p: ArgumentParser) -> None:
+    """The UNet and its sliding window (left out: the plan's)."""
     p.add_argument("--widths", type=int, nargs="+", default=None,
                    help="UNet channels per level (default: the plan's; with --strides only: "
                         f"{' '.join(map(str, DEFAULT_MODEL_ARGS['channels']))})")
@@ -923,13 +935,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                    help="sliding window of validation and inference (default: the training crop; with --norm "
                         f"batch the largest prepared volume, up to {WINDOW_VOXELS} voxels)")
-    p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=None,
-                   help="Dice loss pooled over the batch's crops (default: on for 2D slices, off for volumes)")
-    p.add_argument("--regions", type=region_arg, nargs="+", default=[], metavar="NAME=V,V",
-                   help="label unions also scored in validation (BraTS: WT=1,2,3,4 TC=1,3,4 ET=4)")
-    p.add_alias("--roi", "--crop")
-    p.add_alias("--channels", "--widths")
-    return p
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:

@@ -38,7 +38,6 @@ from cases import Case, cases_from_manifest, read_case  # noqa: E402
 from common import InputError  # noqa: E402
 from dataset import PrepParams, prepare_transforms, prepared_tissue  # noqa: E402
 from dice import dice_binary  # noqa: E402
-from infer import invert_to_original  # noqa: E402
 from model import (  # noqa: E402
     default_sw_batch_size,
     load_checkpoint,
@@ -49,6 +48,7 @@ from model import (  # noqa: E402
     to_classes,
     use_amp,
 )
+from segmenter import invert_to_original  # noqa: E402
 
 
 def plain_logits(model: torch.nn.Module, image: torch.Tensor, roi: tuple[int, ...], overlap: float,

@@ -4,7 +4,7 @@
 
 Exports the checkpoint to a temporary ONNX file (``infer.py --export-onnx``'s function; prints the max abs
 difference of the logits on a random window), then times (a) one network pass on a batch of the checkpoint's
-windows (2, the CPU's windows per pass) and (b) each volume through ``infer.Segmenter`` (preprocessing, sliding
+windows (2, the CPU's windows per pass) and (b) each volume through ``segmenter.Segmenter`` (preprocessing, sliding
 window, inverse) with each engine. Runs alternate (torch, onnx, torch, onnx …) so that machine load hits both alike;
 medians of the repeats. Prints the seconds, the ratio ONNX Runtime / PyTorch and the Dice between the two masks.
 Both engines use the same thread count (PyTorch's, which OMP_NUM_THREADS sets). Not a test: nothing is asserted.
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import infer  # noqa: E402
+import segmenter  # noqa: E402
 from cases import Case, read_case  # noqa: E402
 from dataset import PrepParams  # noqa: E402
 from dice import dice_binary  # noqa: E402
@@ -55,7 +55,7 @@ def alternate(fns: dict, repeats: int) -> dict[str, tuple[float, object]]:
     return {k: (statistics.median(times[k]), results[k]) for k in fns}
 
 
-def network_pass(segmenter: infer.Segmenter, windows: torch.Tensor):
+def network_pass(segmenter: segmenter.Segmenter, windows: torch.Tensor):
     """One pass of the engine's network on ``windows`` (N, C, D, H, W), laid out as ``predict_logits`` lays them."""
     layout = torch.contiguous_format if isinstance(segmenter.model, OnnxNetwork) else torch.channels_last_3d
     return lambda: segmenter.model(windows.contiguous(memory_format=layout))
@@ -71,7 +71,7 @@ def bench(args: argparse.Namespace) -> None:
         onnx_path = Path(tmp) / "model.onnx"
         diff = export_onnx(Path(args.checkpoint), onnx_path)
         print(f"export: max abs difference of the logits on a random window {diff:.3g}")
-        engines = {e: infer.load_segmenter([Path(args.checkpoint if e == "torch" else onnx_path)], "cpu", e)
+        engines = {e: segmenter.load_segmenter([Path(args.checkpoint if e == "torch" else onnx_path)], "cpu", e)
                    for e in ("torch", "onnx")}
         ckpt, window = engines["torch"].ckpt, engines["torch"].window
         windows = torch.rand(2, ckpt["model_args"]["in_channels"], *window)

@@ -80,7 +80,7 @@ def restore_prepared_label(prep_dir: Path, case: dict, params_dict: dict):
     import numpy as np
     import torch
 
-    import infer
+    import segmenter
     from dataset import PrepParams, prepare_transforms
     from model import to_classes
     from readers import read_volume
@@ -89,7 +89,7 @@ def restore_prepared_label(prep_dir: Path, case: dict, params_dict: dict):
     chain = prepare_transforms(params, with_label=False)
     image = chain({"image": read_volume(case["image"], params.channel)})["image"]
     label = np.asarray(nib.load(prep_dir / case["prepared_label"]).dataobj) > 0
-    back = infer.invert_to_original(torch.from_numpy(label).float()[None], image, chain)
+    back = segmenter.invert_to_original(torch.from_numpy(label).float()[None], image, chain)
     return to_classes(back[None])[0]
 
 

@@ -30,6 +30,7 @@ from conftest import ROOT, TINY_NET, checksums, one_error_line
 
 import infer
 import preprocess
+import segmenter
 import train
 from model import save_checkpoint
 
@@ -311,7 +312,7 @@ def test_infer_never_overwrites_without_asking(trained, small_raw, tmp_path, cap
 
 
 def test_mask_names_stay_inside_the_output_folder(tmp_path):
-    assert infer.mask_path(Path("/data/../../etc/evil.nii.gz"), tmp_path).parent == tmp_path
+    assert segmenter.mask_path(Path("/data/../../etc/evil.nii.gz"), tmp_path).parent == tmp_path
 
 
 # ---------------------------------------------------------------- train

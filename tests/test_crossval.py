@@ -14,6 +14,7 @@ import torch
 from conftest import TINY_NET, one_error_line
 
 import infer
+import segmenter
 import train
 from cases import find_inputs, load_manifest, read_case
 from common import InputError
@@ -141,12 +142,12 @@ def test_infer_takes_the_folds_ensemble_from_the_output_folder(folds_out, raw_di
     assert infer.main([str(source), "--checkpoint", *map(str, folds), "--out", str(named), "--device", "cpu"]) == 0
     assert np.array_equal(np.asarray(nib.load(named / "synth_000_mask.nii.gz").dataobj), got)
     # by hand: the two networks' probabilities averaged, then the checkpoints' postprocessing
-    ensemble = infer.Segmenter.load(folds, torch.device("cpu"))
+    ensemble = segmenter.Segmenter.load(folds, torch.device("cpu"))
     case = find_inputs([str(source)], None, False)[0]
     image = read_case(case, None)["image"]
-    mask = infer.postprocess_unit([ensemble(image, source)], [image.affine], ensemble.rules)[0]
+    mask = segmenter.postprocess_unit([ensemble(image, source)], [image.affine], ensemble.rules)[0]
     assert np.array_equal(mask, got)
-    alone = infer.Segmenter.load(folds[0], torch.device("cpu"))(image, source)
+    alone = segmenter.Segmenter.load(folds[0], torch.device("cpu"))(image, source)
     assert not np.array_equal(alone, ensemble(image, source))  # the second network changed the answer
 
 
@@ -165,10 +166,10 @@ def test_an_ensemble_of_different_datasets_is_refused(folds_out, raw_dir, tmp_pa
 
 def test_tta_flag_overrides_the_checkpoints_decision(trained, raw_dir, tmp_path):
     path = trained / "model.pt"
-    on = infer.Segmenter.load(path, torch.device("cpu"), tta=True)
-    off = infer.Segmenter.load(path, torch.device("cpu"), tta=False)
+    on = segmenter.Segmenter.load(path, torch.device("cpu"), tta=True)
+    off = segmenter.Segmenter.load(path, torch.device("cpu"), tta=False)
     assert on.flips == (1, 2) and off.flips == ()
-    decided = infer.Segmenter.load(path, torch.device("cpu"))
+    decided = segmenter.Segmenter.load(path, torch.device("cpu"))
     assert list(decided.flips) == load_checkpoint(path)["postprocessing"]["flips"]
 
 
@@ -205,14 +206,14 @@ def test_an_output_folder_means_what_train_py_wrote_last(tmp_path):
 
     (tmp_path / "fold_0").mkdir()
     (tmp_path / "cv.json").write_text(json.dumps({"checkpoints": ["fold_0/model.pt", "fold_1/model.pt"]}))
-    assert infer.checkpoint_paths([str(tmp_path)]) == [tmp_path / "fold_0/model.pt", tmp_path / "fold_1/model.pt"]
+    assert segmenter.checkpoint_paths([str(tmp_path)]) == [tmp_path / "fold_0/model.pt", tmp_path / "fold_1/model.pt"]
     (tmp_path / "model.pt").write_bytes(b"")
     os.utime(tmp_path / "cv.json", (1, 1))  # the plain run came later
-    assert infer.checkpoint_paths([str(tmp_path)]) == [tmp_path / "model.pt"]
+    assert segmenter.checkpoint_paths([str(tmp_path)]) == [tmp_path / "model.pt"]
     os.utime(tmp_path / "model.pt", (0, 0))
-    assert infer.checkpoint_paths([str(tmp_path)])[0] == tmp_path / "fold_0/model.pt"
+    assert segmenter.checkpoint_paths([str(tmp_path)])[0] == tmp_path / "fold_0/model.pt"
     (tmp_path / "cv.json").write_text(json.dumps({"checkpoints": ["../elsewhere.pt"]}))
     with pytest.raises(InputError, match="lists no checkpoints inside its folder"):
-        infer.checkpoint_paths([str(tmp_path)])
+        segmenter.checkpoint_paths([str(tmp_path)])
     with pytest.raises(InputError, match="holds neither model.pt nor cv.json"):
-        infer.checkpoint_paths([str(tmp_path / "fold_0")])
+        segmenter.checkpoint_paths([str(tmp_path / "fold_0")])

@@ -12,9 +12,9 @@ import torch
 from conftest import SHARED, TINY_WIDTHS, checksums, restore_prepared_label
 
 import cases
-import infer
 import model
 import preprocess
+import segmenter
 import train
 from dataset import PrepParams, prepare_transforms
 from dice import dice_binary
@@ -47,7 +47,7 @@ def test_round_trip_returns_the_label_on_the_original_grid(tmp_path):
     chain = prepare_transforms(params, with_label=False)
     image = chain({"image": read_volume(tmp_path / "ct.nii.gz")})["image"]
     assert torch.allclose(image.affine, both["label"].affine)
-    back = infer.invert_to_original(both["label"].float(), image, chain)
+    back = segmenter.invert_to_original(both["label"].float(), image, chain)
     restored = model.to_classes(back[None])[0, 0].numpy()
     assert restored.shape == label.shape
     assert dice_binary(restored[None, None], label[None, None]).item() >= 0.98

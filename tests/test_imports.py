@@ -10,9 +10,6 @@ import sys
 from conftest import ROOT
 
 SCRIPTS = {"preprocess", "train", "infer", "serve"}
-# The one exception: serve.py is infer.py behind HTTP (issue 15: "the server calls infer.py's functions", so that a
-# mask from the page is the command line's byte for byte); nothing imports serve.py.
-ALLOWED = {"serve": ["infer"]}
 
 
 def imported_modules(path) -> set[str]:
@@ -30,7 +27,7 @@ def test_no_script_imports_another_script():
     scripts = [ROOT / f"{name}.py" for name in sorted(SCRIPTS) if (ROOT / f"{name}.py").exists()]
     assert len(scripts) >= 3
     found = {p.stem: sorted(imported_modules(p) & (SCRIPTS - {p.stem})) for p in scripts}
-    assert found == {p.stem: ALLOWED.get(p.stem, []) for p in scripts}
+    assert found == {p.stem: [] for p in scripts}
     # the library modules import no script either
     for path in ROOT.glob("*.py"):
         if path.stem not in SCRIPTS:

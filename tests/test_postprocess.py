@@ -109,7 +109,7 @@ def test_prepared_slices_are_stacked_at_their_crop_boxes_in_slice_order():
 def test_infer_counts_components_over_a_patients_slices():
     """A blob alone on one slice is removed by "largest"; the same blob touching the tumour of the next slice is
     part of it and stays. Masks are the (X, Y, 1) of pictures; a volume is postprocessed alone."""
-    from infer import postprocess_unit
+    from segmenter import postprocess_unit
 
     affine = np.eye(4)
     masks = [np.zeros((8, 8, 1), np.uint8) for _ in range(3)]
