@@ -31,7 +31,7 @@ from monai.data import partition_dataset  # noqa: E402
 from common import InputError, atomic_write, write_json  # noqa: E402
 from dataset import AugmentParams, PrepParams, make_dataset  # noqa: E402
 from model import flipped_probabilities, load_checkpoint, model_from_checkpoint, save_checkpoint, to_classes  # noqa: E402
-from postprocess import Unit, decide, small_sizes, stack_units, unit_scores  # noqa: E402
+from postprocess import Unit, better, decide, small_sizes, stack_units, unit_scores  # noqa: E402
 
 log = logging.getLogger("crossval")
 
@@ -107,11 +107,6 @@ def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict],
             "small_mm3": {",".join(map(str, k)): v for k, v in small.items()},
             "folds": {fold: fold_scores(u, targets, rules) for fold, u in units.items()}, "targets": targets,
             "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def better(after: np.ndarray, before: np.ndarray) -> bool:
-    """The rule ``postprocess.decide`` keeps a step by: a higher mean Dice, and no label lower."""
-    return bool(after.mean() > before.mean() + 1e-9 and (after >= before - 1e-9).all())
 
 
 def fold_scores(units: dict[bool, list[Unit]], targets: dict[str, list[int]], rules: list[dict]

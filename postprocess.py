@@ -99,6 +99,13 @@ def scores(units: Sequence[Unit], labels: Sequence[int], rules: Sequence[Rule]) 
     return unit_scores(units, [(v,) for v in labels], rules).mean(0)
 
 
+def better(after: np.ndarray, before: np.ndarray, floor: np.ndarray | None = None) -> bool:
+    """Whether per-label Dice ``after`` is worth a step: a higher mean than ``before``, and no label below ``floor``
+    (``before`` unless given)."""
+    floor = before if floor is None else floor
+    return bool(after.mean() > before.mean() + 1e-9 and (after >= floor - 1e-9).all())
+
+
 def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, ...], float]
            ) -> tuple[list[Rule], list[dict]]:
     """The rules worth keeping on the validation ``units`` (volumes, or patients' stacked slices), tried target by
@@ -114,10 +121,10 @@ def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, 
         best, best_scores = None, base
         for rule in candidates:
             after = scores(units, labels, [*kept, rule])
-            better = bool(after.mean() > best_scores.mean() + 1e-9 and (after >= base - 1e-9).all())
+            gain = better(after, best_scores, floor=base)
             trace.append({"rule": rule, "dice_before": round(float(base.mean()), 6),
-                          "dice_after": round(float(after.mean()), 6), "better": better})
-            if better:
+                          "dice_after": round(float(after.mean()), 6), "better": gain})
+            if gain:
                 best, best_scores = rule, after
         if best is not None:
             kept.append(best)

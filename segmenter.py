@@ -59,23 +59,31 @@ class Segmenter:
     def load(cls, paths: Path | Sequence[Path], device: torch.device, window: Sequence[int] | None = None,
              overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
              tta: bool | None = None) -> Segmenter:
-        """The checkpoints at ``paths`` on ``device``, with the first's window and overlap unless given; flips as
-        the checkpoints decided on validation (``tta`` None), every axis training flipped (True) or none (False);
-        the postprocessing rules every checkpoint holds."""
+        """The checkpoints at ``paths`` on ``device``, refused in one line where they cannot be one ensemble; the
+        rest as ``assemble``."""
         paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
         ckpts = [load_checkpoint(p) for p in paths]
         check_ensemble(ckpts, paths)
         models = tuple(model_from_checkpoint(c, p).to(device, memory_format=torch.channels_last_3d).eval()
                        for c, p in zip(ckpts, paths))
+        return cls.assemble(models, ckpts, window, overlap, sw_batch_size, amp, tta)
+
+    @classmethod
+    def assemble(cls, models: tuple, ckpts: Sequence[dict], window: Sequence[int] | None = None,
+                 overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
+                 tta: bool | None = None) -> Segmenter:
+        """Networks (PyTorch's, or ONNX Runtime's) with what their checkpoints say: the first's window and overlap
+        unless given; flips as the checkpoints decided on validation (``tta`` None), every axis training flipped
+        (True) or none (False); the postprocessing rules every checkpoint holds."""
         decided = [c.get("postprocessing") or {} for c in ckpts]
         rules = tuple(r for r in decided[0].get("rules", []) if all(r in d.get("rules", []) for d in decided))
         if tta is None:  # the decision, where every network made the same one
             agreed = all(d.get("flips") == decided[0].get("flips") for d in decided)
             flips = decided[0].get("flips", []) if agreed else []
         else:
-            flips = ckpts[0].get("flip_axes", list(FLIP_AXES)) if tta else []
+            flips = (ckpts[0].get("flip_axes") or list(FLIP_AXES)) if tta else []
         settings = ckpts[0]["inference"]
-        return cls(models, ckpts[0], tuple(window or settings["roi"]),
+        return cls(tuple(models), ckpts[0], tuple(window or settings["roi"]),
                    settings["overlap"] if overlap is None else overlap, sw_batch_size, amp, tuple(flips), rules)
 
     def __call__(self, image: MetaTensor, path: Path) -> np.ndarray:
@@ -169,12 +177,5 @@ def load_segmenter(paths: Sequence[Path], device: str, engine: str = "torch", wi
         return Segmenter.load(paths, resolve_device(device), window, overlap, sw_batch_size, amp, tta)
     if len(paths) != 1:
         raise InputError(f"--engine onnx: runs one .onnx file, got {len(paths)} checkpoints")
-    net = OnnxNetwork(paths[0])
-    decided, settings = net.ckpt.get("postprocessing") or {}, net.ckpt["inference"]
-    if tta is None:  # as the checkpoint decided on validation, as Segmenter.load does
-        flips = decided.get("flips", [])
-    else:
-        flips = (net.ckpt.get("flip_axes") or list(FLIP_AXES)) if tta else []
-    return Segmenter((net,), net.ckpt, tuple(window or settings["roi"]),
-                     settings["overlap"] if overlap is None else overlap, sw_batch_size, False, tuple(flips),
-                     tuple(decided.get("rules", [])))
+    net = OnnxNetwork(paths[0])  # its metadata stands in for the checkpoint
+    return Segmenter.assemble((net,), [net.ckpt], window, overlap, sw_batch_size, False, tta)
