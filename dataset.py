@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, NibabelReader
 from monai.transforms import (
-    ClipIntensityPercentilesd,
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
@@ -179,14 +178,33 @@ class InplaneResized(Resized):
         self.resizer = InplaneResize(max_size)
 
 
+class ClipPercentilesd(MapTransform):
+    """MONAI's ``ClipIntensityPercentilesd(channel_wise=True)`` with NumPy's percentiles at every size: below a
+    million voxels MONAI takes ``torch.quantile``, which sorts (measured: 15–40 ms for one LGG slice, as long as the
+    network's pass); NumPy selects. The same linear interpolation, so the same bounds (tests/test_fast_inference)."""
+
+    def __init__(self, keys: str | Sequence[str], lower: float, upper: float) -> None:
+        super().__init__(keys)
+        self.q = [lower, upper]
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            flat = np.asarray(img.detach().cpu()).reshape(img.shape[0], -1)
+            lo, hi = (torch.as_tensor(b, dtype=img.dtype, device=img.device).view(-1, *[1] * (img.ndim - 1))
+                      for b in np.percentile(flat, self.q, axis=1))
+            d[key] = img.clamp(lo, hi)
+        return d
+
+
 def intensity_transforms(params: PrepParams) -> list[MapTransform]:
     """CT: clip to the HU window and scale to [0, 1]; MR: percentile clip then z-score."""
     if params.modality == "ct":
         lo, hi = params.window
         return [ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
     lo, hi = params.percentiles
-    return [ClipIntensityPercentilesd("image", lower=lo, upper=hi, channel_wise=True),
-            NormalizeIntensityd("image", channel_wise=True)]
+    return [ClipPercentilesd("image", lower=lo, upper=hi), NormalizeIntensityd("image", channel_wise=True)]
 
 
 def load_transforms(keys: Sequence[str], in_channels: int = 1) -> list[MapTransform]:

@@ -194,7 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap", type=float, default=None, help="window overlap (default: the checkpoint's, 0.75)")
     p.add_argument("--sw-batch-size", type=int, default=None,
                    help="windows per network pass (default: 2 on the CPU, 4 on a GPU)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision: on CUDA, and bf16 on a CPU that has it in hardware")
     p.add_argument("--overwrite", action="store_true", help="replace masks that exist already")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time flips (in-plane, as in training): averaged over every combination; default: as "
@@ -283,14 +284,12 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
     scores, patients, results, blank, t0 = {}, PatientDice(labels, regions), [], 0, time.perf_counter()
     bar = tqdm(total=len(cases), desc="infer", unit="case", disable=None)  # quiet off a terminal
     for unit in segmentation_units(cases):
-        done = []
-        for k in unit:
-            raw = read_case(cases[k], channel)
-            blank += is_blank(raw["image"])
-            done.append((raw, segmenter(raw["image"], cases[k].image)))
-            bar.update()
-        masks = postprocess_unit([mask for _, mask in done], [raw["image"].affine for raw, _ in done], rules)
-        for k, (raw, _), mask in zip(unit, done, masks):
+        raws = [read_case(cases[k], channel) for k in unit]
+        blank += sum(is_blank(raw["image"]) for raw in raws)
+        masks = segmenter.segment([(raw["image"], cases[k].image) for k, raw in zip(unit, raws)])
+        bar.update(len(unit))
+        masks = postprocess_unit(masks, [raw["image"].affine for raw in raws], rules)
+        for k, raw, mask in zip(unit, raws, masks):
             case, out = cases[k], targets[k]
             affine = np.asarray(raw["image"].affine, dtype=np.float64)
             truth = raw["label"][0].numpy().astype(np.int64) if "label" in raw else None

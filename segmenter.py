@@ -19,7 +19,14 @@ from monai.transforms import Compose, Invertd
 from cases import case_name
 from common import InputError
 from dataset import FLIP_AXES, PrepParams, prepare_transforms, prepared_tissue
-from model import load_checkpoint, model_from_checkpoint, predict_probabilities, resolve_device, to_classes
+from model import (
+    load_checkpoint,
+    model_from_checkpoint,
+    model_window,
+    predict_probabilities,
+    resolve_device,
+    to_classes,
+)
 from onnx_engine import OnnxNetwork
 from postprocess import apply_rules
 from readers import label_dtype, spacing_mm
@@ -83,23 +90,60 @@ class Segmenter:
         else:
             flips = (ckpts[0].get("flip_axes") or list(FLIP_AXES)) if tta else []
         settings = ckpts[0]["inference"]
+        amp = amp is not False  # mixed precision unless turned off: bf16 on a CPU that has it (model.use_amp)
         return cls(tuple(models), ckpts[0], tuple(window or settings["roi"]),
                    settings["overlap"] if overlap is None else overlap, sw_batch_size, amp, tuple(flips), rules)
 
     def __call__(self, image: MetaTensor, path: Path) -> np.ndarray:
         """Mask (X, Y, Z) in label values on the grid of ``image`` (C, X, Y, Z), as read from ``path``."""
-        if image.shape[0] != self.ckpt["model_args"]["in_channels"]:
-            raise InputError(f"{path}: has {image.shape[0]} channel(s), the model takes "
-                             f"{self.ckpt['model_args']['in_channels']}")
+        return self.segment([(image, path)])[0]
+
+    def segment(self, inputs: Sequence[tuple[MetaTensor, Path]]) -> list[np.ndarray]:
+        """Masks for several images (a patient's slices): each prepared by the checkpoint's chain; the 2D ones
+        that one window covers go through the networks together, padded as the sliding window pads a lone one
+        (the same masks as one by one: tests/test_fast_inference.py), the rest one by one."""
         params = PrepParams.from_dict(self.ckpt["prep_params"])
         chain = prepare_transforms(params, with_label=False)
-        prepared = chain({"image": image})["image"]
-        tissue = prepared_tissue(prepared, params)[None]
-        probs = predict_probabilities(self.models, prepared[None], self.window, self.overlap, self.sw_batch_size,
-                                      self.amp, tissue, self.flips)
-        classes = to_classes(invert_to_original(probs[0], prepared, chain)[None])[0, 0]
-        values = np.asarray(self.ckpt["label_values"])
-        return values[classes.numpy()].astype(label_dtype(int(values.max())))
+        prepared = []
+        for image, path in inputs:
+            if image.shape[0] != self.ckpt["model_args"]["in_channels"]:
+                raise InputError(f"{path}: has {image.shape[0]} channel(s), the model takes "
+                                 f"{self.ckpt['model_args']['in_channels']}")
+            prepared.append(chain({"image": image})["image"])
+        probs: list[torch.Tensor | None] = [None] * len(prepared)
+        flat = [k for k, p in enumerate(prepared) if p.shape[1] == 1]
+        window = model_window(self.model, self.window, np.max([prepared[k].shape[1:] for k in flat] or [[1, 1, 1]], 0))
+        flat = [k for k in flat if all(np.less_equal(prepared[k].shape[1:], window))]
+        for start in range(0, len(flat), SLICES_PER_PASS):
+            batch = flat[start:start + SLICES_PER_PASS]
+            pads = [[(d // 2, d - d // 2) for d in np.subtract(window, prepared[k].shape[1:])] for k in batch]
+            x = torch.stack([_pad(prepared[k].as_tensor(), pad) for k, pad in zip(batch, pads)])
+            tissue = torch.stack([_pad(prepared_tissue(prepared[k], params).to(x.dtype), pad)
+                                  for k, pad in zip(batch, pads)])
+            out = self.probabilities(x, window, tissue)
+            for k, pad, p in zip(batch, pads, out):
+                probs[k] = p[(slice(None), *(slice(a, w - b) for (a, b), w in zip(pad, window)))]
+        masks = []
+        for k, p in enumerate(prepared):
+            if probs[k] is None:
+                probs[k] = self.probabilities(p[None], self.window, prepared_tissue(p, params)[None])[0]
+            classes = to_classes(invert_to_original(probs[k], p, chain)[None])[0, 0]
+            values = np.asarray(self.ckpt["label_values"])
+            masks.append(values[classes.numpy()].astype(label_dtype(int(values.max()))))
+        return masks
+
+    def probabilities(self, x: torch.Tensor, window: Sequence[int], tissue: torch.Tensor) -> torch.Tensor:
+        """The networks' probabilities (B, K, D, H, W) for prepared images (B, C, D, H, W), flips averaged."""
+        return predict_probabilities(self.models, x, window, self.overlap, self.sw_batch_size, self.amp, tissue,
+                                     self.flips)
+
+
+SLICES_PER_PASS = 16  # 2D images segmented together: bounds the memory (16 × 4 flips × 256×256 × widths)
+
+
+def _pad(x: torch.Tensor, pad: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(C, D, H, W) padded with zeros by ((before, after) per spatial axis), as ``sliding_window_inference`` pads."""
+    return torch.nn.functional.pad(x, [v for before_after in reversed(pad) for v in before_after])
 
 
 # What networks of one ensemble must share: they are averaged voxel for voxel and read inputs the same way.

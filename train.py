@@ -246,7 +246,8 @@ def train_epoch(model, loader, loss_fn, optimizer, scaler, device: torch.device,
         label = batch["label"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            loss = loss_fn(model(image), label)
+            logits = model(image)
+        loss = loss_fn(logits.float(), label)  # the loss in fp32 whatever precision the network ran in
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -546,7 +547,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     if rank == 0 and cfg.postprocess and cfg.fold is None:  # folds decide together (cross_validate)
         out_dir = Path(cfg.output)
         decision = judge([Judged(out_dir / "model.pt", s.run.val_items)], s.run.manifest, s.run.train_items,
-                         s.device, s.amp, FLIP_AXES, dict(cfg.regions))
+                         s.device, use_amp(cfg.amp is not False, s.device), FLIP_AXES, dict(cfg.regions))
         write_decision(decision, [out_dir / "model.pt"], out_dir)
     if s.writer is not None:
         s.writer.close()
@@ -600,8 +601,9 @@ def cross_validate(cfg: TrainConfig) -> dict | None:
     items = train_items + val_items
     judged = [Judged(p, [i for i in items if fold_of[i["name"]] == k], k) for k, p in enumerate(checkpoints)]
     device = resolve_device(cfg.device)
-    record = judge(judged, manifest, items, device, use_amp(cfg.amp, device), FLIP_AXES if cfg.postprocess else (),
-                   dict(cfg.regions), cfg.postprocess)
+    amp = use_amp(cfg.amp is not False, device)  # the networks' precision in infer.py
+    record = judge(judged, manifest, items, device, amp, FLIP_AXES if cfg.postprocess else (), dict(cfg.regions),
+                   cfg.postprocess)
     write_decision(record, checkpoints, out_dir)
     write_json({"folds": cfg.folds, "seed": cfg.seed, "checkpoints": [str(p.relative_to(out_dir)) for p in checkpoints],
                 "flips": record["flips"], "rules": record["rules"]}, out_dir / "cv.json")
@@ -907,7 +909,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--fold", type=fold_arg, default=None, metavar="K|all",
                    help="with --folds: the fold to train (0 … N-1), or all in turn (default), sharing --time-limit")
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (CUDA only)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on CUDA; --amp: also bf16 on a CPU that has it in hardware)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--cache-rate", type=float, default=d.cache_rate, help="share of volumes cached in memory")

@@ -7,7 +7,7 @@ difference of the logits on a random window), then times (a) one network pass on
 windows (2, the CPU's windows per pass) and (b) each volume through ``segmenter.Segmenter`` (preprocessing, sliding
 window, inverse) with each engine. Runs alternate (torch, onnx, torch, onnx …) so that machine load hits both alike;
 medians of the repeats. Prints the seconds, the ratio ONNX Runtime / PyTorch and the Dice between the two masks.
-Both engines use the same thread count (PyTorch's, which OMP_NUM_THREADS sets). Not a test: nothing is asserted.
+Both engines use the same thread count (PyTorch's, which OMP_NUM_THREADS sets) and fp32. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def bench(args: argparse.Namespace) -> None:
         onnx_path = Path(tmp) / "model.onnx"
         diff = export_onnx(Path(args.checkpoint), onnx_path)
         print(f"export: max abs difference of the logits on a random window {diff:.3g}")
-        engines = {e: segmenter.load_segmenter([Path(args.checkpoint if e == "torch" else onnx_path)], "cpu", e)
-                   for e in ("torch", "onnx")}
+        # PyTorch in fp32, as ONNX Runtime runs (infer.py's default, bf16 on a CPU that has it, is faster than either)
+        engines = {e: segmenter.load_segmenter([Path(args.checkpoint if e == "torch" else onnx_path)], "cpu", e,
+                                               amp=False) for e in ("torch", "onnx")}
         ckpt, window = engines["torch"].ckpt, engines["torch"].window
         windows = torch.rand(2, ckpt["model_args"]["in_channels"], *window)
         with torch.inference_mode():

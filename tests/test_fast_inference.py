@@ -127,3 +127,66 @@ def test_a_lone_small_window_runs_in_a_pair_with_the_same_answer(norm):
         big = torch.randn(1, 1, 32, 1024, 8)  # C·D·H above 20480: oneDNN takes it alone
         windows(big)
         assert sizes[-1] == 1
+
+
+def test_percentile_clip_matches_monai():
+    """ClipPercentilesd (NumPy's percentiles) clips to MONAI's ClipIntensityPercentilesd bounds, channel by channel,
+    and keeps the MetaTensor's affine (the inverse needs it)."""
+    from monai.data import MetaTensor
+    from monai.transforms import ClipIntensityPercentilesd
+
+    from dataset import ClipPercentilesd
+
+    torch.manual_seed(0)
+    for shape in [(1, 1, 220, 190), (3, 1, 50, 40), (2, 12, 40, 30)]:
+        x = MetaTensor(torch.randn(*shape) ** 3 * 50 + torch.arange(shape[0]).view(-1, 1, 1, 1) * 100,
+                       affine=torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0])))
+        ref = ClipIntensityPercentilesd("image", 0.5, 99.5, channel_wise=True)({"image": x})["image"]
+        got = ClipPercentilesd("image", 0.5, 99.5)({"image": x})["image"]
+        assert torch.allclose(torch.as_tensor(got), torch.as_tensor(ref), rtol=1e-5, atol=1e-3)
+        assert not torch.equal(torch.as_tensor(got), torch.as_tensor(x))  # it clipped something
+        assert isinstance(got, MetaTensor) and torch.equal(got.affine, x.affine)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_slices_segmented_together_match_one_by_one(trained_2d, tmp_path, tta, monkeypatch):
+    """Segmenter.segment pads 2D slices of different sizes as the sliding window pads a lone one and runs them as one
+    batch: the masks are those of segmenting each alone; a slice larger than the window goes on its own."""
+    from conftest import grey_disc
+    from PIL import Image
+
+    import segmenter
+    from readers import read_volume
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for k, size in enumerate([(90, 120), (61, 97), (77, 80), (250, 250)]):
+        paths.append(tmp_path / f"p{k}.png")
+        Image.fromarray(grey_disc(rng, size)[0]).save(paths[-1])
+    seg = segmenter.Segmenter.load(trained_2d / "model.pt", torch.device("cpu"), tta=tta, amp=False)
+    images = [(read_volume(p), p) for p in paths]
+    alone = [seg(image, path) for image, path in images]
+    calls = []
+    real = segmenter.predict_probabilities
+    monkeypatch.setattr(segmenter, "predict_probabilities", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    together = seg.segment(images)
+    assert max(seg.window[1:]) < 200  # the plan's window is the tiny training pictures' size: p3 is larger
+    assert calls == [3, 1]  # p0–p2 in one pass of the networks, p3 alone
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape and (a == b).mean() >= 0.999
+    assert any(m.any() for m in together) and not all(m.all() for m in together)
+
+
+def test_mixed_precision_on_the_cpu_only_for_inference_and_only_with_hardware_bf16(monkeypatch, trained):
+    """bf16 on the CPU: for inference (the Segmenter asks by default) where the CPU has it in hardware; never for
+    training by default; CUDA keeps its default (on)."""
+    import segmenter
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for hardware in (True, False):
+        monkeypatch.setattr(model, "cpu_bf16", lambda hardware=hardware: hardware)
+        assert model.use_amp(True, cpu) is hardware
+        assert model.use_amp(None, cpu) is False and model.use_amp(False, cpu) is False
+    assert model.use_amp(None, cuda) and not model.use_amp(False, cuda)
+    assert segmenter.Segmenter.load(trained / "model.pt", cpu).amp is True
+    assert segmenter.Segmenter.load(trained / "model.pt", cpu, amp=False).amp is False
