@@ -338,8 +338,11 @@ def find_inputs(items: Sequence[str | Path], modalities: Sequence[str] | None = 
             found = [Case(item.name, item, group=item.parent.name)]
         elif item.is_dir():
             labelled, unlabelled = find_cases(item, "auto", modalities, stacked, skip)
-            found = sorted((dataclasses.replace(c, label=None, label_slices=()) for c in labelled + unlabelled),
-                           key=lambda c: c.name)
+            # the images right inside a folder given by itself (one patient's slices) are that folder's group, as
+            # those one level down are and as a file given alone is: its numbered slices are postprocessed as one
+            found = sorted((dataclasses.replace(c, label=None, label_slices=(),
+                                                group=c.group or (item.name if c.image.parent == item else ""))
+                            for c in labelled + unlabelled), key=lambda c: c.name)
             if not found:
                 raise InputError(f"{item}: folder holds no volumes ({', '.join(VOLUME_SUFFIXES)} or DICOM series)")
         elif not item.is_file():

@@ -10,6 +10,7 @@ import pytest
 from conftest import SHARED, SYNTH_SHAPE
 
 import cases
+import infer
 import preprocess
 from common import InputError
 from readers import VOLUME_SUFFIXES, write_nifti
@@ -43,6 +44,12 @@ def test_infer_finds_the_images_preprocess_finds(tmp_path):
         ("pA", ["pA_1.tif", "pA_2.tif", "pA_3.tif"]), ("pB", ["pB_1.tif", "pB_2.tif"])]
     # and one patient's folder given alone
     assert [c.name for c in cases.find_inputs([tmp_path / "lgg" / "pB"], stacked=True)] == ["pB"]
+    # whose slices are still one patient's (infer.py postprocesses them as one stack), as they are given as files
+    alone = cases.find_inputs([tmp_path / "lgg" / "pA"])
+    assert [c.group for c in alone] == ["pA"] * 3
+    assert [[alone[k].name for k in u] for u in infer.segmentation_units(alone)] == [["pA_1", "pA_2", "pA_3"]]
+    files = cases.find_inputs(sorted((tmp_path / "lgg" / "pA").glob("pA_?.tif")))
+    assert [c.group for c in files] == ["pA"] * 3
 
 
 def test_hidden_files_skipped_folders_and_label_suffixes_are_one_rule(tmp_path):
