@@ -31,7 +31,7 @@ from monai.data import partition_dataset  # noqa: E402
 from common import InputError, atomic_write, write_json  # noqa: E402
 from dataset import AugmentParams, PrepParams, make_dataset  # noqa: E402
 from model import flipped_probabilities, load_checkpoint, model_from_checkpoint, save_checkpoint, to_classes  # noqa: E402
-from postprocess import Unit, better, decide, small_sizes, stack_units, unit_scores  # noqa: E402
+from postprocess import Unit, better, decide, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
 
 log = logging.getLogger("crossval")
 
@@ -97,14 +97,16 @@ def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict],
     plain, mirrored = (unit_scores(pooled[m], per_label).mean(0) for m in (False, True))
     use_flips = bool(flips) and better(mirrored, plain)
     truths = [(cases[i["name"]], np.asarray(nib.load(i["label"]).dataobj), None) for i in train_items]
-    small = small_sizes([(mask, mm3) for mask, _, mm3 in stack_units(truths)], labels[1:])
-    rules, trace = decide(pooled[use_flips], labels[1:], small) if postprocess else ([], [])
+    stacked = [(mask, mm3) for mask, _, mm3 in stack_units(truths)]
+    small, single = small_sizes(stacked, labels[1:]), single_object(stacked, labels[1:])
+    rules, trace = decide(pooled[use_flips], labels[1:], small, single) if postprocess else ([], [])
     targets = {**{str(v): [v] for v in labels[1:]}, **{k: list(v) for k, v in (regions or {}).items()}}
     return {"rules": rules, "flips": list(flips) if use_flips else [], "trace": trace,
             "flips_dice": {"without": round(float(plain.mean()), 6), "with": round(float(mirrored.mean()), 6),
                            "axes_tried": list(flips)},
             "validation_units": len(pooled[False]),
             "small_mm3": {",".join(map(str, k)): v for k, v in small.items()},
+            "one_object": [",".join(map(str, k)) for k in single],
             "folds": {fold: fold_scores(u, targets, rules) for fold, u in units.items()}, "targets": targets,
             "seconds": round(time.perf_counter() - t0, 1)}
 

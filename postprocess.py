@@ -27,6 +27,11 @@ from dice import dice_binary
 Rule = dict
 Unit = tuple[np.ndarray, np.ndarray, float]  # prediction, truth, voxel volume in mm³
 SMALL_SHARE = 0.01  # "small" components: together they hold at most this share of the training masks' foreground
+# How much mean validation Dice "keep the largest component" may lose before it is dropped where the training masks
+# hold one object per unit. Measured on held-out patients (benchmarks/holdout.py, 3 LGG folds and 2 PH2 folds): the
+# rule raised the held-out Dice in all 5 (+0.005 to +0.075) while on the runs' 1–3 validation cases it moved by
+# −0.014 to +0.11, and was refused in 3 of them.
+EXPECTED_MARGIN = 0.02
 
 
 def apply_rule(mask: np.ndarray, rule: Rule, voxel_mm3: float = 1.0) -> np.ndarray:
@@ -84,6 +89,19 @@ def small_sizes(truths: Sequence[tuple[np.ndarray, float]], labels: Sequence[int
     return out
 
 
+def single_object(truths: Sequence[tuple[np.ndarray, float]], labels: Sequence[int]) -> list[tuple[int, ...]]:
+    """The targets (``targets``) whose training masks hold one object per unit: outside each unit's largest
+    component lies at most ``SMALL_SHARE`` of their foreground, pooled (LGG's patients, PH2's lesions; not the demo's
+    1–3 blobs per volume)."""
+    out = []
+    for target in targets(labels):
+        sizes = [object_sizes(mask, target) for mask, _ in truths]
+        total = sum(sum(s) for s in sizes)
+        if total and sum(sum(s) - max(s) for s in sizes if s) <= SMALL_SHARE * total:
+            out.append(target)
+    return out
+
+
 def unit_scores(units: Sequence[Unit], targets: Sequence[Sequence[int]], rules: Sequence[Rule] = ()) -> np.ndarray:
     """Dice of each unit after ``rules`` for each target (a label, or a union of labels such as BraTS's whole
     tumour): (len(units), len(targets))."""
@@ -106,11 +124,13 @@ def better(after: np.ndarray, before: np.ndarray, floor: np.ndarray | None = Non
     return bool(after.mean() > before.mean() + 1e-9 and (after >= floor - 1e-9).all())
 
 
-def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, ...], float]
-           ) -> tuple[list[Rule], list[dict]]:
+def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, ...], float],
+           single: Sequence[tuple[int, ...]] = ()) -> tuple[list[Rule], list[dict]]:
     """The rules worth keeping on the validation ``units`` (volumes, or patients' stacked slices), tried target by
     target, each on top of those kept before; and the trace of every try (rule, mean Dice before and after, kept or
-    not) for the log and ``postprocessing.json``."""
+    not) for the log and ``postprocessing.json``. For the targets in ``single`` (``single_object``: what the training
+    masks show) keeping the largest component is expected: it stays unless validation loses more than
+    ``EXPECTED_MARGIN`` with it, since a few validation cases cannot tell a rule's gain from their noise."""
     kept: list[Rule] = []
     base = scores(units, labels, kept)
     trace = []
@@ -121,9 +141,16 @@ def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, 
         best, best_scores = None, base
         for rule in candidates:
             after = scores(units, labels, [*kept, rule])
-            gain = better(after, best_scores, floor=base)
+            expected = target in single and rule.get("keep") == "largest"
+            if expected:
+                gain = bool((after >= base - EXPECTED_MARGIN).all() and after.mean() >= base.mean() - EXPECTED_MARGIN)
+            elif best is not None and best.get("keep") == "largest" and target in single:
+                gain = False  # the expected rule stands: a few validation cases cannot show that another beats it
+            else:
+                gain = better(after, best_scores, floor=base)
             trace.append({"rule": rule, "dice_before": round(float(base.mean()), 6),
-                          "dice_after": round(float(after.mean()), 6), "better": gain})
+                          "dice_after": round(float(after.mean()), 6), "better": gain,
+                          **({"expected": True} if expected else {})})
             if gain:
                 best, best_scores = rule, after
         if best is not None:

@@ -7,7 +7,8 @@ difference of the logits on a random window), then times (a) one network pass on
 windows (2, the CPU's windows per pass) and (b) each volume through ``segmenter.Segmenter`` (preprocessing, sliding
 window, inverse) with each engine. Runs alternate (torch, onnx, torch, onnx …) so that machine load hits both alike;
 medians of the repeats. Prints the seconds, the ratio ONNX Runtime / PyTorch and the Dice between the two masks.
-Both engines use the same thread count (PyTorch's, which OMP_NUM_THREADS sets) and fp32. Not a test: nothing is asserted.
+Both engines use the same thread count (PyTorch's, which OMP_NUM_THREADS sets) and fp32. Not a test: nothing is
+asserted.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from postprocess import apply_rule, decide, object_sizes, small_sizes, stack_units
+from postprocess import EXPECTED_MARGIN, apply_rule, decide, object_sizes, single_object, small_sizes, stack_units
 
 
 def _stack() -> np.ndarray:
@@ -65,6 +65,40 @@ def test_a_rule_that_lowers_one_label_is_refused_even_when_the_mean_rises():
     assert trace[0]["rule"]["labels"] == [1, 2] and not trace[0]["better"]
 
 
+def test_one_object_per_unit_comes_from_the_training_masks():
+    """A target whose training masks keep all but SMALL_SHARE of their foreground in each unit's largest component
+    (pooled) holds one object per unit; the demo's several blobs do not."""
+    one = _stack()
+    one[5] = 0
+    specks = one.copy()
+    specks[0, 15, 15] = 1  # one voxel of 257: under 1%
+    assert single_object([(one, 1.0), (specks, 1.0)], [1]) == [(1,)]
+    assert single_object([(_stack(), 1.0)], [1]) == []  # the blob: 4 of 260 voxels outside, 1.5%
+    two = one.copy()
+    two[1:3, 12:16, 12:16] = 1  # a second object of 32 voxels
+    assert single_object([(one, 1.0), (two, 1.0)], [1]) == []
+    labelled = one.copy()
+    labelled[1:5, 2:4, 2:10] = 2  # two labels inside one tumour: one object of all foreground and of each label
+    assert single_object([(labelled, 1.0)], [1, 2]) == [(1, 2), (1,), (2,)]
+
+
+def test_the_largest_component_stands_where_the_training_masks_expect_one_object():
+    """Expected (one object per training unit), keeping the largest component survives a validation loss within
+    EXPECTED_MARGIN that would refuse it otherwise, is refused for a clear loss, and no other rule replaces it."""
+    with_blob = _stack()  # the validation case really has a second, small lesion: the rule loses a little
+    loss = 1 - 2 * 256 / (256 + 260)
+    assert 0 < loss < EXPECTED_MARGIN
+    assert decide([(with_blob, with_blob, 1.0)], [1], {(1,): 5.0})[0] == []
+    kept, trace = decide([(with_blob, with_blob, 1.0)], [1], {(1,): 5.0}, single=[(1,)])
+    assert kept == [{"labels": [1], "keep": "largest"}] and trace[0]["expected"] and not trace[1]["kept"]
+    big = _stack()
+    big[3:5, 12:16, 0:16] = 1  # a true second lesion of 128 voxels (with the blob 132): the rule would lose 0.2
+    kept, trace = decide([(big, big, 1.0)], [1], {(1,): 5.0}, single=[(1,)])
+    assert kept == [] and trace[0]["expected"] and not trace[0]["better"]
+    truth = _stack()
+    truth[5] = 0
+    pred = _stack()  # a false blob: both rules remove it, equally; the expected one is kept
+    assert decide([(pred, truth, 1.0)], [1], {(1,): 5.0}, single=[(1,)])[0] == [{"labels": [1], "keep": "largest"}]
 def test_small_size_comes_from_the_training_masks():
     """Up to the size where the smallest true components add up to 1% of the foreground; else half the smallest."""
     truths = [(_stack(), 1.0), (_stack(), 0.5)]  # objects of 256 and 4 voxels, at 1 and 0.5 mm³: 2, 4, 128, 256 mm³
