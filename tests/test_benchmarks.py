@@ -55,7 +55,7 @@ def test_bench_infer_smoke(prep_dir, trained, tmp_path, capsys):
     # "ours" is infer.py's path: infer.py scores the same Dice on that case
     (case,) = [c for c in json.loads((prep_dir / "dataset.json").read_text())["cases"] if c["split"] == "val"]
     assert infer.main([case["image"], "--truth", case["label"], "--checkpoint", str(trained / "best.pt"),
-                       "--out", str(tmp_path / "infer"), "--device", "cpu"]) == 0
+                       "--out", str(tmp_path / "infer"), "--device", "cpu", "--no-amp"]) == 0  # fp32, as the bench
     (row, *_) = csv.DictReader((tmp_path / "infer" / "evaluation.csv").open())
     assert float(row["dice_1"]) == pytest.approx(summary["ours_dice"], rel=1e-5, abs=1e-6)
 

@@ -82,7 +82,7 @@ def test_regions_are_scored_in_training_and_kept_in_the_checkpoint(brats_like, t
     # the best epoch's region Dice is the one an evaluation of its checkpoint reports on the validation case
     wt = float(rows[ckpt["epoch"] - 1]["val_dice_regions"].split(":")[1])
     assert infer.main(["--evaluate", str(prep), "--split", "val", "--checkpoint", str(out / "best.pt"),
-                       "--out", str(tmp_path), "--device", "cpu"]) == 0
+                       "--out", str(tmp_path), "--device", "cpu", "--no-amp"]) == 0  # fp32, as training validates
     (case, *_) = csv.DictReader((tmp_path / "evaluation.csv").open())
     assert case["case"] == "case2" and float(case["dice_WT"]) == pytest.approx(wt, abs=5e-5)
 
