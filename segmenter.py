@@ -20,6 +20,7 @@ from cases import case_name
 from common import InputError
 from dataset import FLIP_AXES, PrepParams, prepare_transforms, prepared_tissue
 from model import (
+    inference_amp,
     load_checkpoint,
     model_from_checkpoint,
     model_window,
@@ -90,7 +91,7 @@ class Segmenter:
         else:
             flips = (ckpts[0].get("flip_axes") or list(FLIP_AXES)) if tta else []
         settings = ckpts[0]["inference"]
-        amp = amp is not False  # mixed precision unless turned off: bf16 on a CPU that has it (model.use_amp)
+        amp = inference_amp(amp)
         return cls(tuple(models), ckpts[0], tuple(window or settings["roi"]),
                    settings["overlap"] if overlap is None else overlap, sw_batch_size, amp, tuple(flips), rules)
 
@@ -112,8 +113,9 @@ class Segmenter:
             prepared.append(chain({"image": image})["image"])
         probs: list[torch.Tensor | None] = [None] * len(prepared)
         flat = [k for k, p in enumerate(prepared) if p.shape[1] == 1]
-        window = model_window(self.model, self.window, np.max([prepared[k].shape[1:] for k in flat] or [[1, 1, 1]], 0))
-        flat = [k for k in flat if all(np.less_equal(prepared[k].shape[1:], window))]
+        if flat:
+            window = model_window(self.model, self.window, np.max([prepared[k].shape[1:] for k in flat], 0))
+            flat = [k for k in flat if all(np.less_equal(prepared[k].shape[1:], window))]
         for start in range(0, len(flat), SLICES_PER_PASS):
             batch = flat[start:start + SLICES_PER_PASS]
             pads = [[(d // 2, d - d // 2) for d in np.subtract(window, prepared[k].shape[1:])] for k in batch]
@@ -123,12 +125,11 @@ class Segmenter:
             out = self.probabilities(x, window, tissue)
             for k, pad, p in zip(batch, pads, out):
                 probs[k] = p[(slice(None), *(slice(a, w - b) for (a, b), w in zip(pad, window)))]
-        masks = []
+        masks, values = [], np.asarray(self.ckpt["label_values"])
         for k, p in enumerate(prepared):
             if probs[k] is None:
                 probs[k] = self.probabilities(p[None], self.window, prepared_tissue(p, params)[None])[0]
             classes = to_classes(invert_to_original(probs[k], p, chain)[None])[0, 0]
-            values = np.asarray(self.ckpt["label_values"])
             masks.append(values[classes.numpy()].astype(label_dtype(int(values.max()))))
         return masks
 

@@ -54,6 +54,7 @@ from model import (
     choose_window,
     flat_args,
     flip_sets,
+    inference_amp,
     load_checkpoint,
     model_args,
     model_from_checkpoint,
@@ -547,7 +548,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     if rank == 0 and cfg.postprocess and cfg.fold is None:  # folds decide together (cross_validate)
         out_dir = Path(cfg.output)
         decision = judge([Judged(out_dir / "model.pt", s.run.val_items)], s.run.manifest, s.run.train_items,
-                         s.device, use_amp(cfg.amp is not False, s.device), FLIP_AXES, dict(cfg.regions))
+                         s.device, use_amp(inference_amp(cfg.amp), s.device), FLIP_AXES, dict(cfg.regions))
         write_decision(decision, [out_dir / "model.pt"], out_dir)
     if s.writer is not None:
         s.writer.close()
@@ -601,7 +602,7 @@ def cross_validate(cfg: TrainConfig) -> dict | None:
     items = train_items + val_items
     judged = [Judged(p, [i for i in items if fold_of[i["name"]] == k], k) for k, p in enumerate(checkpoints)]
     device = resolve_device(cfg.device)
-    amp = use_amp(cfg.amp is not False, device)  # the networks' precision in infer.py
+    amp = use_amp(inference_amp(cfg.amp), device)  # the networks' precision in infer.py
     record = judge(judged, manifest, items, device, amp, FLIP_AXES if cfg.postprocess else (), dict(cfg.regions),
                    cfg.postprocess)
     write_decision(record, checkpoints, out_dir)
