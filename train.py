@@ -800,7 +800,7 @@ def make_datasets(run: Plan, train_items: list[dict], val_items: list[dict], dev
                           cfg.cache_rate)
     aug = AugmentParams(crop=cfg.crop, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
     train_ds = make_dataset(train_items, "train", run.label_values, aug, cfg.cache_rate, in_channels=run.in_channels,
-                            device=on_gpu)
+                            params=run.params, device=on_gpu)
     val_ds = make_dataset(val_items, "val", run.label_values, aug, cfg.cache_rate, in_channels=run.in_channels,
                           params=run.params, device=on_gpu)
     return train_ds, val_ds, on_gpu

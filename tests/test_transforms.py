@@ -139,6 +139,57 @@ def test_augmentation_zooms_a_slice_in_plane_and_changes_intensities_only_of_the
     assert 0 < retouched < 40
 
 
+@pytest.mark.parametrize("depth", [1, 5])
+def test_intensity_augmentation_keeps_shape_and_the_gammas_keep_mean_and_spread(depth):
+    """Each of nnU-Net's intensity transforms, forced on, keeps the crop's shape (one-slice crops too) and changes
+    its values; both gammas (plain and of the inverted image) keep the image's mean and standard deviation, as
+    nnU-Net's ``retain_stats``, and differ from each other."""
+    from monai.transforms import RandAdjustContrastd
+
+    from dataset import RandClipBrightd, intensity_augment
+
+    image = torch.randn(1, depth, 32, 32, generator=torch.Generator().manual_seed(0))
+    gammas = []
+    for xform in intensity_augment(depth):
+        xform.prob = 1.0
+        xform.set_random_state(seed=3)
+        out = torch.as_tensor(xform({"image": image.clone()})["image"])
+        assert out.shape == image.shape and torch.isfinite(out).all()
+        assert not torch.allclose(out, image)
+        if isinstance(xform, RandAdjustContrastd):
+            assert float(out.mean()) == pytest.approx(float(image.mean()), abs=1e-4)
+            assert float(out.std()) == pytest.approx(float(image.std()), rel=1e-3)
+            gammas.append(out)
+    assert len(gammas) == 2 and not torch.allclose(*gammas)
+    # CT keeps its Hounsfield scale: no re-normalizing clip, no inverted gamma
+    assert not any(isinstance(x, RandClipBrightd) for x in intensity_augment(depth, "ct"))
+    assert len(intensity_augment(depth, "ct")) < len(intensity_augment(depth, "mr"))
+
+
+def test_clipping_the_bright_end_makes_the_lesion_as_bright_as_the_brightest_structure():
+    """A bright ring (scalp, 4) around a dimmer lesion (2) on tissue (1): clipped at a percentile below the
+    lesion's share, ring and lesion come out equally bright, the tissue below them, and the image is z-scored
+    again (as a prepared image is); at prob 0 nothing changes."""
+    from dataset import RandClipBrightd
+
+    rows, cols = np.ogrid[:64, :64]
+    r2 = (rows - 32) ** 2 + (cols - 32) ** 2
+    image = np.ones((64, 64), np.float32)
+    image[(r2 >= 29**2) & (r2 < 31**2)] = 4.0  # ring: 9% of the image
+    image[r2 < 11.5**2] = 2.0  # lesion: 10%, so the 81st to 90th percentiles are the lesion's value
+    x = torch.from_numpy(image)[None, None]
+    xform = RandClipBrightd("image", prob=1.0, percentiles=(82.0, 90.0))
+    for seed in range(5):
+        xform.set_random_state(seed=seed)
+        out = xform({"image": x.clone(), "label": "kept"})
+        y = out["image"][0, 0].numpy()
+        assert out["label"] == "kept"
+        assert y[32, 32] == pytest.approx(y[32, 2]) and y[32, 32] > y[32, 20] + 1.0  # lesion = ring > tissue
+        assert float(y.mean()) == pytest.approx(0.0, abs=1e-5) and float(y.std()) == pytest.approx(1.0, rel=1e-3)
+    off = RandClipBrightd("image", prob=0.0)
+    assert torch.equal(off({"image": x})["image"], x)
+
+
 def test_random_crops_leave_the_cached_volumes_alone(prep_dir):
     """The cache is not deep-copied at each draw (copy_cache=False): the random part must make new arrays."""
     items, _ = _items(prep_dir, "train")
