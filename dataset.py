@@ -348,7 +348,7 @@ def spatial_augment(aug: AugmentParams, keys: Sequence[str]) -> list[MapTransfor
                         padding_mode="zeros")]
 
 
-def intensity_augment(depth: int, modality: str = "mr") -> list[MapTransform]:
+def intensity_augment(depth: int, modality: str) -> list[MapTransform]:
     """Random intensity changes of the normalized image, by modality. CT keeps its Hounsfield scale, the same on
     every scanner: brightness, gamma and noise. MR (z-scored; scanners and protocols differ more between patients
     than anything the spatial part covers) gets nnU-Net's whole set, its probabilities and ranges: noise, blur,
@@ -384,26 +384,17 @@ class RandClipBrightd(MapTransform, RandomizableTransform):
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.percentiles = percentiles
-        self.q = 100.0
+        # the MR preprocessing's own clip (its lower bound at the minimum: no clip) and z-score
+        self.clip = ClipPercentilesd(keys, lower=0.0, upper=100.0)
+        self.normalize = NormalizeIntensityd(keys, channel_wise=True)
 
     def randomize(self, data=None) -> None:
         super().randomize(None)
-        self.q = self.R.uniform(*self.percentiles)
+        self.clip.q = [0.0, self.R.uniform(*self.percentiles)]
 
     def __call__(self, data: dict) -> dict:
         self.randomize()
-        if not self._do_transform:
-            return data
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = torch.as_tensor(d[key])
-            flat = np.asarray(img.detach().cpu(), dtype=np.float32).reshape(img.shape[0], -1)
-            top = torch.as_tensor(np.percentile(flat, self.q, axis=1), dtype=img.dtype, device=img.device)
-            clipped = torch.minimum(img, top.view(-1, *[1] * (img.ndim - 1)))
-            dims = tuple(range(1, img.ndim))
-            mean, std = clipped.mean(dims, keepdim=True), clipped.std(dims, keepdim=True)
-            d[key] = torch.where(std > 0, (clipped - mean) / std.clamp_min(1e-8), clipped)
-        return d
+        return self.normalize(self.clip(data)) if self._do_transform else data
 
 
 class OwnCrops(MapTransform):

@@ -150,7 +150,7 @@ def test_intensity_augmentation_keeps_shape_and_the_gammas_keep_mean_and_spread(
 
     image = torch.randn(1, depth, 32, 32, generator=torch.Generator().manual_seed(0))
     gammas = []
-    for xform in intensity_augment(depth):
+    for xform in intensity_augment(depth, "mr"):
         xform.prob = 1.0
         xform.set_random_state(seed=3)
         out = torch.as_tensor(xform({"image": image.clone()})["image"])
