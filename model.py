@@ -31,6 +31,7 @@ DEFAULT_MODEL_ARGS: dict[str, Any] = {
     "num_res_units": 2,
     "norm": "instance",
     "dropout": 0.0,
+    "output_norm": False,  # MONAI's norm of the last up-sampling's output (see build_model)
 }
 
 
@@ -52,7 +53,7 @@ def build_model(args: dict[str, Any]) -> torch.nn.Module:
     if unknown:
         raise InputError(f"model: unknown arguments {sorted(unknown)}")
     a = {**DEFAULT_MODEL_ARGS, **args}
-    return UNet(
+    unet = UNet(
         spatial_dims=3,
         in_channels=a["in_channels"],
         out_channels=a["out_channels"],
@@ -65,12 +66,37 @@ def build_model(args: dict[str, Any]) -> torch.nn.Module:
         norm=a["norm"],
         dropout=a["dropout"],
     )
+    if not a["output_norm"] and a["num_res_units"] > 0:
+        # With residual units MONAI's last up-sampling convolution (to out_channels) is normalized before the final
+        # convolution: a binary network's logit map passes through a one-channel instance norm, which gives it the
+        # same mean and spread in every image, a tumour-free slice's too, and keeps its background from growing
+        # confident. That norm has no weights; without it the map is the features' plain linear read-out, as
+        # nnU-Net's output layer.
+        unet.model[-1][0].adn.N = torch.nn.Identity()
+    return unet
+
+
+def set_prior(model: torch.nn.Module, shares: Sequence[float]) -> None:
+    """Start a new network's logits at the training labels' frequencies (foreground ``shares``, one per label
+    value after background), as RetinaNet initializes its classifier: the bias of the output convolution set to
+    the log-odds of the foreground (one sigmoid channel) or to the log share of each class (softmax), so that the
+    first steps learn where the structures are instead of how rare they are. The output convolution is the UNet's
+    last (its top residual unit adds an identity)."""
+    head = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)][-1]
+    fg = [min(max(float(s), 1e-4), 0.5) for s in shares]
+    with torch.no_grad():
+        if head.out_channels == 1:
+            head.bias.fill_(math.log(fg[0] / (1.0 - fg[0])))
+        elif head.out_channels == len(fg) + 1:
+            probs = [max(1.0 - sum(fg), 1e-4), *fg]
+            head.bias.copy_(torch.tensor([math.log(p) for p in probs], dtype=head.bias.dtype))
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: Path) -> torch.nn.Module:
     """The network a checkpoint describes, with its weights; a mismatch is an ``InputError`` naming ``path``."""
     try:
-        model = build_model(ckpt["model_args"])
+        # A checkpoint from before "output_norm" was trained with MONAI's norm there.
+        model = build_model({"output_norm": True, **ckpt["model_args"]})
         model.load_state_dict(ckpt["model_state"])
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from common import InputError
-from model import axis_divisors, build_model, load_checkpoint, model_args, save_checkpoint
+from model import (
+    axis_divisors,
+    build_model,
+    load_checkpoint,
+    model_args,
+    model_from_checkpoint,
+    save_checkpoint,
+    set_prior,
+)
 
 
 def test_defaults_build_a_residual_3d_unet():
@@ -33,6 +41,57 @@ def test_the_same_dict_rebuilds_the_same_network(tmp_path):
     x = torch.randn(1, 1, 8, 16, 16)
     net.eval(), again.eval()
     assert torch.equal(net(x), again(x))
+
+
+def _map_before_the_last_activation(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the last up-sampling's activation (PReLU) receives: MONAI normalizes it there, ``output_norm`` or not."""
+    seen = []
+    net.model[-1][0].adn.A.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    net(x)
+    return seen[0]
+
+
+def test_the_logit_map_is_not_instance_normalized():
+    """MONAI's residual UNet gives its one-channel logit map mean 0 and spread 1 in every image, whatever the image
+    holds; without that norm (the default) the map's statistics follow the input."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 16, 16)
+    x[1] *= 5.0
+    args = model_args(channels=[4, 8, 16], strides=[2, 2], num_res_units=1)
+    with torch.no_grad():
+        monai = _map_before_the_last_activation(build_model({**args, "output_norm": True}), x)
+        ours = _map_before_the_last_activation(build_model(args), x)
+    stats = [(m.mean().item(), m.std().item()) for m in monai]
+    assert all(abs(mean) < 1e-3 and abs(std - 1) < 1e-2 for mean, std in stats)
+    assert abs(ours[0].std().item() - ours[1].std().item()) > 0.05
+
+
+def test_a_checkpoint_from_before_output_norm_loads_as_it_was_trained(tmp_path):
+    args = model_args(channels=[4, 8, 16], strides=[2, 2], num_res_units=1)
+    old_args = {k: v for k, v in args.items() if k != "output_norm"}
+    torch.manual_seed(0)
+    old = build_model({**args, "output_norm": True}).eval()
+    loaded = model_from_checkpoint({"model_args": old_args, "model_state": old.state_dict()}, tmp_path / "m.pt")
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), old(x))
+        new = build_model(args).eval()
+        new.load_state_dict(old.state_dict())  # the same weights: the norm has none
+        assert not torch.allclose(new(x), old(x), atol=1e-3)  # but not the same network
+
+
+@pytest.mark.parametrize("out_channels, shares", [(1, [0.02]), (3, [0.1, 0.05])])
+def test_a_new_network_starts_at_the_labels_frequencies(out_channels, shares):
+    """set_prior: a fresh network's mean predicted probability of each label is its share in the training
+    masks (the random weights spread it around that), instead of one half."""
+    torch.manual_seed(0)
+    net = build_model(model_args(channels=[8, 16, 32], strides=[2, 2], num_res_units=1, out_channels=out_channels))
+    set_prior(net, shares)
+    with torch.no_grad():
+        logits = net(torch.randn(2, 1, 16, 32, 32))
+    probs = torch.sigmoid(logits) if out_channels == 1 else torch.softmax(logits, 1)[:, 1:]
+    for k, share in enumerate(shares):
+        assert share / 3 < probs[:, k].mean().item() < share * 3
 
 
 def test_mismatched_strides_are_refused():

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT, SHARED, TINY_WIDTHS, one_error_line
+from conftest import ROOT, SHARED, TINY_WIDTHS, one_error_line, unbiased_start
 from PIL import Image
 
 import infer
@@ -133,8 +133,9 @@ def test_ph2_image_masks_agree_between_engines(tmp_path):
         shutil.copy(PH2 / case / f"{case}_Dermoscopic_Image" / f"{case}.bmp", raw)
         shutil.copy(PH2 / case / f"{case}_lesion" / f"{case}_lesion.bmp", raw)
     assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1"]) == 0
-    assert train.main(["--data", str(tmp_path / "prep"), "--output", str(tmp_path / "out"), "--epochs", "1",
-                       "--device", "cpu", *TINY_WIDTHS, "--num-samples", "2", "--no-postprocess"]) == 0
+    with unbiased_start():
+        assert train.main(["--data", str(tmp_path / "prep"), "--output", str(tmp_path / "out"), "--epochs", "1",
+                           "--device", "cpu", *TINY_WIDTHS, "--num-samples", "2", "--no-postprocess"]) == 0
     checkpoint, onnx_file = tmp_path / "out" / "model.pt", tmp_path / "model.onnx"
     assert infer.main(["--checkpoint", str(checkpoint), "--export-onnx", str(onnx_file)]) == 0
     image = next(p for p in sorted(PH2.glob("*/*_Dermoscopic_Image/*.bmp")) if p.stem not in ("IMD016", "IMD027",
