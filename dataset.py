@@ -257,7 +257,7 @@ class AugmentParams:
     num_samples: int = 4
     rotate_degrees: float = 15.0  # small random in-plane rotation, on top of 90° turns
     scale: float = 0.2  # random zoom by 1 ± this (in-plane; in depth too for crops deeper than one slice)
-    intensity: bool = True  # nnU-Net's intensity augmentation: brightness, gamma, noise
+    intensity: bool = True  # intensity augmentation by modality (intensity_augment)
 
 
 class CropCentresd(MapTransform):

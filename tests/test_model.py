@@ -44,7 +44,7 @@ def test_the_same_dict_rebuilds_the_same_network(tmp_path):
 
 
 def _map_before_the_last_activation(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the last up-sampling's activation (PReLU) receives: MONAI normalizes it there, ``output_norm`` or not."""
+    """What the last up-sampling's activation (PReLU) receives: where MONAI normalizes it (``output_norm``)."""
     seen = []
     net.model[-1][0].adn.A.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     net(x)
