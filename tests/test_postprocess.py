@@ -93,7 +93,7 @@ def test_the_largest_component_stands_where_the_training_masks_expect_one_object
     assert kept == [{"labels": [1], "keep": "largest"}] and trace[0]["expected"] and not trace[1]["kept"]
     big = _stack()
     big[3:5, 12:16, 0:16] = 1  # a true second lesion of 128 voxels (with the blob 132): the rule would lose 0.2
-    kept, trace = decide([(big, big, 1.0)], [1], {(1,): 5.0}, single=[(1,)])
+    kept, trace = decide([(big, big, 1.0)] * 5, [1], {(1,): 5.0}, single=[(1,)])
     assert kept == [] and trace[0]["expected"] and not trace[0]["better"]
     truth = _stack()
     truth[5] = 0
@@ -192,3 +192,19 @@ def test_training_decides_and_infer_applies_the_checkpoints_rules(trained, raw_d
         assert infer.main([str(volume), "--checkpoint", str(doctored), "--out", str(tmp_path / name), *extra]) == 0
         masks[name] = np.asarray(nib.load(next((tmp_path / name).glob("*_mask.nii.gz"))).dataobj)
     assert masks["raw"].sum() > 1000 and masks["rules"].sum() == 0
+
+
+def test_a_few_validation_units_cannot_refute_the_expected_largest_component():
+    """A clear loss on 1 of 1, or on 4 of 6 units while 2 gain, is what chance gives (sign test p 0.5 and 0.34):
+    the expected rule stays; 5 of 5 lowered (p 0.03) refute it. Unexpected, the same single loss refuses it."""
+    big = _stack()
+    big[3:5, 12:16, 0:16] = 1  # a true second lesion: the rule loses 0.2 on this unit
+    kept, trace = decide([(big, big, 1.0)], [1], {(1,): 5.0}, single=[(1,)])
+    assert kept == [{"labels": [1], "keep": "largest"}] and trace[0]["dice_after"] < trace[0]["dice_before"] - 0.1
+    assert decide([(big, big, 1.0)], [1], {(1,): 5.0})[0] != [{"labels": [1], "keep": "largest"}]
+    truth = _stack()
+    truth[5] = 0
+    pred = _stack()  # a false blob the rule removes: this unit gains
+    units = [(big, big, 1.0)] * 4 + [(pred, truth, 1.0)] * 2
+    assert decide(units, [1], {(1,): 5.0}, single=[(1,)])[0] == [{"labels": [1], "keep": "largest"}]
+    assert decide([(big, big, 1.0)] * 5, [1], {(1,): 5.0}, single=[(1,)])[0] != [{"labels": [1], "keep": "largest"}]
