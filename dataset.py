@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, NibabelReader
+from monai.data import CacheDataset, Dataset, NibabelReader, get_track_meta
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -42,7 +42,7 @@ from monai.transforms import (
 )
 from monai.transforms.spatial.functional import resize
 from monai.transforms.utils import map_binary_to_indices
-from monai.utils import get_equivalent_dtype
+from monai.utils import convert_to_tensor, get_equivalent_dtype
 from scipy import ndimage
 
 from readers import read_volume
@@ -364,12 +364,34 @@ def intensity_augment(depth: int, modality: str) -> list[MapTransform]:
     sigma_z = (0.5, 1.0) if depth > 1 else (0.0, 0.0)
     return [RandGaussianNoised("image", std=0.1, prob=0.1),
             RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=sigma_z, prob=0.2),
-            RandScaleIntensityd("image", factors=0.25, prob=0.15),
-            RandScaleIntensityFixedMeand("image", factors=0.25, preserve_range=True, prob=0.15),
+            RandScaleIntensityd("image", factors=0.25, prob=0.15, channel_wise=True),
+            RandScaleIntensityFixedMeand("image", factors=0.25, preserve_range=True, prob=0.15, channel_wise=True),
             RandSimulateLowResolutiond("image", zoom_range=(0.5, 1.0), prob=0.25),
-            RandAdjustContrastd("image", gamma=(0.7, 1.5), invert_image=True, retain_stats=True, prob=0.1),
-            RandAdjustContrastd("image", gamma=(0.7, 1.5), retain_stats=True, prob=0.3),
+            RandGammaPerChanneld("image", gamma=(0.7, 1.5), invert_image=True, retain_stats=True, prob=0.1),
+            RandGammaPerChanneld("image", gamma=(0.7, 1.5), retain_stats=True, prob=0.3),
             RandClipBrightd("image", prob=0.25)]
+
+
+class RandGammaPerChanneld(RandAdjustContrastd):
+    """``RandAdjustContrastd`` with a gamma of its own for each channel, each channel keeping its own mean and
+    spread: nnU-Net applies brightness, contrast and gamma to the channels independently
+    (``synchronize_channels=False``), so that on an RGB picture they shift the colour and on MR modalities change
+    each one's contrast apart. Whether to apply is drawn once per crop; one channel draws as the parent does."""
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize(None)
+        if not self._do_transform:
+            return {**data, **{key: convert_to_tensor(data[key], track_meta=get_track_meta())
+                               for key in self.key_iterator(data)}}
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = convert_to_tensor(d[key], track_meta=get_track_meta())
+            channels = []
+            for c in range(image.shape[0]):
+                self.adjuster.randomize(None)
+                channels.append(self.adjuster(image[c:c + 1], randomize=False))
+            d[key] = torch.cat(channels)
+        return d
 
 
 class RandClipBrightd(MapTransform, RandomizableTransform):
