@@ -353,9 +353,11 @@ def intensity_augment(depth: int, modality: str) -> list[MapTransform]:
     every scanner: brightness, gamma and noise. MR (z-scored; scanners and protocols differ more between patients
     than anything the spatial part covers) gets nnU-Net's whole set, its probabilities and ranges: noise, blur,
     brightness, contrast, low resolution, gamma of the image and of its inverse (both keeping mean and spread),
-    plus ``RandClipBrightd``. Measured (README, "Intensity augmentation"): LGG networks trained on 5 patients whose
-    tumours were of middling brightness missed the brightest tumours of new patients; the MR set lifted those from
-    0.19 to 0.36, while on the synthetic CT demo (60 epochs) the whole set cost 0.02. ``depth``: the crop's; a
+    plus ``RandClipBrightd``; brightness, contrast and the gammas draw for each channel apart, as nnU-Net's do.
+    Measured (README, "Intensity augmentation"): LGG networks trained on 5 patients whose tumours were of middling
+    brightness missed the brightest tumours of new patients; the MR set lifted those from 0.19 to 0.36, while on the
+    synthetic CT demo (60 epochs) the whole set cost 0.02. Drawn for each channel: PH2 held out 0.881 → 0.886,
+    networks alone 0.860 → 0.878 (README, "Intensity augmentation for each channel"). ``depth``: the crop's; a
     one-slice crop is blurred in-plane only."""
     if modality == "ct":
         return [RandScaleIntensityd("image", factors=0.25, prob=0.15),

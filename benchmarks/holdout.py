@@ -12,7 +12,9 @@ the test-time flips and postprocessing train.py decided on validation), with the
 --no-postprocess``), and with flips forced on (``--tta``), to show what each step changes. Each held-out patient
 is scored by its Dice over all its slices pooled (the LGG literature's figure; one case = one patient for volumes),
 and by how many of its slices without tumour got a false positive. Prints one line per patient and the mean;
-``--json`` writes them. Not a test: tests/test_benchmarks.py only smoke-runs it.
+``--json`` writes them. ``--redecide`` keeps an earlier run's network and decides its flips and postprocessing
+again with the current code before segmenting (what a change to the decision alone does). Not a test:
+tests/test_benchmarks.py only smoke-runs it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cases import Case, find_cases, read_case  # noqa: E402
+from cases import Case, find_cases, load_manifest, read_case  # noqa: E402
 from dice import dice_binary  # noqa: E402
 from readers import mask_suffix, read_volume  # noqa: E402
 
@@ -70,6 +72,27 @@ def score_patient(cases: list[Case], masks: Path) -> dict:
             "false_positive": false_pos}
 
 
+def redecide(work: Path) -> float:
+    """Decide test-time flips and postprocessing again, with this code, for the network an earlier run left in
+    ``work/output/model.pt`` (one model, not ``--folds``), on its own validation cases; its seconds."""
+    import torch
+
+    from crossval import Judged, judge, write_decision
+    from dataset import FLIP_AXES
+    from model import inference_amp, load_checkpoint, use_amp
+    from train import split_items
+
+    t0, out, cpu = time.perf_counter(), work / "output", torch.device("cpu")
+    config = load_checkpoint(out / "model.pt")["config"]
+    manifest = load_manifest(work / "prep")
+    train_items, val_items = split_items(manifest, work / "prep")
+    record = judge([Judged(out / "model.pt", val_items)], manifest, train_items, cpu,
+                   use_amp(inference_amp(config.get("amp")), cpu), FLIP_AXES,
+                   {name: labels for name, labels in config.get("regions") or []})
+    write_decision(record, [out / "model.pt"], out)
+    return time.perf_counter() - t0
+
+
 def fold(args: argparse.Namespace) -> dict:
     """Prepare, train and segment one fold; returns per-patient scores of each pass (``PASSES``) and the commands'
     seconds."""
@@ -83,9 +106,12 @@ def fold(args: argparse.Namespace) -> dict:
             # Real folders of links to the files: the case finder does not descend into linked folders
             # (PH2's images lie two levels down).
             shutil.copytree(folder.resolve(), raw / folder.name, copy_function=os.symlink)
-    seconds = {"preprocess": run("preprocess.py", str(raw), str(work / "prep"), *shlex.split(args.prep_args)),
-               "train": run("train.py", "--data", str(work / "prep"), "--output", str(work / "output"),
-                            *shlex.split(args.train_args))}
+    if args.redecide:
+        seconds = {"redecide": redecide(work)}
+    else:
+        seconds = {"preprocess": run("preprocess.py", str(raw), str(work / "prep"), *shlex.split(args.prep_args)),
+                   "train": run("train.py", "--data", str(work / "prep"), "--output", str(work / "output"),
+                                *shlex.split(args.train_args))}
     result: dict = {"fold": args.fold, "folds": args.folds, "seconds": seconds}
     for extra in PASSES:
         key = " ".join(["output", *extra])
@@ -113,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prep-args", default="", help="preprocess.py's options, as one string")
     p.add_argument("--train-args", default="--time-limit 20m --device cpu", help="train.py's options, one string")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--redecide", action="store_true", help="no preparing or training: decide flips and "
+                   "postprocessing again with this code for the network an earlier run left in the fold's output")
     args = p.parse_args(argv)
     result = fold(args)
     if args.json:

@@ -135,3 +135,15 @@ def test_holdout_scores_patients_the_run_never_saw(tmp_path):
         scores = result[key]["patients"].values()
         assert result[key]["mean_dice"] == pytest.approx(np.mean([p["dice"] for p in scores]))
         assert all(p["cases"] == 4 and p["empty"] == 2 for p in scores)  # blank first and last
+    # --redecide: the same network decided again (by the same code: the same decision and masks), no training
+    decision = tmp_path / "work" / "fold_1" / "output" / "postprocessing.json"
+    before = json.loads(decision.read_text())
+    decision.unlink()
+    again = tmp_path / "again.json"
+    assert holdout.main([str(raw), "--folds", "2", "--fold", "1", "--work", str(tmp_path / "work"), "--json",
+                         str(again), "--redecide"]) == 0
+    redone = json.loads(again.read_text())
+    assert "train" not in redone["seconds"] and "redecide" in redone["seconds"]
+    assert {k: v for k, v in json.loads(decision.read_text()).items() if k != "seconds"} == {
+        k: v for k, v in before.items() if k != "seconds"}
+    assert all(redone[key] == result[key] for key in ("output", "output --no-tta --no-postprocess", "output --tta"))

@@ -166,6 +166,38 @@ def test_intensity_augmentation_keeps_shape_and_the_gammas_keep_mean_and_spread(
     assert len(intensity_augment(depth, "ct")) < len(intensity_augment(depth, "mr"))
 
 
+def test_brightness_contrast_and_gamma_draw_for_each_channel():
+    """As nnU-Net's (``synchronize_channels=False``): on three identical channels (an RGB picture of grey), each of
+    these transforms, forced on, changes the channels apart (a colour shift), the gammas keeping each channel's mean
+    and spread; on one channel the per-channel gamma draws exactly what MONAI's ``RandAdjustContrastd`` draws."""
+    from monai.transforms import RandAdjustContrastd, RandScaleIntensityd, RandScaleIntensityFixedMeand
+
+    from dataset import RandGammaPerChanneld, intensity_augment
+
+    grey = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)) + 0.1
+    rgb = grey.repeat(3, 1, 1, 1)
+    per_channel = (RandGammaPerChanneld, RandScaleIntensityd, RandScaleIntensityFixedMeand)
+    chosen = [x for x in intensity_augment(1, "mr") if isinstance(x, per_channel)]
+    assert len(chosen) == 4
+    for xform in chosen:
+        xform.prob = 1.0
+        xform.set_random_state(seed=1)
+        out = torch.as_tensor(xform({"image": rgb.clone()})["image"])
+        assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+        if isinstance(xform, RandGammaPerChanneld):
+            for c in range(3):
+                assert float(out[c].mean()) == pytest.approx(float(grey.mean()), abs=1e-4)
+                assert float(out[c].std()) == pytest.approx(float(grey.std()), rel=1e-3)
+    for invert in (False, True):
+        ours = RandGammaPerChanneld("image", gamma=(0.7, 1.5), invert_image=invert, retain_stats=True, prob=0.5)
+        monai = RandAdjustContrastd("image", gamma=(0.7, 1.5), invert_image=invert, retain_stats=True, prob=0.5)
+        ours.set_random_state(seed=3)
+        monai.set_random_state(seed=3)
+        for _ in range(6):
+            assert torch.equal(torch.as_tensor(ours({"image": grey})["image"]),
+                               torch.as_tensor(monai({"image": grey})["image"]))
+
+
 def test_clipping_the_bright_end_makes_the_lesion_as_bright_as_the_brightest_structure():
     """A bright ring (scalp, 4) around a dimmer lesion (2) on tissue (1): clipped at a percentile below the
     lesion's share, ring and lesion come out equally bright, the tissue below them, and the image is z-scored
