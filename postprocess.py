@@ -117,11 +117,6 @@ def unit_scores(units: Sequence[Unit], targets: Sequence[Sequence[int]], rules: 
     return np.asarray(rows, dtype=np.float64).reshape(len(units), len(targets))
 
 
-def scores(units: Sequence[Unit], labels: Sequence[int], rules: Sequence[Rule]) -> np.ndarray:
-    """Per foreground label, the mean over ``units`` of the Dice after ``rules``: (len(labels),)."""
-    return unit_scores(units, [(v,) for v in labels], rules).mean(0)
-
-
 def better(after: np.ndarray, before: np.ndarray, floor: np.ndarray | None = None) -> bool:
     """Whether per-label Dice ``after`` is worth a step: a higher mean than ``before``, and no label below ``floor``
     (``before`` unless given)."""
@@ -129,22 +124,17 @@ def better(after: np.ndarray, before: np.ndarray, floor: np.ndarray | None = Non
     return bool(after.mean() > before.mean() + 1e-9 and (after >= floor - 1e-9).all())
 
 
-def refuted(units: Sequence[Unit], labels: Sequence[int], kept: Sequence[Rule], rule: Rule, base: np.ndarray,
-            after: np.ndarray) -> bool:
-    """Whether validation refutes an expected ``rule`` (on top of ``kept``): per-label Dice ``after`` it lost more
-    than ``EXPECTED_MARGIN`` on a label or on the mean of ``base``, and the units whose mean Dice it lowered
-    outnumber those it raised beyond chance (one-sided sign test, p < ``EXPECTED_P``)."""
-    lost = bool((after < base - EXPECTED_MARGIN).any() or after.mean() < base.mean() - EXPECTED_MARGIN)
-    if not lost:
+def refuted(before: np.ndarray, after: np.ndarray) -> bool:
+    """Whether validation refutes an expected rule, from each validation unit's Dice per label without and with it
+    (``unit_scores``: units × labels): it lost more than ``EXPECTED_MARGIN`` on a label's mean or on the mean of all,
+    and the units whose mean Dice it lowered outnumber those it raised beyond chance (one-sided sign test,
+    p < ``EXPECTED_P``)."""
+    b, a = before.mean(0), after.mean(0)
+    if not ((a < b - EXPECTED_MARGIN).any() or a.mean() < b.mean() - EXPECTED_MARGIN):
         return False
-    change = scores_per_unit(units, labels, [*kept, rule]) - scores_per_unit(units, labels, kept)
+    change = after.mean(1) - before.mean(1)
     lower, higher = int((change < -1e-9).sum()), int((change > 1e-9).sum())
     return bool(lower and binomtest(lower, lower + higher, 0.5, alternative="greater").pvalue < EXPECTED_P)
-
-
-def scores_per_unit(units: Sequence[Unit], labels: Sequence[int], rules: Sequence[Rule]) -> np.ndarray:
-    """Each unit's mean Dice over the foreground labels after ``rules``: (len(units),)."""
-    return unit_scores(units, [(v,) for v in labels], rules).mean(1)
 
 
 def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, ...], float],
@@ -155,8 +145,9 @@ def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, 
     masks show) keeping the largest component is expected: it stays unless validation refutes it (``refuted``: a loss
     beyond ``EXPECTED_MARGIN`` on more units than chance explains), since a few validation cases cannot tell a rule's
     gain from their noise."""
+    per_label = [(v,) for v in labels]
     kept: list[Rule] = []
-    base = scores(units, labels, kept)
+    base = unit_scores(units, per_label)  # units × labels, as every score below
     trace = []
     for target in targets(labels):
         candidates = [{"labels": list(target), "keep": "largest"}]
@@ -164,14 +155,14 @@ def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, 
             candidates.append({"labels": list(target), "small_mm3": small[target]})
         best, best_scores = None, base
         for rule in candidates:
-            after = scores(units, labels, [*kept, rule])
+            after = unit_scores(units, per_label, [*kept, rule])
             expected = target in single and rule.get("keep") == "largest"
             if expected:
-                gain = not refuted(units, labels, kept, rule, base, after)
+                gain = not refuted(base, after)
             elif best is not None and best.get("keep") == "largest" and target in single:
                 gain = False  # the expected rule stands: a few validation cases cannot show that another beats it
             else:
-                gain = better(after, best_scores, floor=base)
+                gain = better(after.mean(0), best_scores.mean(0), floor=base.mean(0))
             trace.append({"rule": rule, "dice_before": round(float(base.mean()), 6),
                           "dice_after": round(float(after.mean()), 6), "better": gain,
                           **({"expected": True} if expected else {})})
