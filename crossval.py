@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from monai.data import partition_dataset  # noqa: E402
 
 from common import InputError, atomic_write, write_json  # noqa: E402
-from dataset import AugmentParams, PrepParams, make_dataset  # noqa: E402
+from dataset import FLIP_AXES, AugmentParams, PrepParams, make_dataset  # noqa: E402
 from model import flipped_probabilities, load_checkpoint, model_from_checkpoint, save_checkpoint, to_classes  # noqa: E402
 from postprocess import Unit, better, decide, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
 
@@ -119,6 +119,16 @@ def fold_scores(units: dict[bool, list[Unit]], targets: dict[str, list[int]], ru
         mirrored, post = "flips" in step, "postprocessing" in step
         out[step] = unit_scores(units[mirrored], list(targets.values()), rules if post else []).tolist()
     return out
+
+
+def decide_run(out_dir: Path, manifest: dict, train_items: Sequence[dict], val_items: Sequence[dict],
+               device: torch.device, amp: bool, regions: dict[str, Sequence[int]] | None = None) -> dict:
+    """One network's decision (``out_dir/model.pt``, no folds): ``judge`` on its validation items, then
+    ``write_decision``; returns the record."""
+    record = judge([Judged(out_dir / "model.pt", list(val_items))], manifest, train_items, device, amp, FLIP_AXES,
+                   regions)
+    write_decision(record, [out_dir / "model.pt"], out_dir)
+    return record
 
 
 def write_decision(record: dict, checkpoints: Sequence[Path], out_dir: Path) -> None:

@@ -40,7 +40,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cases import load_manifest
 from common import ArgumentParser, InputError, atomic_write, region_arg, run_command, write_json
-from crossval import Judged, assign_folds, judge, report, write_decision
+from crossval import Judged, assign_folds, decide_run, judge, report, write_decision
 from dataset import FLIP_AXES, AugmentParams, PrepParams, make_dataset
 from dice import dice_from_counts, mean_dice, overlap_counts
 from model import (
@@ -547,10 +547,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         if last or early:
             break
     if rank == 0 and cfg.postprocess and cfg.fold is None:  # folds decide together (cross_validate)
-        out_dir = Path(cfg.output)
-        decision = judge([Judged(out_dir / "model.pt", s.run.val_items)], s.run.manifest, s.run.train_items,
-                         s.device, use_amp(inference_amp(cfg.amp), s.device), FLIP_AXES, dict(cfg.regions))
-        write_decision(decision, [out_dir / "model.pt"], out_dir)
+        decide_run(Path(cfg.output), s.run.manifest, s.run.train_items, s.run.val_items, s.device,
+                   use_amp(inference_amp(cfg.amp), s.device), dict(cfg.regions))
     if s.writer is not None:
         s.writer.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -77,8 +77,7 @@ def redecide(work: Path) -> float:
     ``work/output/model.pt`` (one model, not ``--folds``), on its own validation cases; its seconds."""
     import torch
 
-    from crossval import Judged, judge, write_decision
-    from dataset import FLIP_AXES
+    from crossval import decide_run
     from model import inference_amp, load_checkpoint, use_amp
     from train import split_items
 
@@ -86,10 +85,8 @@ def redecide(work: Path) -> float:
     config = load_checkpoint(out / "model.pt")["config"]
     manifest = load_manifest(work / "prep")
     train_items, val_items = split_items(manifest, work / "prep")
-    record = judge([Judged(out / "model.pt", val_items)], manifest, train_items, cpu,
-                   use_amp(inference_amp(config.get("amp")), cpu), FLIP_AXES,
-                   {name: labels for name, labels in config.get("regions") or []})
-    write_decision(record, [out / "model.pt"], out)
+    decide_run(out, manifest, train_items, val_items, cpu, use_amp(inference_amp(config.get("amp")), cpu),
+               {name: labels for name, labels in config.get("regions") or []})
     return time.perf_counter() - t0
 
 
