@@ -3,8 +3,9 @@
 - Folds: patient-grouped and seeded (a patient's slices, a case's modalities, never straddle two folds); the test
   split is in none of them.
 - The decision: each network predicts the validation cases it never trained on (one network for a plain run, every
-  fold's for cross-validation, pooled); on those predictions, test-time flips are kept if they raise the mean Dice and
-  lower no label's, then postprocessing rules are kept the same way (``postprocess.decide``). The decision goes into
+  fold's for cross-validation, pooled); on those predictions, test-time flips (of the axes training flipped) are
+  expected and kept unless validation refutes them (``postprocess.refuted``), then the postprocessing rules are
+  decided (``postprocess.decide``). The decision goes into
   every checkpoint judged, so that ``infer.py`` (one checkpoint or the ensemble of the folds) applies it.
 - The report: Dice per fold, mean, standard deviation and pooled, for the network alone, with flips, with
   postprocessing and with both (``cv.csv``, ``cv.png``), so that a user sees what each step bought.
@@ -31,7 +32,7 @@ from monai.data import partition_dataset  # noqa: E402
 from common import InputError, atomic_write, write_json  # noqa: E402
 from dataset import FLIP_AXES, AugmentParams, PrepParams, make_dataset  # noqa: E402
 from model import flipped_probabilities, load_checkpoint, model_from_checkpoint, save_checkpoint, to_classes  # noqa: E402
-from postprocess import Unit, better, decide, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
+from postprocess import Unit, decide, refuted, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
 
 log = logging.getLogger("crossval")
 
@@ -94,15 +95,18 @@ def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict],
                          for mirrored in (False, True)}
     pooled = {m: [u for fold in units.values() for u in fold[m]] for m in (False, True)}
     per_label = [(v,) for v in labels[1:]]
-    plain, mirrored = (unit_scores(pooled[m], per_label).mean(0) for m in (False, True))
-    use_flips = bool(flips) and better(mirrored, plain)
+    plain, mirrored = (unit_scores(pooled[m], per_label) for m in (False, True))
+    # The network saw these flips in training, as nnU-Net's always mirrors: a few validation cases cannot tell a
+    # small gain or loss from their noise (README, "Test-time flips: what one validation patient can refuse").
+    use_flips = bool(flips) and not refuted(plain, mirrored)
     truths = [(cases[i["name"]], np.asarray(nib.load(i["label"]).dataobj), None) for i in train_items]
     stacked = [(mask, mm3) for mask, _, mm3 in stack_units(truths)]
     small, single = small_sizes(stacked, labels[1:]), single_object(stacked, labels[1:])
     rules, trace = decide(pooled[use_flips], labels[1:], small, single) if postprocess else ([], [])
     targets = {**{str(v): [v] for v in labels[1:]}, **{k: list(v) for k, v in (regions or {}).items()}}
     return {"rules": rules, "flips": list(flips) if use_flips else [], "trace": trace,
-            "flips_dice": {"without": round(float(plain.mean()), 6), "with": round(float(mirrored.mean()), 6),
+            "flips_dice": {"without": round(float(plain.mean(0).mean()), 6),
+                           "with": round(float(mirrored.mean(0).mean()), 6),
                            "axes_tried": list(flips)},
             "validation_units": len(pooled[False]),
             "small_mm3": {",".join(map(str, k)): v for k, v in small.items()},
@@ -147,7 +151,8 @@ def write_decision(record: dict, checkpoints: Sequence[Path], out_dir: Path) -> 
                  " (kept)" if row["kept"] else "")
     f = record["flips_dice"]
     log.info("test-time flips of axes %s: Dice %.4f → %.4f (%s)", f["axes_tried"], f["without"], f["with"],
-             "kept" if record["flips"] else "not kept")
+             "kept: expected unless validation refutes them" if record["flips"] else "refuted by validation"
+             if f["axes_tried"] else "not tried")
     log.info("decided on %d validation units in %.1f s: flips %s, postprocessing %s", record["validation_units"],
              record["seconds"], record["flips"] or "none", record["rules"] or "none")
 

@@ -28,13 +28,16 @@ from dice import dice_binary
 Rule = dict
 Unit = tuple[np.ndarray, np.ndarray, float]  # prediction, truth, voxel volume in mm³
 SMALL_SHARE = 0.01  # "small" components: together they hold at most this share of the training masks' foreground
-# Where the training masks hold one object per unit, "keep the largest component" is dropped only when validation
-# shows a loss of more than EXPECTED_MARGIN in mean Dice that is not chance: the units it lowers are so many among
-# those it changes that a one-sided sign test gives p < EXPECTED_P (at least 5 units, all of them lowered). Measured on
-# held-out patients (benchmarks/holdout.py; README, "Postprocessing: what one validation patient can refuse"): the
-# rule moved a fold's held-out Dice by −0.004 to +0.075 (LGG and PH2), while on the runs' 1–3 validation cases it
-# moved by −0.103 to +0.11; a margin alone still let one validation patient at Dice 0.10 refuse it, and that fold's
-# held-out patients kept 17 tumour-free slices with a false positive, 8 with the rule.
+# An expected step ("keep the largest component" where the training masks hold one object per unit; test-time flips
+# of the axes training flipped, crossval.judge) is dropped only when validation shows a loss of more than
+# EXPECTED_MARGIN in mean Dice that is not chance: the units it lowers are so many among those it changes that a
+# one-sided sign test gives p < EXPECTED_P (at least 5 units, all of them lowered). Measured on held-out patients
+# (benchmarks/holdout.py; README, "Postprocessing: what one validation patient can refuse"): the rule moved a fold's
+# held-out Dice by −0.004 to +0.075 (LGG and PH2), while on the runs' 1–3 validation cases it moved by −0.103 to
+# +0.11; a margin alone still let one validation patient at Dice 0.10 refuse it, and that fold's held-out patients
+# kept 17 tumour-free slices with a false positive, 8 with the rule. Flips that 1–3 validation cases refused would
+# have moved the held-out Dice by −0.012 to +0.058 (10 runs, README "Test-time flips: what one validation patient
+# can refuse").
 EXPECTED_MARGIN = 0.02
 EXPECTED_P = 0.05
 
@@ -125,7 +128,8 @@ def better(after: np.ndarray, before: np.ndarray, floor: np.ndarray | None = Non
 
 
 def refuted(before: np.ndarray, after: np.ndarray) -> bool:
-    """Whether validation refutes an expected rule, from each validation unit's Dice per label without and with it
+    """Whether validation refutes an expected step (the largest-component rule where the training masks hold one
+    object per unit; test-time flips), from each validation unit's Dice per label without and with it
     (``unit_scores``: units × labels): it lost more than ``EXPECTED_MARGIN`` on a label's mean or on the mean of all,
     and the units whose mean Dice it lowered outnumber those it raised beyond chance (one-sided sign test,
     p < ``EXPECTED_P``)."""

@@ -13,12 +13,13 @@ import pytest
 import torch
 from conftest import TINY_NET, one_error_line, unbiased_start
 
+import crossval
 import infer
 import segmenter
 import train
 from cases import find_inputs, load_manifest, read_case
 from common import InputError
-from crossval import STEPS, assign_folds
+from crossval import STEPS, Judged, assign_folds, judge
 from model import (
     flipped_probabilities,
     load_checkpoint,
@@ -94,6 +95,31 @@ def test_flips_are_flipped_back():
         direct = probabilities(predict_logits(net, x, (3, 8, 8), 0.5))
         assert torch.allclose(probs, direct.flip(dims) if dims else direct, atol=1e-6)
     assert not torch.allclose(got[1], got[0], atol=1e-3)  # the network is not equivariant: the flip mattered
+
+
+def _judge_flips(monkeypatch, flipped_dice: list[float]) -> dict:
+    """``judge``'s record where each validation volume (a 10×10 square, truth of 100 voxels) scores 1.0 without flips
+    and ``flipped_dice[i]`` with them (the flipped mask covers a share of the truth)."""
+    truth = np.zeros((1, 10, 10), np.uint8)
+    truth[0] = 1
+    entries = []
+    for i, d in enumerate(flipped_dice):
+        flipped = np.zeros_like(truth)  # Dice 2k / (k + 100) = d  →  k = 100 d / (2 - d) voxels
+        flipped.reshape(-1)[: round(100 * d / (2 - d))] = 1
+        entries.append(({"name": f"c{i}", "prepared_spacing": [1.0, 1.0, 1.0]}, truth.copy(), flipped, truth))
+    monkeypatch.setattr(crossval, "predict_validation", lambda *args: entries)
+    manifest = {"label_values": [0, 1], "cases": [c for c, *_ in entries]}
+    return judge([Judged(Path("model.pt"), [])], manifest, [], torch.device("cpu"), False, (1, 2), postprocess=False)
+
+
+def test_test_time_flips_stay_unless_validation_refutes_them(monkeypatch):
+    """The network trained with these flips: one validation case, however much it loses, cannot refuse them (a few
+    cases' noise); losses on 5 of 5 cases can; a gain keeps them."""
+    assert _judge_flips(monkeypatch, [0.8])["flips"] == [1, 2]
+    assert _judge_flips(monkeypatch, [0.9, 0.95, 1.0, 1.0, 0.9, 1.0])["flips"] == [1, 2]  # 3 lowered, 3 unchanged: kept
+    record = _judge_flips(monkeypatch, [0.9, 0.95, 0.9, 0.9, 0.95])
+    assert record["flips"] == [] and record["flips_dice"]["without"] == 1.0
+    assert record["flips_dice"]["with"] == pytest.approx(0.92, abs=0.005)
 
 
 @pytest.fixture(scope="module")
