@@ -256,7 +256,11 @@ class AugmentParams:
     neg: float = 1.0
     num_samples: int = 4
     rotate_degrees: float = 15.0  # small random in-plane rotation, on top of 90° turns
-    scale: float = 0.2  # random zoom by 1 ± this (in-plane; in depth too for crops deeper than one slice)
+    # Random zoom by a factor in these ranges: a depth-1 crop in-plane, by nnU-Net's range; a deeper crop along every
+    # axis, by the narrower range that 3D runs of a few hundred epochs learn faster with (README "nnU-Net's zoom
+    # range": 0.7-1.4 lifted LGG and PH2, and lowered the demo and BraTS's networks alone).
+    scale_2d: tuple[float, float] = (0.7, 1.4)
+    scale_3d: tuple[float, float] = (0.8, 1.2)
     intensity: bool = True  # intensity augmentation by modality (intensity_augment)
 
 
@@ -342,9 +346,11 @@ def spatial_augment(aug: AugmentParams, keys: Sequence[str]) -> list[MapTransfor
     """A random in-plane rotation and zoom, in one resampling. The rotation turns the (H, W) plane, about the depth
     axis: one about another axis would tilt depth into height, which empties most of a depth-1 crop; for the same
     reason a depth-1 crop is zoomed in-plane only."""
-    depth_scale = aug.scale if aug.crop[0] > 1 else 0.0
+    volume = aug.crop[0] > 1
+    lo, hi = aug.scale_3d if volume else aug.scale_2d
+    zoom = (lo - 1.0, hi - 1.0)  # MONAI adds 1 to what it draws
     return [RandAffined(keys, prob=0.5, rotate_range=(np.deg2rad(aug.rotate_degrees), 0.0, 0.0),
-                        scale_range=(depth_scale, aug.scale, aug.scale), mode=["bilinear", "nearest"],
+                        scale_range=(zoom if volume else (0.0, 0.0), zoom, zoom), mode=["bilinear", "nearest"],
                         padding_mode="zeros")]
 
 

@@ -107,7 +107,8 @@ def test_augmentation_turns_slices_in_plane_and_keeps_them(tmp_path, depth):
     for name, array in (("image", label.astype(np.float32)), ("label", label)):
         nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
     item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
-    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(depth, 64, 64), num_samples=1, scale=0.0))
+    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(depth, 64, 64), num_samples=1, scale_2d=(1.0, 1.0),
+                                                         scale_3d=(1.0, 1.0)))
     for seed in range(12):
         xforms.set_random_state(seed=seed)
         out = xforms(item)[0]["label"][0]
@@ -115,26 +116,29 @@ def test_augmentation_turns_slices_in_plane_and_keeps_them(tmp_path, depth):
         assert np.allclose(out.sum((1, 2)).numpy(), disc.sum(), rtol=0.05)  # every slice keeps the disc
 
 
-def test_augmentation_zooms_a_slice_in_plane_and_changes_intensities_only_of_the_image(tmp_path):
-    """The zoom (±20%) of a depth-1 crop scales the disc's area by 1/1.2² to 1/0.8² and never empties it; the
-    intensity part changes image values (brightness, gamma, noise) but leaves the label's 0/1 alone."""
+@pytest.mark.parametrize(("depth", "zoom"), [(1, (0.7, 1.4)), (6, (0.8, 1.2))])
+def test_augmentation_zooms_and_changes_intensities_only_of_the_image(tmp_path, depth, zoom):
+    """The zoom of a depth-1 crop (0.7 to 1.4, nnU-Net's) scales a disc's area by 1/1.4² to 1/0.7² and never empties
+    it; a deeper crop's (0.8 to 1.2) the area of a cylinder's middle slice by 1/1.2² to 1/0.8². The intensity part
+    changes image values (brightness, gamma, noise) but leaves the label's 0/1 alone."""
     import nibabel as nib
 
     rows, cols = np.ogrid[:64, :64]
-    disc = ((rows - 32) ** 2 + (cols - 32) ** 2 < 12**2).astype(np.uint8)[None]
-    for name, array in (("image", disc.astype(np.float32)), ("label", disc)):
+    disc = ((rows - 32) ** 2 + (cols - 32) ** 2 < 12**2).astype(np.uint8)
+    cylinder = np.repeat(disc[None], depth, axis=0)
+    for name, array in (("image", cylinder.astype(np.float32)), ("label", cylinder)):
         nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
     item = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
-    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(1, 64, 64), num_samples=1))
+    xforms = get_transforms("train", (0, 1), AugmentParams(crop=(depth, 64, 64), num_samples=1))
     areas, retouched = [], 0
     for seed in range(40):
         xforms.set_random_state(seed=seed)
         out = xforms(item)[0]
-        label, image = out["label"][0, 0].numpy(), out["image"][0, 0].numpy()
+        label, image = out["label"][0, depth // 2].numpy(), out["image"][0, depth // 2].numpy()
         assert set(np.unique(label)) == {0, 1}
         areas.append(label.sum() / disc.sum())
         retouched += not np.isin(image, (0.0, 1.0)).all()  # interpolation at the edge aside, values other than 0/1
-    assert 1 / 1.2**2 - 0.05 <= min(areas) and max(areas) <= 1 / 0.8**2 + 0.05
+    assert 1 / zoom[1] ** 2 - 0.05 <= min(areas) and max(areas) <= 1 / zoom[0] ** 2 + 0.05
     assert max(abs(a - 1) for a in areas) > 0.1  # some draws zoomed
     assert 0 < retouched < 40
 
