@@ -35,8 +35,8 @@ SMALL_SHARE = 0.01  # "small" components: together they hold at most this share 
 # (benchmarks/holdout.py; README, "Postprocessing: what one validation patient can refuse"): the rule moved a fold's
 # held-out Dice by −0.004 to +0.075 (LGG and PH2), while on the runs' 1–3 validation cases it moved by −0.103 to
 # +0.11; a margin alone still let one validation patient at Dice 0.10 refuse it, and that fold's held-out patients
-# kept 17 tumour-free slices with a false positive, 8 with the rule. Flips that 1–3 validation cases refused would
-# have moved the held-out Dice by −0.012 to +0.058 (10 runs, README "Test-time flips: what one validation patient
+# kept 17 tumour-free slices with a false positive, 8 with the rule. Flips that 1–3 validation cases refused moved
+# the held-out Dice by −0.012 to +0.058 once kept (12 runs, README "Test-time flips: what one validation patient
 # can refuse").
 EXPECTED_MARGIN = 0.02
 EXPECTED_P = 0.05
