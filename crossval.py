@@ -5,8 +5,8 @@
 - The decision: each network predicts the validation cases it never trained on (one network for a plain run, every
   fold's for cross-validation, pooled); on those predictions, test-time flips (of the axes training flipped) are
   expected and kept unless validation refutes them (``postprocess.refuted``), then the postprocessing rules are
-  decided (``postprocess.decide``). The decision goes into
-  every checkpoint judged, so that ``infer.py`` (one checkpoint or the ensemble of the folds) applies it.
+  decided (``postprocess.decide``). The decision goes into every checkpoint judged, so that ``infer.py`` (one
+  checkpoint or the ensemble of the folds) applies it.
 - The report: Dice per fold, mean, standard deviation and pooled, for the network alone, with flips, with
   postprocessing and with both (``cv.csv``, ``cv.png``), so that a user sees what each step bought.
 """
