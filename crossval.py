@@ -105,8 +105,7 @@ def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict],
     rules, trace = decide(pooled[use_flips], labels[1:], small, single) if postprocess else ([], [])
     targets = {**{str(v): [v] for v in labels[1:]}, **{k: list(v) for k, v in (regions or {}).items()}}
     return {"rules": rules, "flips": list(flips) if use_flips else [], "trace": trace,
-            "flips_dice": {"without": round(float(plain.mean(0).mean()), 6),
-                           "with": round(float(mirrored.mean(0).mean()), 6),
+            "flips_dice": {"without": round(float(plain.mean()), 6), "with": round(float(mirrored.mean()), 6),
                            "axes_tried": list(flips)},
             "validation_units": len(pooled[False]),
             "small_mm3": {",".join(map(str, k)): v for k, v in small.items()},
