@@ -115,6 +115,9 @@ class TrainConfig:
     ema_epochs: float = 5.0  # horizon of the weights' moving average, in epochs; 0: no average, the raw weights
     folds: int = 0  # k-fold cross-validation (crossval.assign_folds); 0: the manifest's train/validation split
     fold: int | None = None  # the fold this run trains (its validation cases are that fold's); None: all in turn
+    # The validation cases train too (README "Validation cases that train"); None: yes, unless --folds holds them
+    # out, the data's own validation folder sets them apart, or --select best picks an epoch by their Dice.
+    train_on_val: bool | None = None
 
 
 # ---------------------------------------------------------------- 1. data
@@ -389,6 +392,8 @@ def plan(cfg: TrainConfig, device: torch.device | None = None) -> Plan:
     data_dir = Path(cfg.data)
     manifest = load_manifest(data_dir)
     train_items, val_items = split_items(manifest, data_dir, cfg.folds, cfg.fold, cfg.seed)
+    planned = ["train_on_val"] if cfg.train_on_val is None else []
+    cfg, train_items = join_validation(cfg, manifest, train_items, val_items)
     if cfg.fold is not None:
         log.info("fold %d of %d: %d training and %d validation cases (%d patients)", cfg.fold, cfg.folds,
                  len(train_items), len(val_items), len({item["group"] for item in val_items}))
@@ -401,6 +406,7 @@ def plan(cfg: TrainConfig, device: torch.device | None = None) -> Plan:
     if unknown:
         raise InputError(f"--regions: label values {unknown} are not in the data's labels {label_values}")
     cfg, record = settle(cfg, manifest, len(train_items), in_channels, device or torch.device("cpu"))
+    record["planned"] = [*record["planned"], *planned]
     margs = model_args(in_channels=in_channels, out_channels=1 if n_classes == 2 else n_classes, channels=cfg.widths,
                        strides=cfg.strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)
     window = tuple(cfg.window) if cfg.window else None
@@ -439,6 +445,21 @@ def plan(cfg: TrainConfig, device: torch.device | None = None) -> Plan:
                           "batch_dice": cfg.batch_dice}
     return Plan(cfg, manifest, train_items, val_items, label_values, in_channels, margs, window, pool_groups,
                 PrepParams.from_dict(manifest["params"]), record)
+
+
+def join_validation(cfg: TrainConfig, manifest: dict, train_items: list[dict], val_items: list[dict]
+                    ) -> tuple[TrainConfig, list[dict]]:
+    """``cfg`` with ``train_on_val`` decided, and the training cases: with the validation ones when it says so. Left
+    open, it is on where the validation cases choose no weights and nobody set them apart: the split is the one
+    preprocess.py drew (no validation folder of the data's own), no ``--folds``, ``--select final``."""
+    if cfg.train_on_val is None:
+        own = manifest.get("split", {}).get("from_folders", False)
+        cfg = dataclasses.replace(cfg, train_on_val=not (cfg.folds or own or cfg.select == "best"))
+    if not cfg.train_on_val:
+        return cfg, train_items
+    log.info("the %d validation cases train too (--no-train-on-val: held out): their Dice, and the postprocessing "
+             "and flips decided on them, come from cases seen in training", len(val_items))
+    return cfg, train_items + val_items
 
 
 PLANNED = ("crop", "widths", "strides", "batch_size", "num_samples", "lr", "batch_dice")
@@ -906,6 +927,8 @@ def build_parser() -> ArgumentParser:
                    "inference: the final one (as nnU-Net's checkpoint_final) or the best on validation (as best.pt)")
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=d.postprocess, help="decide "
                    "postprocessing on validation after the last epoch (postprocessing.json); infer.py applies it")
+    p.add_argument("--train-on-val", action=argparse.BooleanOptionalAction, default=None, help="train on the "
+                   "validation cases too (default: yes, unless --folds, a validation folder, or --select best)")
     p.add_argument("--ema-epochs", type=float, default=d.ema_epochs, help="validate and save a moving average of "
                    "the weights over about this many epochs; 0: the raw weights")
     p.add_argument("--folds", type=int, default=d.folds, help="k-fold cross-validation by patient: OUTPUT/fold_K/ "

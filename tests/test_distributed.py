@@ -40,9 +40,9 @@ def test_two_ranks_train_one_model_and_rank_0_writes(prep_dir, tmp_path):
     mp.spawn(_rank, args=(2, _free_port(), argv, outputs, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
-    # Each rank trained on its own share of the three training cases (padded to equal shares).
+    # Each rank trained on its own share of the four cases: three training, one validation that trains too.
     manifest = json.loads((prep_dir / "dataset.json").read_text())
-    train_names = {c["name"] for c in manifest["cases"] if c["split"] == "train"}
+    train_names = {c["name"] for c in manifest["cases"] if c["split"] in ("train", "val")}
     assert [len(r["cases"]) for r in ranks] == [2, 2]
     assert set(ranks[0]["cases"]) | set(ranks[1]["cases"]) == train_names
     # Gradients were averaged and batch-norm statistics shared: one model, bit for bit.

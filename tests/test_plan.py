@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 
 import pytest
@@ -53,7 +54,7 @@ def test_a_run_writes_its_plan_and_a_plan_reruns(prep_dir, tmp_path):
     first = tmp_path / "first"
     assert train.main(["--data", str(prep_dir), "--output", str(first), "--epochs", "1", *TINY_NET]) == 0
     plan = json.loads((first / "plan.json").read_text())
-    assert plan["planned"] == ["lr", "batch_dice"] and plan["settings"]["lr"] == 1e-3
+    assert plan["planned"] == ["lr", "batch_dice", "train_on_val"] and plan["settings"]["lr"] == 1e-3
     assert plan["fingerprint"]["dims"] == "3d" and plan["settings"]["crop"] == [8, 64, 64]
     cfg = train.parse_args(["--plan", str(first / "plan.json"), "--data", str(prep_dir), "--lr", "0.01"])
     for key, value in plan["settings"].items():  # every setting from the file but the one given
@@ -121,3 +122,27 @@ def test_model_pt_holds_the_selected_epoch(prep_dir, tmp_path, select):
     assert kept["epoch"] == (3 if select == "final" else best["epoch"])
     same = load_checkpoint(out / "last.pt") if select == "final" else best
     assert all(torch.equal(kept["model_state"][k], same["model_state"][k]) for k in kept["model_state"])
+
+
+def test_validation_cases_train_too_unless_held_out(prep_dir, tmp_path):
+    """A split preprocess.py drew at random, the final epoch kept: the validation cases train too (and are still
+    validated on). --no-train-on-val, --select best, --folds and the data's own validation folder keep them out."""
+    manifest = json.loads((prep_dir / "dataset.json").read_text())
+    names = {s: {c["name"] for c in manifest["cases"] if c["split"] == s} for s in ("train", "val")}
+
+    def trained(data, *flags) -> tuple[set[str], bool]:
+        run = train.plan(train.parse_args(["--data", str(data), "--epochs", "1", *TINY_NET, *flags]))
+        if "--folds" not in flags:
+            assert {item["name"] for item in run.val_items} == names["val"]
+        return {item["name"] for item in run.train_items}, run.record["settings"]["train_on_val"]
+
+    assert names["val"] and trained(prep_dir) == (names["train"] | names["val"], True)
+    assert trained(prep_dir, "--no-train-on-val") == (names["train"], False)
+    assert trained(prep_dir, "--select", "best") == (names["train"], False)
+    assert trained(prep_dir, "--folds", "2", "--fold", "0")[1] is False
+    own = tmp_path / "own"
+    shutil.copytree(prep_dir, own)
+    manifest["split"]["from_folders"] = True
+    (own / "dataset.json").write_text(json.dumps(manifest))
+    assert trained(own) == (names["train"], False)
+    assert trained(own, "--train-on-val") == (names["train"] | names["val"], True)

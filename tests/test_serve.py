@@ -173,6 +173,7 @@ def test_model_health_and_openapi(api_3d, trained):
     assert info["kind"] == "3d" and info["labels"] == [0, 1] and info["in_channels"] == 1
     assert info["sha256"] == hashlib.sha256((trained / "model.pt").read_bytes()).hexdigest()
     assert len(info["window"]) == 3 and isinstance(info["best_dice"], float)
+    assert info["best_dice_seen"] is True  # trained with the default: its validation cases trained too
     assert api_3d.get("/api/health").json() == {"status": "ok", "busy": False}
     assert "/api/segment" in api_3d.get("/openapi.json").json()["paths"]
     page = api_3d.get("/")
