@@ -2,11 +2,11 @@
 
 - Folds: patient-grouped and seeded (a patient's slices, a case's modalities, never straddle two folds); the test
   split is in none of them.
-- The decision: each network predicts the validation cases it never trained on (one network for a plain run, every
-  fold's for cross-validation, pooled); on those predictions, test-time flips (of the axes training flipped) are
-  expected and kept unless validation refutes them (``postprocess.refuted``), then the postprocessing rules are
-  decided (``postprocess.decide``). The decision goes into every checkpoint judged, so that ``infer.py`` (one
-  checkpoint or the ensemble of the folds) applies it.
+- The decision: each network predicts its validation cases (one network for a plain run, which trained on them too
+  under ``--train-on-val``; every fold's for cross-validation, each on cases it never trained on, pooled); on those
+  predictions, test-time flips (of the axes training flipped) are expected and kept unless validation refutes them
+  (``postprocess.refuted``), then the postprocessing rules are decided (``postprocess.decide``). The decision goes
+  into every checkpoint judged, so that ``infer.py`` (one checkpoint or the ensemble of the folds) applies it.
 - The report: Dice per fold, mean, standard deviation and pooled, for the network alone, with flips, with
   postprocessing and with both (``cv.csv``, ``cv.png``), so that a user sees what each step bought.
 """
@@ -54,7 +54,7 @@ def assign_folds(manifest: dict, folds: int, seed: int) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Judged:
-    """A network (its ``model.pt``) and the validation items it never trained on."""
+    """A network (its ``model.pt``) and its validation items (a fold's: never trained on)."""
 
     checkpoint: Path
     items: list[dict]
