@@ -1,6 +1,6 @@
 """Find image/label pairs, reorient, downsample in-plane, crop to the body, normalize; write data/prep + manifest.
 
-    python preprocess.py data/raw data/prep [--synthetic 12] [--modality auto|ct|mr] [--inplane 256]
+    python preprocess.py data/raw data/prep [--synthetic 12] [--modality auto|ct|mr|rgb] [--inplane 256]
 """
 
 from __future__ import annotations
@@ -36,10 +36,15 @@ SYNTHETIC_SHAPE = (32, 512, 512)  # (D, H, W): a 512×512 CT of 32 slices, downs
 
 
 def detect_modality(image: torch.Tensor) -> str:
-    """"ct" when intensities look like Hounsfield units (the 0.5th percentile is air, below -500), else "mr".
+    """"ct" when intensities look like Hounsfield units (the 0.5th percentile is air, below -500); "rgb" for an
+    8-bit colour picture (three channels, one slice, whole numbers in 0..255: a photograph, e.g. dermoscopy); else
+    "mr".
 
     A percentile, not the minimum: interpolated MR can hold a few large negative values.
     """
+    if image.ndim == 4 and image.shape[0] == 3 and image.shape[-1] == 1 and float(image.min()) >= 0 \
+            and float(image.max()) <= 255 and bool(torch.equal(image, image.round())):
+        return "rgb"
     sample = image.flatten()[:: max(1, image.numel() // 1_000_000)].float()  # quantile() limits its input size
     return "ct" if float(torch.quantile(sample, 0.005)) < -500 else "mr"
 
@@ -394,7 +399,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
     p.add_argument("input", help="folder of raw image/label pairs (never modified, except by --synthetic)")
     p.add_argument("output", help="folder for prepared volumes and dataset.json")
-    p.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto")
+    p.add_argument("--modality", choices=["auto", "ct", "mr", "rgb"], default="auto",
+                   help="intensity scaling: CT's HU window, MR's z-score, a colour picture's /255 (auto: detected)")
     p.add_argument("--ct-window", type=float, nargs=2, default=list(PrepParams.window), metavar=("LO", "HI"),
                    help="CT intensity window, HU")
     p.add_argument("--inplane", type=int, default=PrepParams.inplane,
