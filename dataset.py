@@ -204,9 +204,10 @@ class ClipPercentilesd(MapTransform):
 
 def intensity_transforms(params: PrepParams) -> list[MapTransform]:
     """CT: clip to the HU window and scale to [0, 1]; MR: percentile clip then z-score; an 8-bit colour picture
-    (``"rgb"``): divided by 255, as nnU-Net's ``rgb_to_0_1`` does, so that the colours keep their balance and their
-    absolute values (z-scoring each channel of each picture shifts the channels against each other: a lesion that
-    fills the picture becomes the picture's average colour)."""
+    (``"rgb"``, only when asked for): divided by 255, as nnU-Net's ``rgb_to_0_1`` does, so that the colours keep
+    their balance and absolute values (z-scoring each channel of each picture shifts the channels against each
+    other); on PH2 it lifted one blue-white lesion and lowered most other pictures (README, "Colour pictures
+    divided by 255")."""
     if params.modality == "ct":
         lo, hi = params.window
         return [ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
@@ -361,10 +362,11 @@ def spatial_augment(aug: AugmentParams, keys: Sequence[str]) -> list[MapTransfor
 
 def intensity_augment(depth: int, modality: str) -> list[MapTransform]:
     """Random intensity changes of the normalized image, by modality. CT keeps its Hounsfield scale, the same on
-    every scanner: brightness, gamma and noise. MR and colour pictures (z-scored; scanners and protocols differ more between patients
+    every scanner: brightness, gamma and noise. MR (z-scored; scanners and protocols differ more between patients
     than anything the spatial part covers) gets nnU-Net's whole set, its probabilities and ranges: noise, blur,
     brightness, contrast, low resolution, gamma of the image and of its inverse (both keeping mean and spread),
     plus ``RandClipBrightd``; brightness, contrast and the gammas draw for each channel apart, as nnU-Net's do.
+    A colour picture (``"rgb"``, cameras and lighting differ) gets nnU-Net's set without the clip, which z-scores.
     Measured (README, "Intensity augmentation"): LGG networks trained on 5 patients whose tumours were of middling
     brightness missed the brightest tumours of new patients; the MR set lifted those from 0.19 to 0.36, while on the
     synthetic CT demo (60 epochs) the whole set cost 0.02. Drawn for each channel: PH2 held out 0.881 → 0.886,
