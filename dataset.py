@@ -58,7 +58,7 @@ ORIENTATION = "SPL"  # array axes (D, H, W) = inferior→superior, anterior→po
 class PrepParams:
     """How raw volumes become network input; stored in the manifest and in every checkpoint."""
 
-    modality: str = "ct"  # "ct": HU window to [0, 1]; "mr": percentile clip then z-score
+    modality: str = "ct"  # "ct": HU window to [0, 1]; "mr": percentile clip then z-score; "rgb": 8-bit colour / 255
     window: tuple[float, float] = (-1000.0, 1000.0)  # HU
     percentiles: tuple[float, float] = (0.5, 99.5)
     inplane: int = 256  # largest in-plane size after downsampling, voxels
@@ -203,10 +203,16 @@ class ClipPercentilesd(MapTransform):
 
 
 def intensity_transforms(params: PrepParams) -> list[MapTransform]:
-    """CT: clip to the HU window and scale to [0, 1]; MR: percentile clip then z-score."""
+    """CT: clip to the HU window and scale to [0, 1]; MR: percentile clip then z-score; an 8-bit colour picture
+    (``"rgb"``, only when asked for): divided by 255, as nnU-Net's ``rgb_to_0_1`` does, so that the colours keep
+    their balance and absolute values (z-scoring each channel of each picture shifts the channels against each
+    other); on PH2 it lifted one blue-white lesion and lowered most other pictures (README, "Colour pictures
+    divided by 255")."""
     if params.modality == "ct":
         lo, hi = params.window
         return [ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+    if params.modality == "rgb":
+        return [ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0)]
     lo, hi = params.percentiles
     return [ClipPercentilesd("image", lower=lo, upper=hi), NormalizeIntensityd("image", channel_wise=True)]
 
@@ -360,6 +366,7 @@ def intensity_augment(depth: int, modality: str) -> list[MapTransform]:
     than anything the spatial part covers) gets nnU-Net's whole set, its probabilities and ranges: noise, blur,
     brightness, contrast, low resolution, gamma of the image and of its inverse (both keeping mean and spread),
     plus ``RandClipBrightd``; brightness, contrast and the gammas draw for each channel apart, as nnU-Net's do.
+    A colour picture (``"rgb"``, cameras and lighting differ) gets nnU-Net's set without the clip, which z-scores.
     Measured (README, "Intensity augmentation"): LGG networks trained on 5 patients whose tumours were of middling
     brightness missed the brightest tumours of new patients; the MR set lifted those from 0.19 to 0.36, while on the
     synthetic CT demo (60 epochs) the whole set cost 0.02. Drawn for each channel: PH2 held out 0.881 → 0.886,
@@ -377,7 +384,7 @@ def intensity_augment(depth: int, modality: str) -> list[MapTransform]:
             RandSimulateLowResolutiond("image", zoom_range=(0.5, 1.0), prob=0.25),
             RandGammaPerChanneld("image", gamma=(0.7, 1.5), invert_image=True, retain_stats=True, prob=0.1),
             RandGammaPerChanneld("image", gamma=(0.7, 1.5), retain_stats=True, prob=0.3),
-            RandClipBrightd("image", prob=0.25)]
+            *([RandClipBrightd("image", prob=0.25)] if modality == "mr" else [])]
 
 
 class RandGammaPerChanneld(RandAdjustContrastd):

@@ -1,6 +1,6 @@
 """Find image/label pairs, reorient, downsample in-plane, crop to the body, normalize; write data/prep + manifest.
 
-    python preprocess.py data/raw data/prep [--synthetic 12] [--modality auto|ct|mr] [--inplane 256]
+    python preprocess.py data/raw data/prep [--synthetic 12] [--modality auto|ct|mr|rgb] [--inplane 256]
 """
 
 from __future__ import annotations
@@ -37,11 +37,19 @@ SYNTHETIC_SHAPE = (32, 512, 512)  # (D, H, W): a 512×512 CT of 32 slices, downs
 
 def detect_modality(image: torch.Tensor) -> str:
     """"ct" when intensities look like Hounsfield units (the 0.5th percentile is air, below -500), else "mr".
+    ("rgb" is never detected, only asked for: README "Colour pictures divided by 255".)
 
     A percentile, not the minimum: interpolated MR can hold a few large negative values.
     """
     sample = image.flatten()[:: max(1, image.numel() // 1_000_000)].float()  # quantile() limits its input size
     return "ct" if float(torch.quantile(sample, 0.005)) < -500 else "mr"
+
+
+def is_8bit_colour(image: torch.Tensor) -> bool:
+    """Whether ``image`` (C, X, Y, Z) is what ``--modality rgb`` expects: three channels of whole numbers in 0..255
+    on one slice (a photograph)."""
+    return (image.ndim == 4 and image.shape[0] == 3 and image.shape[-1] == 1 and float(image.min()) >= 0
+            and float(image.max()) <= 255 and bool(torch.equal(image, image.round())))
 
 
 # ---------------------------------------------------------------- 3. one case
@@ -52,7 +60,10 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
     raw = read_case(case, params.channel, labels)
     image = raw["image"]
     looks_like = detect_modality(image)
-    if looks_like != params.modality:
+    if params.modality == "rgb" and not is_8bit_colour(image):
+        log.warning("%s: not an 8-bit colour picture (3 channels of 0..255 on one slice), processing as rgb",
+                    case.image)
+    elif looks_like != params.modality != "rgb":
         log.warning("%s: intensities look like %s, processing as %s", case.image, looks_like, params.modality)
     keys = list(raw)
     chain = prepare_transforms(params, with_label=case.label is not None)
@@ -394,7 +405,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
     p.add_argument("input", help="folder of raw image/label pairs (never modified, except by --synthetic)")
     p.add_argument("output", help="folder for prepared volumes and dataset.json")
-    p.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto")
+    p.add_argument("--modality", choices=["auto", "ct", "mr", "rgb"], default="auto",
+                   help="intensity scaling: CT's HU window, MR's z-score, an 8-bit colour picture's /255 (auto: CT or "
+                   "MR, detected)")
     p.add_argument("--ct-window", type=float, nargs=2, default=list(PrepParams.window), metavar=("LO", "HI"),
                    help="CT intensity window, HU")
     p.add_argument("--inplane", type=int, default=PrepParams.inplane,

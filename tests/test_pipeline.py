@@ -211,6 +211,29 @@ def test_modality_detection_uses_air_not_outliers():
     assert preprocess.detect_modality(mr[None]) == "mr"
 
 
+def test_rgb_divides_an_8_bit_colour_picture_by_255():
+    """``--modality rgb``: three channels of whole numbers in 0..255 on one slice (a photograph as read,
+    (C, X, Y, 1)) come out divided by 255, each channel at its own level (a z-score per channel would centre each
+    on 0); one channel, non-whole values, values beyond 255 or a volume deeper than one slice are not such a
+    picture (a warning); auto-detection keeps colour pictures MR (z-scored), the measured default."""
+    from monai.transforms import Compose
+
+    from dataset import PrepParams, intensity_transforms
+
+    rng = np.random.default_rng(0)
+    photo = torch.from_numpy(rng.integers(0, 256, (3, 40, 30, 1)).astype(np.float32))
+    photo[0] = (photo[0] * 0.2 + 180).round()  # a reddish picture: the channels' levels differ
+    assert preprocess.is_8bit_colour(photo)
+    for odd in (photo[:1], photo + 0.5, photo * 2, photo.repeat(1, 1, 1, 4)):
+        assert not preprocess.is_8bit_colour(odd)
+    assert preprocess.detect_modality(photo) == "mr"
+    out = Compose(intensity_transforms(PrepParams(modality="rgb")))({"image": photo.clone()})["image"]
+    assert torch.allclose(torch.as_tensor(out), photo / 255.0)
+    assert float(out[0].mean()) > 0.7 > 0.6 > float(out[1].mean())
+    z = Compose(intensity_transforms(PrepParams(modality="mr")))({"image": photo.clone()})["image"]
+    assert abs(float(z[0].mean())) < 1e-4 and abs(float(z[1].mean())) < 1e-4
+
+
 def test_same_seed_same_weights(prep_dir, tmp_path):
     for name in ("a", "b"):
         assert train.main(["--data", str(prep_dir), "--output", str(tmp_path / name), "--epochs", "1",

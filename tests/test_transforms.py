@@ -165,8 +165,11 @@ def test_intensity_augmentation_keeps_shape_and_the_gammas_keep_mean_and_spread(
             assert float(out.std()) == pytest.approx(float(image.std()), rel=1e-3)
             gammas.append(out)
     assert len(gammas) == 2 and not torch.allclose(*gammas)
-    # CT keeps its Hounsfield scale: no re-normalizing clip, no inverted gamma
+    # CT keeps its Hounsfield scale: no re-normalizing clip, no inverted gamma; a colour picture keeps its /255
+    # scale: nnU-Net's set without the clip, which z-scores again (an MR scanner's look, not a camera's)
     assert not any(isinstance(x, RandClipBrightd) for x in intensity_augment(depth, "ct"))
+    assert not any(isinstance(x, RandClipBrightd) for x in intensity_augment(depth, "rgb"))
+    assert len(intensity_augment(depth, "rgb")) == len(intensity_augment(depth, "mr")) - 1
     assert len(intensity_augment(depth, "ct")) < len(intensity_augment(depth, "mr"))
 
 
