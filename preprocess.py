@@ -59,11 +59,11 @@ def prepare_case(case: Case, params: PrepParams, out_dir: Path, labels: Sequence
     """Preprocess one case into ``out_dir`` and return its manifest record (JSON-ready)."""
     raw = read_case(case, params.channel, labels)
     image = raw["image"]
-    looks_like = detect_modality(image)
-    if params.modality == "rgb" and not is_8bit_colour(image):
-        log.warning("%s: not an 8-bit colour picture (3 channels of 0..255 on one slice), processing as rgb",
-                    case.image)
-    elif looks_like != params.modality != "rgb":
+    if params.modality == "rgb":  # asked for, never detected: the check is the picture's, not detect_modality's
+        if not is_8bit_colour(image):
+            log.warning("%s: not an 8-bit colour picture (3 channels of 0..255 on one slice), processing as rgb",
+                        case.image)
+    elif (looks_like := detect_modality(image)) != params.modality:
         log.warning("%s: intensities look like %s, processing as %s", case.image, looks_like, params.modality)
     keys = list(raw)
     chain = prepare_transforms(params, with_label=case.label is not None)
