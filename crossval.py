@@ -54,9 +54,10 @@ def assign_folds(manifest: dict, folds: int, seed: int) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Judged:
-    """A network (its ``model.pt``) and its validation items (a fold's: never trained on)."""
+    """A network (its ``model.pt``), or an ensemble whose probabilities are averaged (a seed ensemble's members),
+    and its validation items (a fold's: never trained on)."""
 
-    checkpoint: Path
+    checkpoints: tuple[Path, ...]
     items: list[dict]
     fold: int = 0
 
@@ -65,8 +66,10 @@ def predict_validation(judged: Judged, cases: dict[str, dict], device: torch.dev
                        flips: Sequence[int]) -> list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]]:
     """Per validation item: (manifest case, mask without flips, mask with ``flips``, true mask), label values on
     the prepared grid (D, H, W), predicted as inference predicts (the checkpoint's window and overlap)."""
-    ckpt = load_checkpoint(judged.checkpoint)
-    net = model_from_checkpoint(ckpt, judged.checkpoint).to(device, memory_format=torch.channels_last_3d).eval()
+    ckpts = [load_checkpoint(p) for p in judged.checkpoints]
+    nets = [model_from_checkpoint(c, p).to(device, memory_format=torch.channels_last_3d).eval()
+            for c, p in zip(ckpts, judged.checkpoints)]
+    ckpt = ckpts[0]
     values = np.asarray(ckpt["label_values"])
     window, overlap = ckpt["inference"]["roi"], ckpt["inference"]["overlap"]
     chain = make_dataset(judged.items, "val", ckpt["label_values"], AugmentParams(crop=tuple(ckpt["config"]["crop"])),
@@ -74,9 +77,10 @@ def predict_validation(judged: Judged, cases: dict[str, dict], device: torch.dev
                          params=PrepParams.from_dict(ckpt["prep_params"]))
     out = []
     for item in chain:
-        probs = list(flipped_probabilities(net, item["image"][None], window, overlap, ckpt["inference"].get(
-            "sw_batch_size"), amp, item["tissue"][None], flips))
-        masks = [values[to_classes(p)[0, 0].cpu().numpy()] for p in (probs[0], torch.stack(probs).mean(0))]
+        probs = torch.stack([torch.stack(list(flipped_probabilities(
+            net, item["image"][None], window, overlap, ckpt["inference"].get("sw_batch_size"), amp,
+            item["tissue"][None], flips))) for net in nets])  # (networks, flip sets, B, K, D, H, W)
+        masks = [values[to_classes(p)[0, 0].cpu().numpy()] for p in (probs[:, 0].mean(0), probs.mean((0, 1)))]
         out.append((cases[item["name"]], *masks, values[np.asarray(item["label"][0])]))
     return out
 
@@ -125,12 +129,15 @@ def fold_scores(units: dict[bool, list[Unit]], targets: dict[str, list[int]], ru
 
 
 def decide_run(out_dir: Path, manifest: dict, train_items: Sequence[dict], val_items: Sequence[dict],
-               device: torch.device, amp: bool, regions: dict[str, Sequence[int]] | None = None) -> dict:
-    """One network's decision (``out_dir/model.pt``, no folds): ``judge`` on its validation items, then
-    ``write_decision``; returns the record."""
-    record = judge([Judged(out_dir / "model.pt", list(val_items))], manifest, train_items, device, amp, FLIP_AXES,
+               device: torch.device, amp: bool, regions: dict[str, Sequence[int]] | None = None,
+               checkpoints: Sequence[Path] | None = None) -> dict:
+    """The decision of one run (no folds): its network (``out_dir/model.pt``) or the ensemble ``checkpoints``
+    (a seed ensemble's members, averaged) judged on its validation items, then ``write_decision``; returns the
+    record."""
+    checkpoints = list(checkpoints or [out_dir / "model.pt"])
+    record = judge([Judged(tuple(checkpoints), list(val_items))], manifest, train_items, device, amp, FLIP_AXES,
                    regions)
-    write_decision(record, [out_dir / "model.pt"], out_dir)
+    write_decision(record, checkpoints, out_dir)
     return record
 
 

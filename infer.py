@@ -2,8 +2,9 @@
 
     python infer.py volume.nii.gz [more.nii.gz | folder ...] [--checkpoint output] [--out output]
 
-``--checkpoint`` takes checkpoints or train.py output folders (model.pt, or the ensemble of a cross-validation's
-folds that cv.json lists); several networks average their probabilities.
+``--checkpoint`` takes checkpoints or train.py output folders (model.pt, or the ensemble that cv.json lists, of a
+cross-validation's folds, or ensemble.json, of a seed ensemble's members); several networks average their
+probabilities.
 """
 
 from __future__ import annotations

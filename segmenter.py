@@ -164,33 +164,40 @@ def check_ensemble(ckpts: Sequence[dict], paths: Sequence[Path]) -> None:
                              f"{ckpts[0]['model_args']['in_channels']}; an ensemble needs one dataset's checkpoints")
 
 
+# What train.py writes into OUTPUT besides model.pt: the networks of an ensemble, inside OUTPUT
+# (cross-validation's folds, a seed ensemble's members).
+ENSEMBLE_LISTS = ("cv.json", "ensemble.json")
+
+
 def checkpoint_paths(specs: Sequence[str]) -> list[Path]:
-    """Checkpoint files from ``--checkpoint``: a file as it is; a train.py output folder gives the folds its
-    ``cv.json`` lists (an ensemble) or its ``model.pt``, whichever train.py wrote last."""
+    """Checkpoint files from ``--checkpoint``: a file as it is; a train.py output folder gives its ``model.pt``, or
+    the networks its ``cv.json`` (folds) or ``ensemble.json`` (a seed ensemble) lists, whichever train.py wrote
+    last."""
     out: list[Path] = []
     for spec in map(Path, specs):
         if not spec.is_dir():
             out.append(spec)
             continue
-        cv, single = spec / "cv.json", spec / "model.pt"
-        if cv.is_file() and (not single.is_file() or cv.stat().st_mtime >= single.stat().st_mtime):
-            out += fold_checkpoints(cv)
-        elif single.is_file():
-            out.append(single)
-        else:
-            raise InputError(f"{spec}: holds neither model.pt nor cv.json; train first, or name a checkpoint")
+        written = [p for p in (spec / "model.pt", *(spec / name for name in ENSEMBLE_LISTS)) if p.is_file()]
+        if not written:
+            raise InputError(f"{spec}: holds neither model.pt nor {' nor '.join(ENSEMBLE_LISTS)}; train first, or "
+                             "name a checkpoint")
+        # The newest; a tie goes to an ensemble (written after its networks' checkpoints).
+        newest = max(written, key=lambda p: (p.stat().st_mtime, p.suffix == ".json"))
+        out += [newest] if newest.suffix == ".pt" else listed_checkpoints(newest)
     return out
 
 
-def fold_checkpoints(cv: Path) -> list[Path]:
-    """The checkpoints a cross-validation's ``cv.json`` lists, each inside its folder."""
+def listed_checkpoints(listing: Path) -> list[Path]:
+    """The checkpoints a ``cv.json`` or ``ensemble.json`` lists, each inside its folder."""
     try:
-        names = json.loads(cv.read_text())["checkpoints"]
-        paths = [cv.parent / name for name in names if ".." not in Path(name).parts and not Path(name).is_absolute()]
+        names = json.loads(listing.read_text())["checkpoints"]
+        paths = [listing.parent / name for name in names
+                 if ".." not in Path(name).parts and not Path(name).is_absolute()]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"{cv}: not a cv.json written by train.py ({type(exc).__name__})") from None
+        raise InputError(f"{listing}: not a {listing.name} written by train.py ({type(exc).__name__})") from None
     if not paths or len(paths) != len(names):
-        raise InputError(f"{cv}: lists no checkpoints inside its folder")
+        raise InputError(f"{listing}: lists no checkpoints inside its folder")
     return paths
 
 

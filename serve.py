@@ -560,7 +560,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(__doc__)
     p.add_argument("--checkpoint", nargs="+", default=None, metavar="CKPT",
                    help="one model, as infer.py's --checkpoint: checkpoint files, or train.py's output folder (its "
-                   "model.pt, or the folds cv.json lists); several are an ensemble (default: output)")
+                   "model.pt, or the networks cv.json or ensemble.json lists); several are an ensemble "
+                   "(default: output)")
     p.add_argument("--model", action="append", type=model_arg, default=None, metavar="CKPT[,CKPT...]",
                    help="instead of --checkpoint, several models side by side: each --model is one model, its "
                    "comma-separated items as --checkpoint's (a,b: an ensemble); an upload goes to the first model "
@@ -594,13 +595,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def default_models(root: Path) -> list[tuple[Path, ...]] | None:
     """What ``python serve.py`` serves with neither option: ``root`` (train.py's default output) and each folder
-    right inside it that train.py wrote into (``model.pt`` or ``cv.json``, e.g. ``output/ph2``), side by side, so
-    that the demo's 3D model and a 2D one trained beside it answer the same page; a cross-validation's
-    ``fold_K`` folders belong to their ensemble, not beside it. None where ``root`` holds one model or none."""
+    right inside it that train.py wrote into (``model.pt``, ``cv.json`` or ``ensemble.json``, e.g. ``output/ph2``),
+    side by side, so that the demo's 3D model and a 2D one trained beside it answer the same page; a
+    cross-validation's ``fold_K`` and a seed ensemble's ``member_K`` folders belong to their ensemble, not beside
+    it. None where ``root`` holds one model or none."""
     def trained(folder: Path) -> bool:
-        return (folder / "model.pt").is_file() or (folder / "cv.json").is_file()
+        return any((folder / name).is_file() for name in ("model.pt", *segmenter.ENSEMBLE_LISTS))
 
-    inside = sorted(f for f in root.glob("*") if f.is_dir() and not re.fullmatch(r"fold_\d+", f.name) and trained(f))
+    inside = sorted(f for f in root.glob("*") if f.is_dir() and not re.fullmatch(r"(fold|member)_\d+", f.name)
+                    and trained(f))
     models = ([(root,)] if trained(root) else []) + [(f,) for f in inside]
     return models if len(models) > 1 else None
 

@@ -118,6 +118,8 @@ class TrainConfig:
     # The validation cases train too (README "Validation cases that train"); None: yes, unless --folds holds them
     # out, the data's own validation folder sets them apart, or --select best picks an epoch by their Dice.
     train_on_val: bool | None = None
+    # Networks of a seed ensemble (seeds seed, seed + 1, ...: OUTPUT/member_K/), averaged at inference; 1: one.
+    members: int = 1
 
 
 # ---------------------------------------------------------------- 1. data
@@ -490,8 +492,9 @@ def settle(cfg: TrainConfig, manifest: dict, n_train: int, in_channels: int, dev
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training (one process, or one rank of a torchrun job); returns ``{"best_dice", "best_epoch",
-    "epochs_run", "peak_rss_mb", "train_cases", "model"}`` (the cases this rank trained on, the trained network)."""
+    """Run training of one network (one process, or one rank of a torchrun job); returns ``{"best_dice",
+    "best_epoch", "epochs_run", "peak_rss_mb", "train_cases", "model"}`` (the cases this rank trained on, the
+    trained network)."""
     rank, world, device = init_distributed(resolve_device(cfg.device))
     if world > 1:
         log.info("rank %d of %d", rank, world)
@@ -567,7 +570,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             log.info("early stop: no better validation Dice for %d validations", s.stale)
         if last or early:
             break
-    if rank == 0 and cfg.postprocess and cfg.fold is None:  # folds decide together (cross_validate)
+    # Folds decide together (cross_validate), and a seed ensemble's members too (train_members).
+    if rank == 0 and cfg.postprocess and cfg.fold is None and cfg.members == 1:
         decide_run(Path(cfg.output), s.run.manifest, s.run.train_items, s.run.val_items, s.device,
                    use_amp(inference_amp(cfg.amp), s.device), dict(cfg.regions))
     if s.writer is not None:
@@ -577,6 +581,38 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
              " MB on the GPU" if device.type == "cuda" else "")
     return {"best_dice": s.best["dice"], "best_epoch": s.best["epoch"], "epochs_run": len(s.history),
             "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in s.train_ds.data], "model": s.weights}
+
+
+def train_members(cfg: TrainConfig) -> dict[int, dict[str, Any]]:
+    """One network, or with ``--members N`` a seed ensemble: member K trained with seed ``seed + K`` on the same
+    cases into ``OUTPUT/member_K/`` (sharing ``--time-limit`` equally among those left), then the flips and
+    postprocessing decided on the members' averaged validation predictions, and ``ensemble.json`` (what infer.py
+    takes from ``OUTPUT``). ``OUTPUT/plan.json`` is the whole run's plan (``--plan`` re-runs it)."""
+    if cfg.members == 1:
+        return {0: train(cfg)}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("--members under torchrun: one network per torchrun job (--seed to vary it)")
+    start, device, out = time.perf_counter(), resolve_device(cfg.device), Path(cfg.output)
+    run = plan(cfg, device)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(run.record, out / "plan.json")
+    log.info("a seed ensemble of %d networks, each in %s/member_K", cfg.members, out)
+    results, checkpoints = {}, []
+    for k in range(cfg.members):
+        limit = None if cfg.time_limit is None else max(
+            1.0, (cfg.time_limit - (time.perf_counter() - start)) / (cfg.members - k))
+        sub = out / f"member_{k}"
+        results[k] = train(dataclasses.replace(run.cfg, seed=cfg.seed + k, output=str(sub), time_limit=limit,
+                                               resume=cfg.resume and (sub / "last.pt").is_file()))
+        checkpoints.append(sub / "model.pt")
+    record: dict[str, Any] = {}
+    if cfg.postprocess:
+        record = decide_run(out, run.manifest, run.train_items, run.val_items, device,
+                            use_amp(inference_amp(cfg.amp), device), dict(cfg.regions), checkpoints)
+    write_json({"members": cfg.members, "seeds": [cfg.seed + k for k in range(cfg.members)],
+                "checkpoints": [str(p.relative_to(out)) for p in checkpoints],
+                "flips": record.get("flips", []), "rules": record.get("rules", [])}, out / "ensemble.json")
+    return results
 
 
 def train_folds(cfg: TrainConfig) -> dict[int, dict[str, Any]]:
@@ -620,7 +656,7 @@ def cross_validate(cfg: TrainConfig) -> dict | None:
     fold_of = assign_folds(manifest, cfg.folds, cfg.seed)
     train_items, val_items = split_items(manifest, data_dir, cfg.folds, 0, cfg.seed)
     items = train_items + val_items
-    judged = [Judged(p, [i for i in items if fold_of[i["name"]] == k], k) for k, p in enumerate(checkpoints)]
+    judged = [Judged((p,), [i for i in items if fold_of[i["name"]] == k], k) for k, p in enumerate(checkpoints)]
     device = resolve_device(cfg.device)
     amp = use_amp(inference_amp(cfg.amp), device)  # the networks' precision in infer.py
     record = judge(judged, manifest, items, device, amp, FLIP_AXES if cfg.postprocess else (), dict(cfg.regions),
@@ -933,6 +969,9 @@ def build_parser() -> ArgumentParser:
                    "the weights over about this many epochs; 0: the raw weights")
     p.add_argument("--folds", type=int, default=d.folds, help="k-fold cross-validation by patient: OUTPUT/fold_K/ "
                    "per fold, then cv.csv and cv.png; infer.py takes the folds' ensemble; 0: the manifest's split")
+    p.add_argument("--members", type=int, default=d.members, metavar="N", help="a seed ensemble: N networks "
+                   "(seeds SEED … SEED+N-1) on the same cases into OUTPUT/member_K/, sharing --time-limit; infer.py "
+                   "averages them")
     p.add_argument("--fold", type=fold_arg, default=None, metavar="K|all",
                    help="with --folds: the fold to train (0 … N-1), or all in turn (default), sharing --time-limit")
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N validations without gain; 0: off")
@@ -1044,6 +1083,8 @@ def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
                 "0 <= --ema-epochs <= 1000")
     if a.fold is not None and not a.folds:
         p.error("--fold needs --folds N")
+    if not 1 <= a.members <= 20 or a.folds and a.members > 1:
+        p.error("--members must lie in 1..20, and --folds trains its folds as the ensemble (no --members)")
     if a.folds and not 2 <= a.folds <= 100:
         p.error("--folds must lie in 2..100 (0: the manifest's split)")
     if a.window and (min(a.window) < 1 or max(a.window) > 1024):
@@ -1061,8 +1102,10 @@ def main(argv: list[str] | None = None) -> int:
             for k, result in train_folds(given[0]).items():
                 log.info("fold %d: best validation Dice %.4f at epoch %d", k, result["best_dice"], result["best_epoch"])
             return
-        result = train(given[0])
-        log.info("best validation Dice %.4f at epoch %d", result["best_dice"], result["best_epoch"])
+        results = train_members(given[0])
+        for k, result in results.items():
+            log.info("%sbest validation Dice %.4f at epoch %d", f"member {k}: " if len(results) > 1 else "",
+                     result["best_dice"], result["best_epoch"])
 
     try:
         return run_command(work)

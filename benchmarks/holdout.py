@@ -7,9 +7,10 @@ patients, segment patients it never saw (not even for validation), score them.
 For fold K of N (patients sorted by name, then dealt round-robin, so that each is held out once across the folds):
 a raw folder of the other patients' folders (links to their files), ``preprocess.py`` on it, ``train.py``, then
 ``infer.py`` on the held-out patients' images as a user would give them: with the output folder as it is (what
-infer.py uses by default: ``model.pt``, or with ``--folds`` in the training options the ensemble of the folds, with
-the test-time flips and postprocessing train.py decided on validation), with the networks alone (``--no-tta
---no-postprocess``), and with flips forced on (``--tta``), to show what each step changes. Each held-out patient
+infer.py uses by default: ``model.pt``, or the ensemble of the folds (``--folds`` in the training options) or of
+a seed ensemble's members, with the test-time flips and postprocessing train.py decided on validation), with the
+networks alone (``--no-tta --no-postprocess``), and with flips forced on (``--tta``), to show what each step
+changes. Each held-out patient
 is scored by its Dice over all its slices pooled (the LGG literature's figure; one case = one patient for volumes),
 and by how many of its slices without tumour got a false positive. Prints one line per patient and the mean;
 ``--json`` writes them. ``--redecide`` keeps an earlier run's network and decides its flips and postprocessing

@@ -109,7 +109,7 @@ def _judge_flips(monkeypatch, flipped_dice: list[float]) -> dict:
         entries.append(({"name": f"c{i}", "prepared_spacing": [1.0, 1.0, 1.0]}, truth.copy(), flipped, truth))
     monkeypatch.setattr(crossval, "predict_validation", lambda *args: entries)
     manifest = {"label_values": [0, 1], "cases": [c for c, *_ in entries]}
-    return judge([Judged(Path("model.pt"), [])], manifest, [], torch.device("cpu"), False, (1, 2), postprocess=False)
+    return judge([Judged((Path("model.pt"),), [])], manifest, [], torch.device("cpu"), False, (1, 2), postprocess=False)
 
 
 def test_test_time_flips_stay_unless_validation_refutes_them(monkeypatch):
