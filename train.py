@@ -176,10 +176,16 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def torchrun_world() -> int:
+    """The processes of the torchrun job this one belongs to (``WORLD_SIZE``), known before the job is joined; 1
+    without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """Join the job torchrun describes in the environment (WORLD_SIZE > 1): NCCL with one GPU per local rank,
     gloo on the CPU. Returns (rank, world size, device); (0, 1, device) without torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = torchrun_world()
     if world <= 1:
         return 0, 1, device
     if device.type == "cuda":
@@ -583,6 +589,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in s.train_ds.data], "model": s.weights}
 
 
+def budget_share(time_limit: float | None, start: float, runs_left: int) -> float | None:
+    """The seconds of the next of ``runs_left`` runs (members, folds) that share what is left of ``time_limit``
+    since ``start`` (``time.perf_counter()``) equally; None without a limit."""
+    return None if time_limit is None else max(1.0, (time_limit - (time.perf_counter() - start)) / runs_left)
+
+
 def train_members(cfg: TrainConfig) -> dict[int, dict[str, Any]]:
     """One network, or with ``--members N`` a seed ensemble: member K trained with seed ``seed + K`` on the same
     cases into ``OUTPUT/member_K/`` (sharing ``--time-limit`` equally among those left), then the flips and
@@ -590,7 +602,7 @@ def train_members(cfg: TrainConfig) -> dict[int, dict[str, Any]]:
     takes from ``OUTPUT``). ``OUTPUT/plan.json`` is the whole run's plan (``--plan`` re-runs it)."""
     if cfg.members == 1:
         return {0: train(cfg)}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_world() > 1:
         raise InputError("--members under torchrun: one network per torchrun job (--seed to vary it)")
     start, device, out = time.perf_counter(), resolve_device(cfg.device), Path(cfg.output)
     run = plan(cfg, device)
@@ -599,10 +611,9 @@ def train_members(cfg: TrainConfig) -> dict[int, dict[str, Any]]:
     log.info("a seed ensemble of %d networks, each in %s/member_K", cfg.members, out)
     results, checkpoints = {}, []
     for k in range(cfg.members):
-        limit = None if cfg.time_limit is None else max(
-            1.0, (cfg.time_limit - (time.perf_counter() - start)) / (cfg.members - k))
         sub = out / f"member_{k}"
-        results[k] = train(dataclasses.replace(run.cfg, seed=cfg.seed + k, output=str(sub), time_limit=limit,
+        results[k] = train(dataclasses.replace(run.cfg, seed=cfg.seed + k, output=str(sub),
+                                               time_limit=budget_share(cfg.time_limit, start, cfg.members - k),
                                                resume=cfg.resume and (sub / "last.pt").is_file()))
         checkpoints.append(sub / "model.pt")
     record: dict[str, Any] = {}
@@ -632,9 +643,8 @@ def train_folds(cfg: TrainConfig) -> dict[int, dict[str, Any]]:
         raise InputError("--fold all under torchrun: start one torchrun job per fold (--fold K)")
     start, results = time.perf_counter(), {}
     for i, k in enumerate(todo):
-        limit = None if cfg.time_limit is None else max(
-            1.0, (cfg.time_limit - (time.perf_counter() - start)) / (len(todo) - i))
         out = Path(cfg.output) / f"fold_{k}"
+        limit = budget_share(cfg.time_limit, start, len(todo) - i)
         results[k] = train(dataclasses.replace(cfg, fold=k, output=str(out), time_limit=limit,
                                                resume=cfg.resume and (out / "last.pt").is_file()))
     if not distributed() or dist.get_rank() == 0:
