@@ -639,7 +639,7 @@ def train_folds(cfg: TrainConfig) -> dict[int, dict[str, Any]]:
     if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
         raise InputError(f"--fold {cfg.fold}: folds are numbered 0 to {cfg.folds - 1}")
     todo = list(range(cfg.folds)) if cfg.fold is None else [cfg.fold]
-    if len(todo) > 1 and distributed():
+    if len(todo) > 1 and torchrun_world() > 1:  # known before the job is joined, unlike distributed()
         raise InputError("--fold all under torchrun: start one torchrun job per fold (--fold K)")
     start, results = time.perf_counter(), {}
     for i, k in enumerate(todo):
@@ -1101,6 +1101,14 @@ def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
         p.error("--window sizes must lie in 1..1024")
 
 
+def resume_files(cfg: TrainConfig) -> str:
+    """Where ``--resume`` finds the last complete epoch: ``OUTPUT/last.pt``, a fold's or a member's own."""
+    out = Path(cfg.output)
+    if cfg.folds:
+        return f"{out / 'fold_K' / 'last.pt'} (each fold begun) hold"
+    return f"{out / 'member_K' / 'last.pt'} (each member begun) hold" if cfg.members > 1 else f"{out / 'last.pt'} holds"
+
+
 def main(argv: list[str] | None = None) -> int:
     # Slices with nothing to segment are expected (most LGG slices); MONAI warns once per such crop otherwise.
     warnings.filterwarnings("ignore", message="Num foregrounds 0", category=UserWarning)
@@ -1120,8 +1128,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(work)
     except KeyboardInterrupt:
-        where = (f"{Path(given[0].output) / 'last.pt'} holds the last complete epoch; continue with --resume"
-                 if given else "before training started")
+        where = (f"{resume_files(given[0])} the last complete epoch; continue with --resume" if given
+                 else "before training started")
         print(f"interrupted: {where}", file=sys.stderr)
         return 130
 

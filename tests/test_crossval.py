@@ -221,6 +221,15 @@ def test_impossible_folds_are_refused(prep_dir, tmp_path, capsys, argv, needle):
     assert not (tmp_path / "o").exists()
 
 
+def test_all_folds_under_torchrun_are_refused_before_the_job_is_joined(prep_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a fresh torchrun process: its group is not joined yet
+    code = train.main(["--data", str(prep_dir), "--output", str(tmp_path / "o"), "--epochs", "1", "--folds", "2",
+                       *TINY_NET])
+    assert code == 2
+    one_error_line(capsys, "--fold all under torchrun")
+    assert not (tmp_path / "o").exists()
+
+
 def test_fold_without_folds_is_a_usage_error(capsys):
     assert train.main(["--fold", "1"]) == 2
     one_error_line(capsys, "--fold needs --folds N")

@@ -112,6 +112,15 @@ def test_impossible_member_counts_are_refused(capsys, argv, needle):
     one_error_line(capsys, needle)
 
 
+@pytest.mark.parametrize("argv, where", [
+    ([], "out/last.pt holds"),
+    (["--members", "2"], "out/member_K/last.pt (each member begun) hold"),
+    (["--folds", "2"], "out/fold_K/last.pt (each fold begun) hold"),
+])
+def test_an_interrupted_run_names_the_files_resume_continues(argv, where):
+    assert train.resume_files(train.parse_args(["--output", "out", *argv])) == where
+
+
 def test_members_under_torchrun_are_refused(prep_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     code = train.main(["--data", str(prep_dir), "--output", str(tmp_path / "o"), "--epochs", "1", "--members", "2",
