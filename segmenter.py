@@ -100,9 +100,15 @@ class Segmenter:
         return self.segment([(image, path)])[0]
 
     def segment(self, inputs: Sequence[tuple[MetaTensor, Path]]) -> list[np.ndarray]:
-        """Masks for several images (a patient's slices): each prepared by the checkpoint's chain; the 2D ones
-        that one window covers go through the networks together, padded as the sliding window pads a lone one
-        (the same masks as one by one: tests/test_fast_inference.py), the rest one by one."""
+        """Masks (X, Y, Z) in label values for several images (a patient's slices), from ``input_probabilities``."""
+        values = np.asarray(self.ckpt["label_values"])
+        return [values[to_classes(p[None])[0, 0].numpy()].astype(label_dtype(int(values.max())))
+                for p in self.input_probabilities(inputs)]
+
+    def input_probabilities(self, inputs: Sequence[tuple[MetaTensor, Path]]) -> list[torch.Tensor]:
+        """Probabilities (K, X, Y, Z) on each image's own grid: each prepared by the checkpoint's chain; the 2D
+        ones that one window covers go through the networks together, padded as the sliding window pads a lone
+        one (the same masks as one by one: tests/test_fast_inference.py), the rest one by one."""
         params = PrepParams.from_dict(self.ckpt["prep_params"])
         chain = prepare_transforms(params, with_label=False)
         prepared = []
@@ -125,13 +131,10 @@ class Segmenter:
             out = self.probabilities(x, window, tissue)
             for k, pad, p in zip(batch, pads, out):
                 probs[k] = p[(slice(None), *(slice(a, w - b) for (a, b), w in zip(pad, window)))]
-        masks, values = [], np.asarray(self.ckpt["label_values"])
         for k, p in enumerate(prepared):
             if probs[k] is None:
                 probs[k] = self.probabilities(p[None], self.window, prepared_tissue(p, params)[None])[0]
-            classes = to_classes(invert_to_original(probs[k], p, chain)[None])[0, 0]
-            masks.append(values[classes.numpy()].astype(label_dtype(int(values.max()))))
-        return masks
+        return [invert_to_original(q, p, chain) for q, p in zip(probs, prepared)]
 
     def probabilities(self, x: torch.Tensor, window: Sequence[int], tissue: torch.Tensor) -> torch.Tensor:
         """The networks' probabilities (B, K, D, H, W) for prepared images (B, C, D, H, W), flips averaged."""

@@ -147,3 +147,16 @@ def test_holdout_scores_patients_the_run_never_saw(tmp_path):
     assert {k: v for k, v in json.loads(decision.read_text()).items() if k != "seconds"} == {
         k: v for k, v in before.items() if k != "seconds"}
     assert all(redone[key] == result[key] for key in ("output", "output --no-tta --no-postprocess", "output --tta"))
+    # probe_holdout.py on the same run: at scale 1 and threshold 0.5 it reproduces infer.py's masks' Dice; the run
+    # listed twice averages two equal networks (the ensemble scores as either)
+    import probe_holdout
+
+    work, probed = tmp_path / "work", tmp_path / "probe.json"
+    assert probe_holdout.main([str(raw), "--runs", str(work), str(work), "--scales", "1", "2", "--thresholds", "0.5",
+                               "--fill-holes", "--json", str(probed)]) == 0
+    probes = json.loads(probed.read_text())
+    alone, ensemble = probes[f"{work} scales=1.0 t=0.5"], probes["ensemble scales=1.0 t=0.5"]
+    assert sorted(alone) == ["pb", "pd"]
+    assert alone == pytest.approx({n: s["dice"] for n, s in result["output"]["patients"].items()}, abs=1e-3)
+    assert ensemble == pytest.approx(alone, abs=1e-6)
+    assert {f"{work} scales=2.0 t=0.5", f"{work} scales=1.0 t=0.5 filled"} < set(probes)
