@@ -8,8 +8,8 @@ threshold, holes filled.
 For every fold ``K`` the runs share (``RUN/fold_K/output/model.pt``; its held-out patients: those missing from
 ``RUN/fold_K/raw``, the training patients' links), each held-out patient's images go through each network as
 infer.py sends them (``Segmenter.input_probabilities``: its own preparation, window and test-time flips as the
-checkpoint decided), the prepared images resized in-plane by each scale of a set and the probabilities back, and
-come back on the input's grid; then each run alone and, with several, all together (probabilities averaged) are
+checkpoint decided), the prepared images resized in-plane by each scale and the probabilities back, on the input's grid
+(averaged over a set's scales); then each run alone and, with several, all together (probabilities averaged) are
 thresholded, given the postprocessing every network's checkpoint holds, and optionally their holes filled (slice
 by slice). Each patient is scored by its Dice over its cases pooled, as holdout.py scores; one line per variant,
 ``--json`` writes them with the patients. Binary models only. Not a test:
@@ -41,32 +41,27 @@ from segmenter import Segmenter, postprocess_unit  # noqa: E402
 
 
 class Scaled(Segmenter):
-    """A segmenter whose networks see each prepared image resized in-plane by every one of ``scales`` (the
-    window fitted to it as ``model_window`` fits one), their probabilities resized back and averaged."""
+    """A segmenter whose networks see each prepared image resized in-plane by ``scale`` (the window fitted to it
+    as ``model_window`` fits one), their probabilities resized back."""
 
-    scales: tuple[float, ...] = (1.0,)
+    scale: float = 1.0
 
     def probabilities(self, x: torch.Tensor, window, tissue: torch.Tensor) -> torch.Tensor:
-        total = 0
-        for s in self.scales:
-            if s == 1:
-                total = total + super().probabilities(x, window, tissue)
-                continue
-            size = (x.shape[2], max(1, round(x.shape[3] * s)), max(1, round(x.shape[4] * s)))
-            xs = F.interpolate(x, size=size, mode="trilinear")
-            ts = F.interpolate(tissue.float(), size=size, mode="nearest") > 0
-            p = super().probabilities(xs, model_window(self.model, self.window, size), ts)
-            total = total + F.interpolate(p, size=x.shape[2:], mode="trilinear")
-        return total / len(self.scales)
+        if self.scale == 1:
+            return super().probabilities(x, window, tissue)
+        size = (x.shape[2], max(1, round(x.shape[3] * self.scale)), max(1, round(x.shape[4] * self.scale)))
+        xs = F.interpolate(x, size=size, mode="trilinear")
+        ts = F.interpolate(tissue.float(), size=size, mode="nearest") > 0
+        p = super().probabilities(xs, model_window(self.model, self.window, size), ts)
+        return F.interpolate(p, size=x.shape[2:], mode="trilinear")
 
 
-def foregrounds(seg: Segmenter, images: list[tuple], scales: list[float]) -> list[np.ndarray]:
+def foregrounds(seg: Segmenter, images: list[tuple], scale: float) -> list[np.ndarray]:
     """The foreground probability (X, Y, Z) of each (image, path) on its own grid, as infer.py computes it (one
-    call of the segmenter for a patient's images), averaged over in-plane ``scales``."""
+    call of the segmenter for a patient's images), the prepared images resized in-plane by ``scale``."""
     scaled = Scaled(**{f.name: getattr(seg, f.name) for f in dataclasses.fields(seg)})
-    scaled.scales = tuple(scales)
-    probs = scaled.input_probabilities(images)
-    return [(p[0] if p.shape[0] == 1 else 1.0 - p[0]).numpy() for p in probs]
+    scaled.scale = scale
+    return [(p[0] if p.shape[0] == 1 else 1.0 - p[0]).numpy() for p in scaled.input_probabilities(images)]
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -87,6 +82,7 @@ def probe(raw: Path, runs: list[Path], scale_sets: list[list[float]], thresholds
     """Per variant (``"RUN|ensemble scales=... t=... [filled]"``), each held-out patient's pooled Dice."""
     folders = {f.name: f for f in patients(raw)}
     who = [*map(str, runs), *(["ensemble"] if len(runs) > 1 else [])]
+    every_scale = sorted({x for group in scale_sets for x in group})
     scores: dict[str, dict[str, float]] = {}
     for k in folds_of(runs):
         segs = [Segmenter.load(r / f"fold_{k}" / "output" / "model.pt", torch.device("cpu")) for r in runs]
@@ -96,8 +92,11 @@ def probe(raw: Path, runs: list[Path], scale_sets: list[list[float]], thresholds
             cases = find_cases(folders[name])[0]
             truth = np.concatenate([read_case(c)["label"][0].numpy().ravel() > 0 for c in cases])
             images = [(read_volume(c.image), c.image) for c in cases]
+            # each network at each scale once; a set averages them (the inverse to the input's grid is linear)
+            at = {(n, x): foregrounds(s, images, x) for n, s in enumerate(segs) for x in every_scale}
             for scales in scale_sets:
-                probs = [foregrounds(s, images, scales) for s in segs]
+                probs = [[np.mean([at[n, x][i] for x in scales], axis=0) for i in range(len(images))]
+                         for n in range(len(segs))]
                 if len(segs) > 1:
                     probs.append([np.mean([p[i] for p in probs], axis=0) for i in range(len(images))])
                 for run, ps in zip(who, probs):
