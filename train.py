@@ -1101,12 +1101,17 @@ def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
         p.error("--window sizes must lie in 1..1024")
 
 
-def resume_files(cfg: TrainConfig) -> str:
-    """Where ``--resume`` finds the last complete epoch: ``OUTPUT/last.pt``, a fold's or a member's own."""
+def resume_hint(cfg: TrainConfig) -> str:
+    """What Ctrl-C tells: where ``--resume`` finds the last complete epoch (``OUTPUT/last.pt``, or a fold's or a
+    member's own)."""
     out = Path(cfg.output)
     if cfg.folds:
-        return f"{out / 'fold_K' / 'last.pt'} (each fold begun) hold"
-    return f"{out / 'member_K' / 'last.pt'} (each member begun) hold" if cfg.members > 1 else f"{out / 'last.pt'} holds"
+        where = f"{out / 'fold_K' / 'last.pt'} (each fold begun) hold"
+    elif cfg.members > 1:
+        where = f"{out / 'member_K' / 'last.pt'} (each member begun) hold"
+    else:
+        where = f"{out / 'last.pt'} holds"
+    return f"{where} the last complete epoch; continue with --resume"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1128,8 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(work)
     except KeyboardInterrupt:
-        where = (f"{resume_files(given[0])} the last complete epoch; continue with --resume" if given
-                 else "before training started")
+        where = resume_hint(given[0]) if given else "before training started"
         print(f"interrupted: {where}", file=sys.stderr)
         return 130
 

@@ -118,7 +118,8 @@ def test_impossible_member_counts_are_refused(capsys, argv, needle):
     (["--folds", "2"], "out/fold_K/last.pt (each fold begun) hold"),
 ])
 def test_an_interrupted_run_names_the_files_resume_continues(argv, where):
-    assert train.resume_files(train.parse_args(["--output", "out", *argv])) == where
+    hint = train.resume_hint(train.parse_args(["--output", "out", *argv]))
+    assert hint == f"{where} the last complete epoch; continue with --resume"
 
 
 def test_members_under_torchrun_are_refused(prep_dir, tmp_path, capsys, monkeypatch):
