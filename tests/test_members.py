@@ -49,6 +49,18 @@ def test_members_train_with_their_own_seeds_and_share_one_decision(members_out):
     assert not (out / "model.pt").exists()
 
 
+def assert_same_classes_but_for_ties(mask: np.ndarray, probs: torch.Tensor, tol: float = 1e-4) -> None:
+    """``mask`` (D, H, W) equals the classes of ``probs`` (1, K, D, H, W) wherever the decision is not a tie within
+    ``tol``: two paths to the same average differ in the last float bits, which flips only such voxels."""
+    if probs.shape[1] == 1:
+        margin = (probs[0, 0] - 0.5).abs()
+    else:
+        top = probs[0].topk(2, dim=0).values
+        margin = top[0] - top[1]
+    differ = mask != to_classes(probs)[0, 0].numpy()
+    assert not differ[margin.numpy() > tol].any()
+
+
 def test_the_decision_judges_the_members_averaged(members_out, prep_dir):
     """The validation masks the decision is made on are the ensemble's (probabilities averaged), not a member's."""
     paths = [members_out / f"member_{k}" / "model.pt" for k in range(2)]
@@ -67,7 +79,7 @@ def test_the_decision_judges_the_members_averaged(members_out, prep_dir):
     for mask, flips in ((got[0][1], ()), (got[0][2], (1, 2))):
         probs = predict_probabilities(nets, item["image"][None], window, overlap, None, False,
                                       item["tissue"][None], flips)
-        assert np.array_equal(mask, to_classes(probs)[0, 0].numpy())
+        assert_same_classes_but_for_ties(mask, probs)
     alone = predict_probabilities(nets[:1], item["image"][None], window, overlap, None, False, item["tissue"][None])
     assert not torch.equal(to_classes(alone), to_classes(predict_probabilities(
         nets, item["image"][None], window, overlap, None, False, item["tissue"][None])))  # the second counts
