@@ -40,10 +40,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise InputError(f"{self.prog}: {message}")
 
-    def add_alias(self, old: str, new: str) -> None:
-        """``old`` does what ``new`` does, hidden from ``--help``: an old spelling kept for one release."""
-        self._option_string_actions[old] = self._option_string_actions[new]
-
 
 def run_command(work: Callable[[], object]) -> int:
     """A command's ``main``: log lines to stderr, then ``work()``: exit code 0, or 2 with one ``error:`` line for a

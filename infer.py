@@ -218,8 +218,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="onnx: --checkpoint is a .onnx file from --export-onnx, run by ONNX Runtime on the CPU")
     p.add_argument("--export-onnx", default=None, metavar="FILE",
                    help="write the checkpoint's network as ONNX (metadata included), check it against PyTorch, stop")
-    p.add_alias("--roi", "--window")
-    p.add_alias("--labels", "--truth")
     args = p.parse_args(argv)
     if args.export_onnx and (args.inputs or args.evaluate or args.engine == "onnx"):
         p.error("--export-onnx takes a --checkpoint (.pt) and nothing to segment")

@@ -42,7 +42,7 @@ def model_args(**overrides: Any) -> dict[str, Any]:
     args["channels"] = [int(c) for c in args["channels"]]
     args["strides"] = [[int(v) for v in s] if isinstance(s, list | tuple) else int(s) for s in args["strides"]]
     if len(args["strides"]) != len(args["channels"]) - 1:
-        raise InputError(f"--channels/--strides: need one stride fewer than channels, got {args['channels']} and "
+        raise InputError(f"--widths/--strides: need one stride fewer than widths, got {args['channels']} and "
                          f"{args['strides']}")
     return args
 

@@ -429,8 +429,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stack-slices", action="store_true",
                    help="rebuild one 3D volume per patient folder from numbered 2D slices (LGG), 1 mm apart")
     p.add_argument("--skip-bad", action="store_true", help="skip bad cases (listed at the end) instead of stopping")
-    p.add_alias("--window", "--ct-window")
-    p.add_alias("--channels", "--modalities")
     args = p.parse_args(argv)
     if not 8 <= args.inplane <= 4096 or not 0 <= args.val_fraction < 1 or not 1 <= args.workers <= 64:
         p.error("need 8 <= --inplane <= 4096, 0 <= --val-fraction < 1, 1 <= --workers <= 64")

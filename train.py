@@ -996,8 +996,6 @@ def build_parser() -> ArgumentParser:
                    help="Dice loss pooled over the batch's crops (default: on for 2D slices, off for volumes)")
     p.add_argument("--regions", type=region_arg, nargs="+", default=[], metavar="NAME=V,V",
                    help="label unions also scored in validation (BraTS: WT=1,2,3,4 TC=1,3,4 ET=4)")
-    p.add_alias("--roi", "--crop")
-    p.add_alias("--channels", "--widths")
     return p
 
 

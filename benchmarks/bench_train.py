@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--epochs 5] [--json F] -- <train.py arguments>
     python benchmarks/bench_train.py --epochs 6 -- --data data/prep --device cpu --lr 3e-3 \
-        --channels 8 16 32 64 --strides 2 2 2 --num-res-units 1 --roi 32 96 96
+        --widths 8 16 32 64 --strides 2 2 2 --num-res-units 1 --crop 32 96 96
 
 (a) plain, as the seed CT project did it: ``monai.data.Dataset`` (every file read and decompressed, every crop
     centre searched, at every epoch) + ``DataLoader``, fp32, ``loss.item()`` at every step; validation by
