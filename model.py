@@ -121,9 +121,10 @@ def axis_divisors(args: dict[str, Any]) -> tuple[int, int, int]:
 
 def anisotropic_args(args: dict[str, Any], spacing: list[float], ratio: float = 3.0) -> dict[str, Any]:
     """For volumes whose slices are ``ratio`` times thicker than their pixels (spacing (D, H, W) in mm), the
-    first levels downsample in-plane only, as nnU-Net does, until depth and in-plane spacing are within 2×."""
+    first levels downsample in-plane only, as nnU-Net does, until depth and in-plane spacing are within 2×.
+    Strides already given per axis (the plan's, a plan.json's) are the network's as they stand."""
     d, h, w = spacing
-    if d < ratio * min(h, w):
+    if d < ratio * min(h, w) or any(isinstance(s, list | tuple) for s in args["strides"]):
         return args
     strides = []
     for s in args["strides"]:

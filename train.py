@@ -449,8 +449,10 @@ def plan(cfg: TrainConfig, device: torch.device | None = None) -> Plan:
     if any(blank.values()):
         log.info("blank images (constant: nothing to segment): %d training, %d validation", blank["train"],
                  blank["val"])
+    # plan.json holds the network as built, so that --plan rebuilds exactly it.
     record["settings"] = {**record["settings"], "crop": list(cfg.crop), "window": list(window),
-                          "batch_dice": cfg.batch_dice}
+                          "batch_dice": cfg.batch_dice, "widths": list(margs["channels"]),
+                          "strides": [list(s) if isinstance(s, list | tuple) else s for s in margs["strides"]]}
     return Plan(cfg, manifest, train_items, val_items, label_values, in_channels, margs, window, pool_groups,
                 PrepParams.from_dict(manifest["params"]), record)
 

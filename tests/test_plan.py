@@ -146,3 +146,27 @@ def test_validation_cases_train_too_unless_held_out(prep_dir, tmp_path):
     (own / "dataset.json").write_text(json.dumps(manifest))
     assert trained(own) == (names["train"], False)
     assert trained(own, "--train-on-val") == (names["train"] | names["val"], True)
+
+
+def test_plan_json_is_the_network_trained_and_rebuilds_it(prep_dir, tmp_path):
+    """Thick slices (5 × 0.8 × 0.8 mm) and a crop only 20 deep: the planner keeps depth unstrided at the last level;
+    the network built is that one, plan.json says so, and --plan plan.json builds it again."""
+    data = tmp_path / "thick"
+    shutil.copytree(prep_dir, data)
+    manifest = json.loads((data / "dataset.json").read_text())
+    for case in manifest["cases"]:
+        case["prepared_spacing"], case["prepared_shape"] = [5.0, 0.8, 0.8], [20, 256, 256]
+    manifest["fingerprint"].update(median_spacing=[5.0, 0.8, 0.8], median_shape=[20, 256, 256])
+    (data / "dataset.json").write_text(json.dumps(manifest))
+    run = train.plan(train.parse_args(["--data", str(data), "--crop", "20", "64", "64", "--epochs", "1"]))
+    planned, _ = planner.network([20, 64, 64], [5.0, 0.8, 0.8], "3d", 16, 256)
+    assert planned["strides"] == [[1, 2, 2]] * 3  # not the [2, 2, 2] spacing alone would give the last level
+    assert run.margs["strides"] == planned["strides"] and run.margs["channels"] == planned["channels"]
+    assert run.record["settings"]["strides"] == planned["strides"]
+    (tmp_path / "plan.json").write_text(json.dumps(run.record))
+    again = train.plan(train.parse_args(["--data", str(data), "--plan", str(tmp_path / "plan.json")]))
+    assert again.margs == run.margs and again.window == run.window and again.cfg.crop == run.cfg.crop
+    given = train.plan(train.parse_args(["--data", str(data), "--crop", "20", "64", "64", "--epochs", "1",
+                                         "--widths", "8", "16", "32", "64", "--strides", "2", "2", "2"]))
+    assert given.margs["strides"] == [[1, 2, 2], [1, 2, 2], [2, 2, 2]]  # strides given per level follow the spacing
+    assert given.record["settings"]["strides"] == given.margs["strides"]
