@@ -18,7 +18,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
-from common import InputError, atomic_write
+from common import InputError, atomic_write, write_json
 
 # A serious residual UNet on a GPU (about 4.8 M parameters) that still trains on a CPU in minutes.
 DEFAULT_MODEL_ARGS: dict[str, Any] = {
@@ -173,6 +173,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if missing or ckpt["version"] != CHECKPOINT_VERSION:
         raise InputError(f"{path}: checkpoint version {ckpt.get('version')} or keys {missing} not supported")
     return ckpt
+
+
+MODELS_RECORD = "models.json"  # in a train.py output folder: the checkpoints infer.py and serve.py load from it
+
+
+def write_models_record(out_dir: Path, checkpoints: list[Path], kind: str) -> None:
+    """``OUTPUT/models.json``: what ``--checkpoint OUTPUT`` means, written by every training (``kind``: "model",
+    "folds" or "members"; ``checkpoints`` inside ``out_dir``), so that no file's age decides it."""
+    write_json({"kind": kind, "checkpoints": [str(p.relative_to(out_dir)) for p in checkpoints]},
+               out_dir / MODELS_RECORD)
 
 
 # ---------------------------------------------------------------- device and mixed precision

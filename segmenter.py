@@ -20,6 +20,7 @@ from cases import case_name
 from common import InputError
 from dataset import FLIP_AXES, PrepParams, prepare_transforms, prepared_tissue
 from model import (
+    MODELS_RECORD,
     inference_amp,
     load_checkpoint,
     model_from_checkpoint,
@@ -173,26 +174,27 @@ ENSEMBLE_LISTS = ("cv.json", "ensemble.json")
 
 
 def checkpoint_paths(specs: Sequence[str]) -> list[Path]:
-    """Checkpoint files from ``--checkpoint``: a file as it is; a train.py output folder gives its ``model.pt``, or
-    the networks its ``cv.json`` (folds) or ``ensemble.json`` (a seed ensemble) lists, whichever train.py wrote
-    last."""
+    """Checkpoint files from ``--checkpoint``: a file as it is; a train.py output folder gives the checkpoints its
+    ``models.json`` lists (its ``model.pt``, a cross-validation's folds, a seed ensemble's members). A folder from
+    before that record gives the one of ``model.pt``, ``cv.json``, ``ensemble.json`` it holds, and refuses to guess
+    between several."""
     out: list[Path] = []
     for spec in map(Path, specs):
         if not spec.is_dir():
             out.append(spec)
-            continue
-        written = [p for p in (spec / "model.pt", *(spec / name for name in ENSEMBLE_LISTS)) if p.is_file()]
-        if not written:
-            raise InputError(f"{spec}: holds neither model.pt nor {' nor '.join(ENSEMBLE_LISTS)}; train first, or "
-                             "name a checkpoint")
-        # The newest; a tie goes to an ensemble (written after its networks' checkpoints).
-        newest = max(written, key=lambda p: (p.stat().st_mtime, p.suffix == ".json"))
-        out += [newest] if newest.suffix == ".pt" else listed_checkpoints(newest)
+        elif (spec / MODELS_RECORD).is_file():
+            out += listed_checkpoints(spec / MODELS_RECORD)
+        else:
+            written = [p for p in (spec / "model.pt", *(spec / name for name in ENSEMBLE_LISTS)) if p.is_file()]
+            if len(written) != 1:
+                raise InputError(f"{spec}: holds {' and '.join(p.name for p in written) or 'no model.pt'} without "
+                                 f"{MODELS_RECORD}; train first, or name the checkpoint or listing to use")
+            out += written if written[0].suffix == ".pt" else listed_checkpoints(written[0])
     return out
 
 
 def listed_checkpoints(listing: Path) -> list[Path]:
-    """The checkpoints a ``cv.json`` or ``ensemble.json`` lists, each inside its folder."""
+    """The checkpoints a ``models.json``, ``cv.json`` or ``ensemble.json`` lists, each inside its folder."""
     try:
         names = json.loads(listing.read_text())["checkpoints"]
         paths = [listing.parent / name for name in names

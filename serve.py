@@ -600,7 +600,8 @@ def default_models(root: Path) -> list[tuple[Path, ...]] | None:
     cross-validation's ``fold_K`` and a seed ensemble's ``member_K`` folders belong to their ensemble, not beside
     it. None where ``root`` holds one model or none."""
     def trained(folder: Path) -> bool:
-        return any((folder / name).is_file() for name in ("model.pt", *segmenter.ENSEMBLE_LISTS))
+        names = (segmenter.MODELS_RECORD, "model.pt", *segmenter.ENSEMBLE_LISTS)
+        return any((folder / name).is_file() for name in names)
 
     inside = sorted(f for f in root.glob("*") if f.is_dir() and not re.fullmatch(r"(fold|member)_\d+", f.name)
                     and trained(f))

@@ -66,6 +66,7 @@ from model import (
     to_classes,
     use_amp,
     window_independent,
+    write_models_record,
 )
 from planner import machine, make_plan
 
@@ -625,6 +626,7 @@ def train_members(cfg: TrainConfig) -> dict[int, dict[str, Any]]:
     write_json({"members": cfg.members, "seeds": [cfg.seed + k for k in range(cfg.members)],
                 "checkpoints": [str(p.relative_to(out)) for p in checkpoints],
                 "flips": record.get("flips", []), "rules": record.get("rules", [])}, out / "ensemble.json")
+    write_models_record(out, checkpoints, "members")
     return results
 
 
@@ -676,6 +678,7 @@ def cross_validate(cfg: TrainConfig) -> dict | None:
     write_decision(record, checkpoints, out_dir)
     write_json({"folds": cfg.folds, "seed": cfg.seed, "checkpoints": [str(p.relative_to(out_dir)) for p in checkpoints],
                 "flips": record["flips"], "rules": record["rules"]}, out_dir / "cv.json")
+    write_models_record(out_dir, checkpoints, "folds")
     report(record, out_dir)
     return record
 
@@ -828,6 +831,7 @@ def save(s: Session, epoch: int, improved: bool, final: bool, left: float | None
         keep = final if s.run.cfg.select == "final" else improved
         if keep:
             save_checkpoint({**ckpt, "selected": s.run.cfg.select}, out_dir / "model.pt")
+            write_models_record(out_dir, [out_dir / "model.pt"], "model")
         resume = {"optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict()}
         if s.average is not None:  # model_state holds the average; training goes on from the raw weights
             resume |= {"train_state": s.model.state_dict(), "average_steps": int(s.average.n_averaged)}

@@ -208,6 +208,11 @@ def test_one_fold_at_a_time_reports_when_the_last_is_trained(prep_dir, tmp_path)
     assert not (out / "cv.csv").exists()  # fold 0 is missing
     assert train.main([*args, "--fold", "0"]) == 0
     assert (out / "cv.csv").is_file() and (out / "cv.json").is_file()
+    folds = [out / "fold_0" / "model.pt", out / "fold_1" / "model.pt"]
+    assert json.loads((out / "models.json").read_text())["kind"] == "folds"
+    assert segmenter.checkpoint_paths([str(out)]) == folds
+    assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "1", *TINY_NET]) == 0
+    assert segmenter.checkpoint_paths([str(out)]) == [out / "model.pt"]  # the plain run wrote its record last
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -235,21 +240,22 @@ def test_fold_without_folds_is_a_usage_error(capsys):
     one_error_line(capsys, "--fold needs --folds N")
 
 
-def test_an_output_folder_means_what_train_py_wrote_last(tmp_path):
-    """infer.py --checkpoint FOLDER: the folds cv.json lists, unless a plain run wrote model.pt after them; names
-    that leave the folder are refused."""
+def test_an_output_folder_means_what_its_models_json_lists(tmp_path):
+    """infer.py --checkpoint FOLDER: the checkpoints models.json lists, whatever the files' ages; a folder without
+    it means its one model.pt or listing, and refuses to guess between several; names that leave it are refused."""
     import os
 
     (tmp_path / "fold_0").mkdir()
     (tmp_path / "cv.json").write_text(json.dumps({"checkpoints": ["fold_0/model.pt", "fold_1/model.pt"]}))
     assert segmenter.checkpoint_paths([str(tmp_path)]) == [tmp_path / "fold_0/model.pt", tmp_path / "fold_1/model.pt"]
     (tmp_path / "model.pt").write_bytes(b"")
-    os.utime(tmp_path / "cv.json", (1, 1))  # the plain run came later
-    assert segmenter.checkpoint_paths([str(tmp_path)]) == [tmp_path / "model.pt"]
-    os.utime(tmp_path / "model.pt", (0, 0))
-    assert segmenter.checkpoint_paths([str(tmp_path)])[0] == tmp_path / "fold_0/model.pt"
-    (tmp_path / "cv.json").write_text(json.dumps({"checkpoints": ["../elsewhere.pt"]}))
+    with pytest.raises(InputError, match="model.pt and cv.json without models.json"):
+        segmenter.checkpoint_paths([str(tmp_path)])
+    (tmp_path / "models.json").write_text(json.dumps({"kind": "folds", "checkpoints": ["fold_0/model.pt"]}))
+    os.utime(tmp_path / "models.json", (0, 0))  # older than model.pt: its age does not count
+    assert segmenter.checkpoint_paths([str(tmp_path)]) == [tmp_path / "fold_0/model.pt"]
+    (tmp_path / "models.json").write_text(json.dumps({"checkpoints": ["../elsewhere.pt"]}))
     with pytest.raises(InputError, match="lists no checkpoints inside its folder"):
         segmenter.checkpoint_paths([str(tmp_path)])
-    with pytest.raises(InputError, match="holds neither model.pt nor cv.json"):
+    with pytest.raises(InputError, match="holds no model.pt without models.json"):
         segmenter.checkpoint_paths([str(tmp_path / "fold_0")])

@@ -34,6 +34,7 @@ def test_members_train_with_their_own_seeds_and_share_one_decision(members_out):
     out = members_out
     listing = json.loads((out / "ensemble.json").read_text())
     assert listing["checkpoints"] == ["member_0/model.pt", "member_1/model.pt"] and listing["seeds"] == [0, 1]
+    assert json.loads((out / "models.json").read_text()) == {"kind": "members", "checkpoints": listing["checkpoints"]}
     ckpts = [load_checkpoint(out / name) for name in listing["checkpoints"]]
     assert [c["config"]["seed"] for c in ckpts] == [0, 1] and all(c["epoch"] == 2 for c in ckpts)
     states = [c["model_state"] for c in ckpts]
