@@ -101,7 +101,8 @@ def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict],
     per_label = [(v,) for v in labels[1:]]
     plain, mirrored = (unit_scores(pooled[m], per_label) for m in (False, True))
     # The network saw these flips in training, as nnU-Net's always mirrors: a few validation cases cannot tell a
-    # small gain or loss from their noise (README, "Test-time flips: what one validation patient can refuse").
+    # small gain or loss from their noise, so only a loss beyond chance refuses them (see docs/experiments.md,
+    # "Test-time flips").
     use_flips = bool(flips) and not refuted(plain, mirrored)
     truths = [(cases[i["name"]], np.asarray(nib.load(i["label"]).dataobj), None) for i in train_items]
     stacked = [(mask, mm3) for mask, _, mm3 in stack_units(truths)]

@@ -184,8 +184,8 @@ class InplaneResized(Resized):
 
 class ClipPercentilesd(MapTransform):
     """MONAI's ``ClipIntensityPercentilesd(channel_wise=True)`` with NumPy's percentiles at every size: below a
-    million voxels MONAI takes ``torch.quantile``, which sorts (measured: 15–40 ms for one LGG slice, as long as the
-    network's pass); NumPy selects. The same linear interpolation, so the same bounds (tests/test_fast_inference)."""
+    million voxels MONAI takes ``torch.quantile``, which sorts (on a 2D slice as long as the network's pass); NumPy
+    selects. The same linear interpolation, so the same bounds (tests/test_fast_inference)."""
 
     def __init__(self, keys: str | Sequence[str], lower: float, upper: float) -> None:
         super().__init__(keys)
@@ -206,8 +206,8 @@ def intensity_transforms(params: PrepParams) -> list[MapTransform]:
     """CT: clip to the HU window and scale to [0, 1]; MR: percentile clip then z-score; an 8-bit colour picture
     (``"rgb"``, only when asked for): divided by 255, as nnU-Net's ``rgb_to_0_1`` does, so that the colours keep
     their balance and absolute values (z-scoring each channel of each picture shifts the channels against each
-    other); on PH2 it lifted one blue-white lesion and lowered most other pictures (README, "Colour pictures
-    divided by 255")."""
+    other). Not the default, as its gain did not hold across pictures: a choice for data whose colour carries the
+    diagnosis (see docs/experiments.md, "Colour pictures divided by 255")."""
     if params.modality == "ct":
         lo, hi = params.window
         return [ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
@@ -263,8 +263,8 @@ class AugmentParams:
     num_samples: int = 4
     rotate_degrees: float = 15.0  # small random in-plane rotation, on top of 90° turns
     # Random zoom by a factor in these ranges: a depth-1 crop in-plane, by nnU-Net's range; a deeper crop along every
-    # axis, by the narrower range that 3D runs of a few hundred epochs learn faster with (README "nnU-Net's zoom
-    # range": 0.7-1.4 lifted LGG and PH2, and lowered the demo and BraTS's networks alone).
+    # axis, by a narrower one, since 3D runs of a few hundred epochs learn faster with less variety (see
+    # docs/experiments.md, "nnU-Net's zoom range").
     scale_2d: tuple[float, float] = (0.7, 1.4)
     scale_3d: tuple[float, float] = (0.8, 1.2)
     intensity: bool = True  # intensity augmentation by modality (intensity_augment)
@@ -367,11 +367,9 @@ def intensity_augment(depth: int, modality: str) -> list[MapTransform]:
     brightness, contrast, low resolution, gamma of the image and of its inverse (both keeping mean and spread),
     plus ``RandClipBrightd``; brightness, contrast and the gammas draw for each channel apart, as nnU-Net's do.
     A colour picture (``"rgb"``, cameras and lighting differ) gets nnU-Net's set without the clip, which z-scores.
-    Measured (README, "Intensity augmentation"): LGG networks trained on 5 patients whose tumours were of middling
-    brightness missed the brightest tumours of new patients; the MR set lifted those from 0.19 to 0.36, while on the
-    synthetic CT demo (60 epochs) the whole set cost 0.02. Drawn for each channel: PH2 held out 0.881 → 0.886,
-    networks alone 0.860 → 0.878 (README, "Intensity augmentation for each channel"). ``depth``: the crop's; a
-    one-slice crop is blurred in-plane only."""
+    MR's whole set lets networks trained on a few patients find tumours brighter than those they saw; on CT it
+    costs accuracy (see docs/experiments.md, "Intensity augmentation"). ``depth``: the crop's; a one-slice crop is
+    blurred in-plane only."""
     if modality == "ct":
         return [RandScaleIntensityd("image", factors=0.25, prob=0.15),
                 RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
@@ -413,8 +411,8 @@ class RandClipBrightd(MapTransform, RandomizableTransform):
     """Clip the brightest voxels at a random percentile (of ``percentiles``) and z-score again: what scanners whose
     bright structures (scalp fat in FLAIR) come out no brighter than the lesion produce. No monotonic transform
     (gamma, contrast) makes the lesion the brightest thing in the image; this does, so that the network has to find
-    it by its place and shape too. Measured: LGG networks trained on patients whose scalp outshone the tumour
-    missed the tumours of patients where it did not (README, "Intensity augmentation")."""
+    it by its place and shape too: a network trained on patients whose scalp outshines the tumour otherwise learns
+    that the brightest structure is never the tumour (see docs/experiments.md, "Intensity augmentation")."""
 
     def __init__(self, keys: str | Sequence[str], prob: float = 0.25,
                  percentiles: tuple[float, float] = (80.0, 99.0)) -> None:

@@ -198,9 +198,8 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 @functools.lru_cache(maxsize=1)
 def cpu_bf16() -> bool:
     """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX, from /proc/cpuinfo). Only there is
-    bf16 faster than fp32 (measured on this project's 2-core AMD EPYC with AVX512-BF16: the LGG 2D network 18–19 →
-    9 ms per 256×256 slice, the demo's 3D network 0.112 → 0.053 s per pass, a training step 1.4× faster); elsewhere
-    oneDNN emulates it, many times slower."""
+    bf16 faster than fp32 (about twice as fast per network pass); elsewhere oneDNN emulates it, many times
+    slower."""
     try:
         flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
                  for f in line.split(":", 1)[1].split()}
@@ -232,9 +231,9 @@ def resolve_device(name: str) -> torch.device:
 def use_amp(requested: bool | None, device: torch.device) -> bool:
     """Mixed precision: on CUDA unless turned off (``requested`` False; None: the default); on the CPU only when
     asked (True) and the CPU has bf16 in hardware (``cpu_bf16``), never elsewhere, where it would be slower.
-    Inference asks by default (``inference_amp``: masks agree with fp32's at Dice 0.983–0.999 on the 9 shared LGG
-    patients, Dice against the truth 0.5741 vs 0.5748); training does not (bf16 steps are 1.4× faster, but one
-    held-out LGG fold so trained scored 0.588 against fp32's 0.716)."""
+    Inference asks by default (``inference_amp``: its masks agree with fp32's); training does not: its steps are
+    faster, but a network trained in bf16 scores well below an fp32 one on new patients (see docs/experiments.md,
+    "Mixed precision on the CPU")."""
     if device.type == "cuda":
         return requested is not False
     return requested is True and device.type == "cpu" and cpu_bf16()
@@ -257,9 +256,8 @@ class Windows(torch.nn.Module):
     - Windows run channels-last when the model's weights are (1.14× faster on the CPU, the layout cuDNN's 3D
       kernels prefer; mixing the two layouts is slower than either).
     - On the CPU a lone small window runs as a batch of two copies: for a batch of one whose N·C·D·H is at most
-      20480, PyTorch (2.13) picks its slow unfold-and-GEMM 3D convolution over oneDNN (measured: the demo network
-      on one 32×160×224 volume, 0.206 s for one copy, 0.075 s for two; per 48×96×96 window of the BraTS network
-      231 ms alone, 69 ms in pairs).
+      20480, PyTorch (2.13) picks its slow unfold-and-GEMM 3D convolution over oneDNN, so that two copies take a
+      third of the time of one.
     """
 
     def __init__(self, model: torch.nn.Module, out_channels: int, tissue: bool) -> None:
@@ -299,9 +297,8 @@ PASS_VOXELS = 4 * 256 * 256  # CPU windows per pass: as many as fit this, at lea
 
 
 def default_sw_batch_size(device: torch.device, window: Sequence[int] = (48, 96, 96)) -> int:
-    """Windows per network pass: on the CPU 2 for 3D windows (measured, BraTS network: 69 ms per 48×96×96 window in
-    pairs, 89 ms in fours, where the working set outgrows the caches) and 4 for 2D ones (LGG network, bf16, per
-    256×256 slice: 10.5 ms in pairs, 9.3 in fours, 9.0 in eights); 4 on a GPU (MONAI's tutorials; not measured)."""
+    """Windows per network pass: on the CPU 2 for 3D windows (more outgrow the caches and each window runs slower)
+    and 4 for 2D ones (more gain little); 4 on a GPU (MONAI's tutorials' value, not tuned here)."""
     return max(2, min(4, PASS_VOXELS // math.prod(window))) if device.type == "cpu" else 4
 
 

@@ -31,13 +31,9 @@ SMALL_SHARE = 0.01  # "small" components: together they hold at most this share 
 # An expected step ("keep the largest component" where the training masks hold one object per unit; test-time flips
 # of the axes training flipped, crossval.judge) is dropped only when validation shows a loss of more than
 # EXPECTED_MARGIN in mean Dice that is not chance: the units it lowers are so many among those it changes that a
-# one-sided sign test gives p < EXPECTED_P (at least 5 units, all of them lowered). Measured on held-out patients
-# (benchmarks/holdout.py; README, "Postprocessing: what one validation patient can refuse"): the rule moved a fold's
-# held-out Dice by −0.004 to +0.075 (LGG and PH2), while on the runs' 1–3 validation cases it moved by −0.103 to
-# +0.11; a margin alone still let one validation patient at Dice 0.10 refuse it, and that fold's held-out patients
-# kept 17 tumour-free slices with a false positive, 8 with the rule. Flips that 1–3 validation cases refused moved
-# the held-out Dice by −0.012 to +0.058 once kept (12 runs, README "Test-time flips: what one validation patient
-# can refuse").
+# one-sided sign test gives p < EXPECTED_P (at least 5 units, all of them lowered). A run validates on a few cases,
+# whose noise swamps such a step's small effect: a margin alone lets one poor case refuse a step that held-out
+# patients bear out (benchmarks/holdout.py; see docs/experiments.md, "Postprocessing" and "Test-time flips").
 EXPECTED_MARGIN = 0.02
 EXPECTED_P = 0.05
 

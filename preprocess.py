@@ -37,7 +37,8 @@ SYNTHETIC_SHAPE = (32, 512, 512)  # (D, H, W): a 512×512 CT of 32 slices, downs
 
 def detect_modality(image: torch.Tensor) -> str:
     """"ct" when intensities look like Hounsfield units (the 0.5th percentile is air, below -500), else "mr".
-    ("rgb" is never detected, only asked for: README "Colour pictures divided by 255".)
+    ("rgb" is never detected, only asked for: its gain did not hold across pictures; see docs/experiments.md,
+    "Colour pictures divided by 255".)
 
     A percentile, not the minimum: interpolated MR can hold a few large negative values.
     """

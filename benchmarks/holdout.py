@@ -1,5 +1,5 @@
-"""Patient-grouped cross-validation of the README's three commands, as the targets are judged: train on some
-patients, segment patients it never saw (not even for validation), score them.
+"""Patient-grouped cross-validation of the three commands (preprocess, train, infer), as the targets are judged:
+train on some patients, segment patients it never saw (not even for validation), score them.
 
     python benchmarks/holdout.py ../shared/data/lgg/kaggle_3m --folds 3 --fold 0 --prep-args "--channel 1" \\
         --train-args "--time-limit 20m --device cpu" --work /tmp/holdout
@@ -51,7 +51,7 @@ def patients(raw: Path) -> list[Path]:
 
 
 def run(script: str, *args: str) -> float:
-    """One of the three commands, as the README gives it; its seconds. A failure stops the benchmark."""
+    """One of the three commands, as a user runs it; its seconds. A failure stops the benchmark."""
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, check=True)
     return time.perf_counter() - t0

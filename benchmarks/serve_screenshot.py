@@ -1,4 +1,4 @@
-"""A screenshot of serve.py's page after segmenting some files, in Debian's chromium (the README's picture).
+"""A screenshot of serve.py's page after segmenting some files, in Debian's chromium (docs/serve_page.png).
 
     python benchmarks/serve_screenshot.py --checkpoint output/model.pt data/raw/synth_001.nii.gz --out page.png
 

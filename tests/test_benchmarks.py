@@ -1,5 +1,5 @@
 """Smoke runs of the benchmark scripts on the tiny synthetic set: they run end to end and compare like with like.
-Timings are never asserted (benchmarks/ prints them; the README's Performance section reports them)."""
+Timings are never asserted: they depend on the machine and its load (benchmarks/ prints them)."""
 
 from __future__ import annotations
 

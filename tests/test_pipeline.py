@@ -215,7 +215,8 @@ def test_rgb_divides_an_8_bit_colour_picture_by_255():
     """``--modality rgb``: three channels of whole numbers in 0..255 on one slice (a photograph as read,
     (C, X, Y, 1)) come out divided by 255, each channel at its own level (a z-score per channel would centre each
     on 0); one channel, non-whole values, values beyond 255 or a volume deeper than one slice are not such a
-    picture (a warning); auto-detection keeps colour pictures MR (z-scored), the measured default."""
+    picture (a warning); auto-detection keeps colour pictures MR (z-scored), the default (see docs/experiments.md,
+    "Colour pictures divided by 255")."""
     from monai.transforms import Compose
 
     from dataset import PrepParams, intensity_transforms
