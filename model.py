@@ -233,7 +233,7 @@ def use_amp(requested: bool | None, device: torch.device) -> bool:
     asked (True) and the CPU has bf16 in hardware (``cpu_bf16``), never elsewhere, where it would be slower.
     Inference asks by default (``inference_amp``: its masks agree with fp32's); training does not: its steps are
     faster, but a network trained in bf16 scores well below an fp32 one on new patients (see docs/experiments.md,
-    "Mixed precision on the CPU")."""
+    "Mixed precision (bf16) training on the CPU")."""
     if device.type == "cuda":
         return requested is not False
     return requested is True and device.type == "cpu" and cpu_bf16()

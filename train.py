@@ -116,8 +116,9 @@ class TrainConfig:
     ema_epochs: float = 5.0  # horizon of the weights' moving average, in epochs; 0: no average, the raw weights
     folds: int = 0  # k-fold cross-validation (crossval.assign_folds); 0: the manifest's train/validation split
     fold: int | None = None  # the fold this run trains (its validation cases are that fold's); None: all in turn
-    # The validation cases train too (README "Validation cases that train"); None: yes, unless --folds holds them
-    # out, the data's own validation folder sets them apart, or --select best picks an epoch by their Dice.
+    # The validation cases train too (see docs/experiments.md, "Validation cases that train"); None: yes, unless
+    # --folds holds them out, the data's own validation folder sets them apart, or --select best picks an epoch by
+    # their Dice.
     train_on_val: bool | None = None
     # Networks of a seed ensemble (seeds seed, seed + 1, ...: OUTPUT/member_K/), averaged at inference; 1: one.
     members: int = 1
@@ -443,7 +444,7 @@ def plan(cfg: TrainConfig, device: torch.device | None = None) -> Plan:
         window = choose_window(shapes, cfg.crop, axis_divisors(margs))
     elif window is None:
         # Instance norm normalizes over the window it sees: a window unlike the training crops changes the
-        # answer (measured: whole-slice windows took LGG's per-patient Dice from 0.65 to 0.15).
+        # answer, on 2D slices by far (see docs/experiments.md, "The inference window for instance norm").
         window = tuple(cfg.crop)
     log.info("inference window %s (training crops %s, %s norm)", window, cfg.crop, margs["norm"])
     blank = {s: sum(bool(c.get("blank")) for c in manifest["cases"] if c.get("split") == s) for s in ("train", "val")}
@@ -848,7 +849,7 @@ def make_training(run: Plan, device: torch.device, amp: bool) -> tuple[torch.nn.
     set_determinism(cfg.seed)
     # cuDNN picks the fastest kernels for the crop size once; the crops never change shape.
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    # Channels-last: 1.5× faster steps on the CPU (measured, demo network), and cuDNN's preferred 3D layout.
+    # Channels-last: 1.5× faster steps on the CPU (benchmarks/bench_train.py), and cuDNN's preferred 3D layout.
     model = build_model(run.margs)
     labels = run.manifest.get("fingerprint", {}).get("labels", {})
     if all(str(v) in labels for v in run.label_values[1:]):
