@@ -2,9 +2,8 @@
 
     python infer.py volume.nii.gz [more.nii.gz | folder ...] [--checkpoint output] [--out output]
 
-``--checkpoint`` takes checkpoints or train.py output folders (model.pt, or the ensemble that cv.json lists, of a
-cross-validation's folds, or ensemble.json, of a seed ensemble's members); several networks average their
-probabilities.
+``--checkpoint`` takes checkpoints or train.py output folders (the checkpoints their models.json lists: model.pt, a
+cross-validation's folds or a seed ensemble's members); several networks average their probabilities.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the hardware at hand (CPU cores and a timed probe; GPU memory) instead of a fixed 8 GB GPU.
 
 The plan is a flat dict of ``train.py`` settings (crop, network, batch, learning rate, batch Dice) plus what it was
-decided from (the window follows from the crop in ``train.plan``); ``train.py`` prints it, writes it to
+decided from (the window follows from the crop in ``training.planning.plan_run``); ``train.py`` prints it, writes it to
 ``output/plan.json`` and into the checkpoint, and every flag overrides one entry (``--plan output/plan.json``
 re-runs one).
 """

@@ -37,10 +37,16 @@ from monai.inferers import sliding_window_inference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
 from dataset import AugmentParams, get_transforms  # noqa: E402
 from dice import dice_per_class, mean_dice  # noqa: E402
 from model import probabilities, resolve_device, to_classes, use_amp  # noqa: E402
+from training.clock import cosine_lr  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.data import make_datasets, make_loader  # noqa: E402
+from training.optim import make_training, moving_average  # noqa: E402
+from training.options import parse_args  # noqa: E402
+from training.planning import Run, plan_run  # noqa: E402
+from training.steps import train_steps, validate  # noqa: E402
 
 
 class PeakRSS:
@@ -120,11 +126,11 @@ class Phases:
             torch.cuda.reset_peak_memory_stats(self.device)
 
 
-def bench(epochs: int, cfg: train.TrainConfig) -> dict:
+def bench(epochs: int, cfg: TrainConfig) -> dict:
     """Run the comparison; returns the summary printed at the end."""
     device = resolve_device(cfg.device)
     amp = use_amp(cfg.amp, device)
-    run = train.plan(cfg, device)
+    run = plan_run(cfg, device)
     cfg = run.cfg
     phase = Phases(device)
     base_mb = PeakRSS.now_mb()
@@ -132,17 +138,17 @@ def bench(epochs: int, cfg: train.TrainConfig) -> dict:
     aug = AugmentParams(crop=cfg.crop, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
     plain = {"train": Dataset(run.train_items, get_transforms("train", run.label_values, aug, run.in_channels)),
              "val": Dataset(run.val_items, get_transforms("val", run.label_values, aug, run.in_channels))}
-    plain["model"], plain["optimizer"], _, plain["loss"] = train.make_training(run, device, False)
+    plain["model"], plain["optimizer"], _, plain["loss"] = make_training(run, device, False)
     plain["model"].to(memory_format=torch.contiguous_format)  # train.py's model is channels-last; the seed's was not
     # (b) ours
     t0 = time.perf_counter()
     phase("ours")
-    train_ds, val_ds, on_gpu = train.make_datasets(run, run.train_items, run.val_items, device)
+    train_ds, val_ds, on_gpu = make_datasets(run, run.train_items, run.val_items, device)
     synchronize(device)
     cache_s, cache_mb = time.perf_counter() - t0, PeakRSS.now_mb() - base_mb
-    model, optimizer, scaler, loss_fn = train.make_training(run, device, amp)
+    model, optimizer, scaler, loss_fn = make_training(run, device, amp)
     # train.py's moving average of the weights: updated at every step, and what it validates
-    average = train.moving_average(model, cfg.ema_epochs, math.ceil(len(run.train_items) / cfg.batch_size))
+    average = moving_average(model, cfg.ema_epochs, math.ceil(len(run.train_items) / cfg.batch_size))
     ours = {"train": train_ds, "val": val_ds, "on_gpu": on_gpu, "model": model, "optimizer": optimizer,
             "scaler": scaler, "loss": loss_fn, "amp": amp, "average": average}
     phase(None)
@@ -155,14 +161,14 @@ def bench(epochs: int, cfg: train.TrainConfig) -> dict:
     return summarize(epochs, run, times, losses, val, phase, cache_s, cache_mb, device)
 
 
-def time_epochs(epochs: int, run: train.Plan, plain: dict, ours: dict, phase: Phases, device: torch.device
+def time_epochs(epochs: int, run: Run, plain: dict, ours: dict, phase: Phases, device: torch.device
                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Interleaved epochs of both ways, same seeds and learning rates: (seconds, losses) per way."""
     cfg = run.cfg
     times: dict[str, list[float]] = {"plain": [], "ours": []}
     losses: dict[str, list[float]] = {"plain": [], "ours": []}
     for epoch in range(1, epochs + 1):
-        lr = train.cosine_lr(cfg.lr, epoch, cfg.epochs)
+        lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
         for name, way in (("plain", plain), ("ours", ours)):
             way["train"].transform.set_random_state(seed=cfg.seed + epoch)
             for group in way["optimizer"].param_groups:
@@ -176,9 +182,9 @@ def time_epochs(epochs: int, run: train.Plan, plain: dict, ours: dict, phase: Ph
                                     num_workers=cfg.num_workers, generator=generator)
                 loss = plain_epoch(way["model"], loader, way["loss"], way["optimizer"], device)
             else:
-                loader = train.make_loader(way["train"], cfg.batch_size, cfg.seed + epoch, way["on_gpu"], device,
+                loader = make_loader(way["train"], cfg.batch_size, cfg.seed + epoch, way["on_gpu"], device,
                                            cfg.num_workers)
-                loss = train.train_epoch(way["model"], loader, way["loss"], way["optimizer"], way["scaler"], device,
+                loss = train_steps(way["model"], loader, way["loss"], way["optimizer"], way["scaler"], device,
                                          way["amp"], way["average"])
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
@@ -188,7 +194,7 @@ def time_epochs(epochs: int, run: train.Plan, plain: dict, ours: dict, phase: Ph
     return times, losses
 
 
-def validate_both(run: train.Plan, plain: dict, ours: dict, phase: Phases, device: torch.device
+def validate_both(run: Run, plain: dict, ours: dict, phase: Phases, device: torch.device
                   ) -> dict[str, tuple[float, float]]:
     """Validation Dice and seconds of each way: plain (its raw weights) at the training crop, ours as train.py
     validates (the moving average of the weights, in train.py's window)."""
@@ -200,9 +206,9 @@ def validate_both(run: train.Plan, plain: dict, ours: dict, phase: Phases, devic
             dice = plain_validate(plain["model"], DataLoader(plain["val"], batch_size=1), cfg.crop, cfg.overlap,
                                   len(run.label_values), device)
         else:
-            loader = train.make_loader(ours["val"], 1, None, ours["on_gpu"], device, shuffle=False)
+            loader = make_loader(ours["val"], 1, None, ours["on_gpu"], device, shuffle=False)
             weights = ours["model"] if ours["average"] is None else ours["average"].module
-            per_label, _ = train.validate(weights, loader, run.label_values, cfg, run.window, ours["amp"],
+            per_label, _ = validate(weights, loader, run.label_values, cfg, run.window, ours["amp"],
                                           run.pool_groups)
             dice = mean_dice(per_label.values())
         synchronize(device)
@@ -211,7 +217,7 @@ def validate_both(run: train.Plan, plain: dict, ours: dict, phase: Phases, devic
     return val
 
 
-def summarize(epochs: int, run: train.Plan, times: dict, losses: dict, val: dict, phase: Phases, cache_s: float,
+def summarize(epochs: int, run: Run, times: dict, losses: dict, val: dict, phase: Phases, cache_s: float,
               cache_mb: float, device: torch.device) -> dict:
     """The summary, printed: median epochs (the first of each warms up and is left out), validation, memory."""
     steady = {name: t[1:] if len(t) > 1 else t for name, t in times.items()}
@@ -247,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rest = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     # train.py's --epochs sets the cosine schedule's length; the benchmark runs the first --epochs of it.
-    cfg = train.parse_args(rest)
+    cfg = parse_args(rest)
     summary = bench(args.epochs, cfg)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")

@@ -80,7 +80,7 @@ def redecide(work: Path) -> float:
 
     from crossval import decide_run
     from model import inference_amp, load_checkpoint, use_amp
-    from train import split_items
+    from training.planning import split_items
 
     t0, out, cpu = time.perf_counter(), work / "output", torch.device("cpu")
     config = load_checkpoint(out / "model.pt")["config"]

@@ -18,6 +18,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 import preprocess  # noqa: E402
 import train  # noqa: E402
+import training.optim  # noqa: E402
 
 # 320×320 in-plane so that the downsampling to 256 really happens; depth 8 so that crops are padded.
 SYNTH_SHAPE = ["8", "320", "320"]
@@ -33,7 +34,7 @@ def unbiased_start() -> Iterator[None]:
     rarity (``model.set_prior``, tested in test_model.py): from there they would still mark nothing, and the tests
     that use them compare the masks they make (ensemble against one network, ONNX against PyTorch, the server)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "set_prior", lambda model, shares: None)
+        patch.setattr(training.optim, "set_prior", lambda model, shares: None)
         yield
 
 

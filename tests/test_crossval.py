@@ -28,6 +28,7 @@ from model import (
     probabilities,
     save_checkpoint,
 )
+from training import ensembles, planning
 
 
 def _manifest(patients: int, slices: int, test: int = 0) -> dict:
@@ -57,7 +58,7 @@ def test_split_items_gives_each_fold_its_own_validation_patients(prep_dir):
     manifest = load_manifest(prep_dir)
     seen = []
     for k in range(2):
-        train_items, val_items = train.split_items(manifest, prep_dir, folds=2, fold=k)
+        train_items, val_items = planning.split_items(manifest, prep_dir, folds=2, fold=k)
         names = {i["name"] for i in val_items}
         assert names and not names & {i["name"] for i in train_items}
         seen.append(names)
@@ -129,7 +130,7 @@ def folds_out(prep_dir, tmp_path_factory) -> tuple[Path, dict]:
     cfg = train.parse_args(["--data", str(prep_dir), "--output", str(out), "--epochs", "2", "--folds", "2",
                             *TINY_NET])
     with unbiased_start():
-        return out, train.train_folds(cfg)
+        return out, ensembles.train_folds(cfg, train.train)
 
 
 def test_folds_train_apart_and_report_together(folds_out, prep_dir):

@@ -75,4 +75,4 @@ def test_torchrun_runs_train_py_unchanged(prep_dir, tmp_path):
     assert "rank 1 of 2" in proc.stderr and "rank 0 of 2" in proc.stderr
     assert load_checkpoint(out / "best.pt")["epoch"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "dice.png", "last.pt", "metrics.csv", "model.pt",
-                                                     "plan.json", "postprocessing.json", "tensorboard"]
+                                                     "models.json", "plan.json", "postprocessing.json", "tensorboard"]

@@ -12,6 +12,8 @@ from conftest import TINY_NET
 
 import model
 import train
+import training.data
+import training.steps
 from model import amp_dtype, autocast, build_model, model_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -22,7 +24,7 @@ def test_training_on_the_gpu_caches_there_and_runs_under_amp(prep_dir, tmp_path,
     """The cache goes onto the GPU (it is tiny), steps run under autocast, and the run ends with finite losses
     and a checkpoint that loads on the CPU."""
     chosen, autocasts = [], []
-    real_cache_device, real_autocast = train.cache_device, train.autocast
+    real_cache_device, real_autocast = training.data.cache_device, training.steps.autocast
 
     def spy_cache(*args, **kwargs):
         chosen.append(real_cache_device(*args, **kwargs))
@@ -32,8 +34,8 @@ def test_training_on_the_gpu_caches_there_and_runs_under_amp(prep_dir, tmp_path,
         autocasts.append((device.type, enabled))
         return real_autocast(device, enabled)
 
-    monkeypatch.setattr(train, "cache_device", spy_cache)
-    monkeypatch.setattr(train, "autocast", spy_autocast)
+    monkeypatch.setattr(training.data, "cache_device", spy_cache)
+    monkeypatch.setattr(training.steps, "autocast", spy_autocast)
     assert train.main(["--data", str(prep_dir), "--output", str(tmp_path), "--epochs", "3", *GPU_NET]) == 0
     assert chosen and chosen[0] is not None and chosen[0].type == "cuda"
     assert autocasts and all(a == ("cuda", True) for a in autocasts)

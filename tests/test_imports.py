@@ -1,5 +1,6 @@
-"""The layout's two import rules: no script imports another script, and a network is built, loaded and run without
-the readers (SimpleITK, Pillow) or the transform chain."""
+"""The layout's import rules: no script imports another script (nor does any support module or benchmark); readers and
+options sit at the bottom; a network is built, loaded and run without the readers (SimpleITK, Pillow) or the transform
+chain."""
 
 from __future__ import annotations
 
@@ -32,6 +33,32 @@ def test_no_script_imports_another_script():
     for path in ROOT.glob("*.py"):
         if path.stem not in SCRIPTS:
             assert not imported_modules(path) & SCRIPTS, path.name
+
+
+def project_modules() -> set[str]:
+    """Top-level names of the project's own modules and packages."""
+    return {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
+
+
+def test_support_code_and_benchmarks_import_no_script():
+    support = sorted((ROOT / "training").glob("*.py"))
+    assert len(support) >= 5
+    for path in support:
+        assert not imported_modules(path) & SCRIPTS, path
+    # serve_screenshot drives serve.py's app in a thread: the browser test's server
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        allowed = {"serve"} if path.stem == "serve_screenshot" else set()
+        assert not (imported_modules(path) & SCRIPTS) - allowed, path
+
+
+def test_readers_and_options_are_the_bottom_layer():
+    """``common`` (the error type, options, atomic writes) imports nothing of the project; ``readers`` only
+    ``common``; ``training`` is imported by train.py and benchmarks alone."""
+    ours = project_modules()
+    assert not imported_modules(ROOT / "common.py") & ours
+    assert imported_modules(ROOT / "readers.py") & ours == {"common"}
+    users = {p.stem for p in ROOT.glob("*.py") if "training" in imported_modules(p)}
+    assert users == {"train"}
 
 
 def test_the_rule_is_checked_on_real_imports(tmp_path):

@@ -18,6 +18,7 @@ import segmenter
 import serve
 import train
 from model import load_checkpoint, model_from_checkpoint, predict_probabilities, to_classes
+from training import planning
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_the_decision_judges_the_members_averaged(members_out, prep_dir):
     """The validation masks the decision is made on are the ensemble's (probabilities averaged), not a member's."""
     paths = [members_out / f"member_{k}" / "model.pt" for k in range(2)]
     manifest = json.loads((prep_dir / "dataset.json").read_text())
-    _, val_items = train.split_items(manifest, prep_dir)
+    _, val_items = planning.split_items(manifest, prep_dir)
     cases = {c["name"]: c for c in manifest["cases"]}
     got = crossval.predict_validation(crossval.Judged(tuple(paths), val_items[:1]), cases, torch.device("cpu"),
                                       False, (1, 2))

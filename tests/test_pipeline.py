@@ -21,6 +21,7 @@ import model
 import preprocess
 import readers
 import train
+import training.data
 from cases import MANIFEST_VERSION
 from dice import dice_binary
 from model import load_checkpoint
@@ -347,8 +348,9 @@ def test_device_cache_path_draws_the_same_crops(prep_dir, tmp_path, monkeypatch)
         calls.append(len(cases))
         return torch.device("cpu")
 
-    monkeypatch.setattr(train, "cache_device", on_cpu)
-    assert isinstance(train.make_loader([0], 1, 0, torch.device("cpu"), torch.device("cpu")), train.ThreadDataLoader)
+    monkeypatch.setattr(training.data, "cache_device", on_cpu)
+    loader = training.data.make_loader([0], 1, 0, torch.device("cpu"), torch.device("cpu"))
+    assert isinstance(loader, training.data.ThreadDataLoader)
     assert train.main([*argv, "--output", str(tmp_path / "device")]) == 0
     assert calls == [4]
     host, device = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("host", "device"))

@@ -14,6 +14,8 @@ from conftest import TINY_NET
 import planner
 import train
 from common import InputError
+from training import planning
+from training.clock import Clock
 
 FP_2D = {"dims": "2d", "median_shape": [1, 212, 181], "median_spacing": [1.0, 1.0, 1.0]}
 FP_3D = {"dims": "3d", "median_shape": [150, 200, 180], "median_spacing": [1.0, 0.8, 0.8]}
@@ -84,7 +86,7 @@ def test_bad_time_limits_are_refused(text):
 
 
 def test_the_clock_decays_validates_and_stops_within_the_budget():
-    clock = train.Clock(100.0, time.perf_counter())
+    clock = Clock(100.0, time.perf_counter())
     assert clock.lr(1.0) == pytest.approx(1.0, abs=1e-3) and clock.validation_due()  # the first measures its cost
     clock.trained(5.0)
     clock.validated(2.0, True)
@@ -131,10 +133,10 @@ def test_validation_cases_train_too_unless_held_out(prep_dir, tmp_path):
     names = {s: {c["name"] for c in manifest["cases"] if c["split"] == s} for s in ("train", "val")}
 
     def trained(data, *flags) -> tuple[set[str], bool]:
-        run = train.plan(train.parse_args(["--data", str(data), "--epochs", "1", *TINY_NET, *flags]))
+        run = planning.plan_run(train.parse_args(["--data", str(data), "--epochs", "1", *TINY_NET, *flags]))
         if "--folds" not in flags:
             assert {item["name"] for item in run.val_items} == names["val"]
-        return {item["name"] for item in run.train_items}, run.record["settings"]["train_on_val"]
+        return {item["name"] for item in run.train_items}, run.plan["settings"]["train_on_val"]
 
     assert names["val"] and trained(prep_dir) == (names["train"] | names["val"], True)
     assert trained(prep_dir, "--no-train-on-val") == (names["train"], False)
@@ -158,15 +160,25 @@ def test_plan_json_is_the_network_trained_and_rebuilds_it(prep_dir, tmp_path):
         case["prepared_spacing"], case["prepared_shape"] = [5.0, 0.8, 0.8], [20, 256, 256]
     manifest["fingerprint"].update(median_spacing=[5.0, 0.8, 0.8], median_shape=[20, 256, 256])
     (data / "dataset.json").write_text(json.dumps(manifest))
-    run = train.plan(train.parse_args(["--data", str(data), "--crop", "20", "64", "64", "--epochs", "1"]))
+    run = planning.plan_run(train.parse_args(["--data", str(data), "--crop", "20", "64", "64", "--epochs", "1"]))
     planned, _ = planner.network([20, 64, 64], [5.0, 0.8, 0.8], "3d", 16, 256)
     assert planned["strides"] == [[1, 2, 2]] * 3  # not the [2, 2, 2] spacing alone would give the last level
     assert run.margs["strides"] == planned["strides"] and run.margs["channels"] == planned["channels"]
-    assert run.record["settings"]["strides"] == planned["strides"]
-    (tmp_path / "plan.json").write_text(json.dumps(run.record))
-    again = train.plan(train.parse_args(["--data", str(data), "--plan", str(tmp_path / "plan.json")]))
+    assert run.plan["settings"]["strides"] == planned["strides"]
+    (tmp_path / "plan.json").write_text(json.dumps(run.plan))
+    again = planning.plan_run(train.parse_args(["--data", str(data), "--plan", str(tmp_path / "plan.json")]))
     assert again.margs == run.margs and again.window == run.window and again.cfg.crop == run.cfg.crop
-    given = train.plan(train.parse_args(["--data", str(data), "--crop", "20", "64", "64", "--epochs", "1",
+    given = planning.plan_run(train.parse_args(["--data", str(data), "--crop", "20", "64", "64", "--epochs", "1",
                                          "--widths", "8", "16", "32", "64", "--strides", "2", "2", "2"]))
     assert given.margs["strides"] == [[1, 2, 2], [1, 2, 2], [2, 2, 2]]  # strides given per level follow the spacing
-    assert given.record["settings"]["strides"] == given.margs["strides"]
+    assert given.plan["settings"]["strides"] == given.margs["strides"]
+
+
+@pytest.mark.parametrize("flags, seen", [([], True), (["--no-train-on-val"], False)])
+def test_the_validation_dice_is_named_for_what_it_is(prep_dir, tmp_path, caplog, flags, seen):
+    """Validation cases that also train give a fit, not an estimate: the log line says so, a held-out run's not."""
+    caplog.set_level("INFO", logger="train")
+    assert train.main(["--data", str(prep_dir), "--output", str(tmp_path / "out"), "--epochs", "1", *TINY_NET,
+                       "--no-postprocess", *flags]) == 0
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch   1")]
+    assert len(epoch_lines) == 1 and ("val Dice (trained on) " in epoch_lines[0]) is seen, epoch_lines

@@ -1,0 +1,70 @@
+"""Time: a --time-limit budget (learning rate, when to validate, when to stop), the share a fold or member gets,
+and the epoch-wise cosine decay."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+log = logging.getLogger("train")
+
+
+VALIDATION_SHARE = 0.2  # a --time-limit run validates when that keeps validation under this share of the time
+
+
+@dataclasses.dataclass
+class Clock:
+    """A ``--time-limit`` run's budget (seconds; None: no limit). The learning rate decays (cosine) with the share of
+    the budget spent, not with epochs; validation comes as often as keeps it under ``VALIDATION_SHARE`` of the time;
+    the run stops when another epoch and its validation would not fit, validating its last epoch, so that a run of
+    any length ends with a decayed learning rate and its best checkpoint chosen on validation."""
+
+    limit: float | None
+    start: float  # ``time.perf_counter()`` when the run began (with --resume: earlier by the epochs before)
+    epoch_s: float = 0.0  # the latest epoch's training
+    val_s: float = 0.0  # the latest validation
+    since_val: float = 0.0  # training seconds since the latest validation
+    closing: float = 0.0  # validations' worth of time kept for after the last epoch (the postprocessing decision)
+
+    @property
+    def spent(self) -> float:
+        """Wall-clock seconds of the run so far: setup, training, validation, writing."""
+        return time.perf_counter() - self.start
+
+    def lr(self, base: float) -> float:
+        """Cosine decay over the budget: ``base`` at the start, towards 0 at its end."""
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.limit)))
+
+    def trained(self, seconds: float) -> None:
+        self.epoch_s, self.since_val = seconds, self.since_val + seconds
+
+    def validated(self, seconds: float, done: bool) -> None:
+        if done:
+            self.val_s, self.since_val = seconds, 0.0
+
+    def validation_due(self) -> bool:
+        """The first validation (it measures its cost), then whenever training since the last one has taken
+        (1 - share) / share times a validation."""
+        return self.val_s == 0 or self.since_val * VALIDATION_SHARE >= (1 - VALIDATION_SHARE) * self.val_s
+
+    def no_time_for_another(self) -> bool:
+        """Whether validating now, another epoch (with a tenth for writing its files), its validation and what
+        comes after the last (``closing``) would overrun the budget, measured from the latest of each."""
+        return self.limit is not None and self.spent + (2 + self.closing) * self.val_s + 1.1 * self.epoch_s > self.limit
+
+    def left(self) -> float | None:
+        return None if self.limit is None else max(0.0, self.limit - self.spent)
+
+
+def budget_share(time_limit: float | None, start: float, runs_left: int) -> float | None:
+    """The seconds of the next of ``runs_left`` runs (members, folds) that share what is left of ``time_limit``
+    since ``start`` (``time.perf_counter()``) equally; None without a limit."""
+    return None if time_limit is None else max(1.0, (time_limit - (time.perf_counter() - start)) / runs_left)
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """Cosine decay from ``base`` at epoch 1 towards 0 after ``epochs``; a function of the epoch, so that a
+    resumed run (even one given more epochs) needs no scheduler state."""
+    return base * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))

@@ -1,0 +1,66 @@
+"""torchrun: joining the job, and what every rank must agree on (counts, buffers, decisions)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("train")
+
+
+def distributed() -> bool:
+    """Whether this process is one of several in a torchrun job."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def torchrun_world() -> int:
+    """The processes of the torchrun job this one belongs to (``WORLD_SIZE``), known before the job is joined; 1
+    without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join the job torchrun describes in the environment (WORLD_SIZE > 1): NCCL with one GPU per local rank,
+    gloo on the CPU. Returns (rank, world size, device); (0, 1, device) without torchrun."""
+    world = torchrun_world()
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's per-case overlap counts, summed by case (a patient's slices may lie on several ranks)."""
+    if not distributed():
+        return counts
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: v.tolist() for k, v in counts.items()})
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for k, v in part.items():
+            merged[k] = merged.get(k, 0) + torch.tensor(v, dtype=torch.int64)
+    return merged
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) everywhere: DDP broadcasts them before each forward, so
+    after an epoch's last step each rank holds its own; validation and checkpoints need one set."""
+    if distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def agreed(flag: bool) -> bool:
+    """Rank 0's answer on every rank (time differs between processes; their decisions may not)."""
+    if not distributed():
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.broadcast(value, src=0)
+    return bool(value.item())
