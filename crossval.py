@@ -31,6 +31,7 @@ from monai.data import partition_dataset  # noqa: E402
 
 from common import InputError, atomic_write, write_json  # noqa: E402
 from dataset import FLIP_AXES, AugmentParams, PrepParams, make_dataset  # noqa: E402
+from dice import scored_targets  # noqa: E402
 from model import flipped_probabilities, load_checkpoint, model_from_checkpoint, save_checkpoint, to_classes  # noqa: E402
 from postprocess import Unit, decide, refuted, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
 
@@ -108,7 +109,7 @@ def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict],
     stacked = [(mask, mm3) for mask, _, mm3 in stack_units(truths)]
     small, single = small_sizes(stacked, labels[1:]), single_object(stacked, labels[1:])
     rules, trace = decide(pooled[use_flips], labels[1:], small, single) if postprocess else ([], [])
-    targets = {**{str(v): [v] for v in labels[1:]}, **{k: list(v) for k, v in (regions or {}).items()}}
+    targets = scored_targets(labels, regions)
     return {"rules": rules, "flips": list(flips) if use_flips else [], "trace": trace,
             "flips_dice": {"without": round(float(plain.mean()), 6), "with": round(float(mirrored.mean()), 6),
                            "axes_tried": list(flips)},

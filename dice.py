@@ -63,3 +63,8 @@ def mean_dice(per_label: Iterable[float]) -> float:
     that could not be scored) left out; NaN when none could."""
     values = np.asarray(list(per_label), dtype=np.float64)
     return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+
+
+def scored_targets(labels: Sequence[int], regions: dict[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    """``{"1": [1], "2": [2], …, "WT": [1, 2, 3, 4]}``: each foreground label, then each region."""
+    return {**{str(v): [v] for v in list(labels)[1:]}, **{k: list(v) for k, v in (regions or {}).items()}}

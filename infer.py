@@ -26,7 +26,7 @@ from tqdm import tqdm
 from cases import Case, cases_from_manifest, find_inputs, patient_slice, read_case, with_truth
 from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
 from dataset import ORIENTATION, PrepParams
-from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts
+from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts, scored_targets
 from onnx_engine import export_onnx
 from readers import (
     MASK_FORMATS,
@@ -81,11 +81,6 @@ def evaluate_case(mask: np.ndarray, truth: np.ndarray, affine: np.ndarray, label
                     spacing=spacing.tolist()))
         row[f"pred_{unit}_{key}"], row[f"true_{unit}_{key}"] = float(p.sum() * per_voxel), float(t.sum() * per_voxel)
     return row
-
-
-def scored_targets(labels: Sequence[int], regions: dict[str, Sequence[int]] | None) -> dict[str, list[int]]:
-    """``{"1": [1], "2": [2], …, "WT": [1, 2, 3, 4]}``: each foreground label, then each region."""
-    return {**{str(v): [v] for v in list(labels)[1:]}, **{k: list(v) for k, v in (regions or {}).items()}}
 
 
 class PatientDice:

@@ -218,7 +218,7 @@ def read_volume(path: str | Path, channel: int | None = None) -> torch.Tensor:
         raise InputError(f"{path}: no such file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: permission denied")
-    declared = _declared_voxels(Path(path))
+    declared = nifti_voxels(Path(path))
     if declared > MAX_VOXELS:
         raise InputError(f"{path}: header declares {declared} voxels, more than {MAX_VOXELS}; the file is corrupt")
     # The reader is called directly, not through LoadImage: LoadImage falls back to every other reader
@@ -246,7 +246,7 @@ def read_volume(path: str | Path, channel: int | None = None) -> torch.Tensor:
     return volume
 
 
-def _declared_voxels(path: Path) -> int:
+def nifti_voxels(path: Path) -> int:
     """Voxel count a NIfTI header declares (0 when not NIfTI or unreadable: the full read reports that)."""
     if volume_suffix(path) not in NIFTI_SUFFIXES:
         return 0
@@ -254,6 +254,37 @@ def _declared_voxels(path: Path) -> int:
         return int(np.prod(nib.load(str(path)).shape, dtype=np.float64))
     except READ_ERRORS:
         return 0
+
+
+def declared_voxels(path: Path) -> int:
+    """Voxels (pixels × channels for pictures) a file's header declares (a DICOM folder: its slices' together),
+    read without decoding its data."""
+    if path.is_dir():
+        return sum(sitk_voxels(p) for p in path.iterdir())
+    suffix = volume_suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        return nifti_voxels(path)
+    try:
+        if suffix in IMAGE_2D_SUFFIXES:
+            with PIL.Image.open(path) as img:  # reads the header only
+                return img.width * img.height * len(img.getbands())
+    except PIL.Image.DecompressionBombError:  # Pillow's own limit, below ours: refused all the same
+        raise InputError(f"header declares over {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb)"
+                         ) from None
+    except (OSError, ValueError):
+        return 0  # unreadable: the full read names the problem
+    return sitk_voxels(path)
+
+
+def sitk_voxels(path: Path) -> int:
+    """Voxels an NRRD, MHA or DICOM header declares (SimpleITK reads the header only); 0 when unreadable."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return 0
+    return int(np.prod(reader.GetSize(), dtype=np.float64)) * reader.GetNumberOfComponents()
 
 
 def as_label_map(mask: torch.Tensor, path: Path) -> torch.Tensor:

@@ -31,7 +31,6 @@ from typing import Annotated
 
 import numpy as np
 import PIL.Image
-import SimpleITK as sitk
 import torch
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -49,7 +48,7 @@ from readers import (
     IMAGE_2D_SUFFIXES,
     NIFTI_SUFFIXES,
     SITK_SUFFIXES,
-    _declared_voxels,
+    declared_voxels,
     mask_suffix,
     spacing_mm,
     volume_suffix,
@@ -101,37 +100,6 @@ def upload_suffix(name: str) -> str:
     if suffix is None:
         raise RequestError(415, f"{name}: unsupported file type (use {', '.join(UPLOAD_SUFFIXES)})")
     return suffix
-
-
-def declared_voxels(path: Path) -> int:
-    """Voxels (pixels × channels for pictures) a file's header declares (a DICOM folder: its slices' together),
-    read without decoding its data."""
-    if path.is_dir():
-        return sum(sitk_voxels(p) for p in path.iterdir())
-    suffix = volume_suffix(path)
-    if suffix in NIFTI_SUFFIXES:
-        return _declared_voxels(path)
-    try:
-        if suffix in IMAGE_2D_SUFFIXES:
-            with PIL.Image.open(path) as img:  # reads the header only
-                return img.width * img.height * len(img.getbands())
-    except PIL.Image.DecompressionBombError:  # Pillow's own limit, below ours: refused all the same
-        raise InputError(f"header declares over {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb)"
-                         ) from None
-    except (OSError, ValueError):
-        return 0  # unreadable: the full read names the problem
-    return sitk_voxels(path)
-
-
-def sitk_voxels(path: Path) -> int:
-    """Voxels an NRRD, MHA or DICOM header declares (SimpleITK reads the header only); 0 when unreadable."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return 0
-    return int(np.prod(reader.GetSize(), dtype=np.float64)) * reader.GetNumberOfComponents()
 
 
 def check_attached(path: Path) -> None:
