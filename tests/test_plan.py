@@ -102,13 +102,14 @@ def test_the_clock_decays_validates_and_stops_within_the_budget():
 
 
 def test_a_time_limited_run_ends_validated_with_a_decayed_rate(prep_dir, tmp_path):
+    """30 s, not less: setup counts towards the budget, and on a slow machine it alone took all of 8 s."""
     out = tmp_path / "out"
-    assert train.main(["--data", str(prep_dir), "--output", str(out), "--time-limit", "8s", *TINY_NET]) == 0
+    assert train.main(["--data", str(prep_dir), "--output", str(out), "--time-limit", "30s", *TINY_NET]) == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert rows[-1]["val_dice"] != ""  # the last epoch is validated, so the best checkpoint is chosen on it
     assert float(rows[-1]["lr"]) < 0.5 * 1e-3  # past the middle of the cosine, whatever setup took
     assert float(rows[0]["lr"]) > float(rows[-1]["lr"])
-    assert json.loads((out / "plan.json").read_text())["settings"]["time_limit"] == 8.0
+    assert json.loads((out / "plan.json").read_text())["settings"]["time_limit"] == 30.0
 
 
 @pytest.mark.parametrize("select", ["final", "best"])
