@@ -45,7 +45,7 @@ from monai.transforms.utils import map_binary_to_indices
 from monai.utils import convert_to_tensor, get_equivalent_dtype
 from scipy import ndimage
 
-from readers import read_volume
+from imaging.readers import read_volume
 
 # Spatial axes (of D, H, W) that training flips at random: in-plane only, so that 2D data stays 2D. Test-time flips
 # (model.predict_probabilities) use these, and the checkpoint records them.

@@ -19,16 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.metrics import compute_hausdorff_distance
 from tqdm import tqdm
 
-from cases import Case, cases_from_manifest, find_inputs, patient_slice, read_case, with_truth
-from common import ArgumentParser, InputError, atomic_write, region_arg, run_command
-from dataset import ORIENTATION, PrepParams
+from dataset import PrepParams
 from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts, scored_targets
-from onnx_engine import export_onnx
-from readers import (
+from imaging.cases import Case, cases_from_manifest, find_inputs, patient_slice, read_case, with_truth
+from imaging.common import ArgumentParser, InputError, atomic_write, region_arg, run_command
+from imaging.readers import (
     MASK_FORMATS,
     is_blank,
     mask_suffix,
@@ -37,7 +35,9 @@ from readers import (
     voxel_size,
     write_mask,
 )
-from segmenter import checkpoint_paths, load_segmenter, mask_path, postprocess_unit
+from inference.onnx_engine import export_onnx
+from inference.overlays import write_overlay
+from inference.segmenter import checkpoint_paths, load_segmenter, mask_path, postprocess_unit
 
 log = logging.getLogger("infer")
 
@@ -116,60 +116,6 @@ def write_evaluation(rows: dict[str, dict], path: Path) -> dict[str, float]:
     with atomic_write(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return dict(zip(columns, summary["mean"].tolist()))
-
-
-# ---------------------------------------------------------------- pictures
-
-
-def write_overlay(image: MetaTensor, mask: np.ndarray, truth: np.ndarray | None, labels: Sequence[int], title: str,
-                  path: Path) -> None:
-    """PNG of the image (C, X, Y, Z) with the predicted mask as a translucent colour and the truth as an outline:
-    a single slice as displayed, or for 3D the axial, coronal and sagittal planes through the lesion's centre."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-    from monai.transforms import Orientation
-
-    # Reoriented like the network's input: (D, H, W) = inferior→superior, anterior→posterior, right→left.
-    orient = Orientation(axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S")))
-    img = orient(MetaTensor(image.as_tensor(), affine=image.affine))
-    spacing = spacing_mm(img.affine)
-    grid = [np.asarray(orient(MetaTensor(torch.from_numpy(m.astype(np.int16))[None], affine=image.affine)))[0]
-            if m is not None else None for m in (mask, truth)]
-    pixels = np.asarray(img, dtype=np.float32)
-    lo, hi = np.percentile(pixels, [0.5, 99.5], axis=(1, 2, 3), keepdims=True)
-    pixels = np.clip((pixels - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
-    pixels = np.moveaxis(pixels, 0, -1) if pixels.shape[0] == 3 else pixels[0]  # RGB photographs stay in colour
-
-    where = next((m for m in grid if m is not None and m.any()), None)
-    centre = [int(round(c)) for c in np.argwhere(where > 0).mean(0)] if where is not None else [
-        n // 2 for n in grid[0].shape]
-    d, h, w = centre
-    planes: list[tuple[str, tuple, float]] = [("axial", (d, slice(None), slice(None)), spacing[1] / spacing[2])]
-    if grid[0].shape[0] > 1:  # coronal and sagittal: superior up
-        planes += [("coronal", (slice(None, None, -1), h, slice(None)), spacing[0] / spacing[2]),
-                   ("sagittal", (slice(None, None, -1), slice(None), w), spacing[0] / spacing[1])]
-    colours = colormaps["tab10"](np.arange(10))
-    cmap = ListedColormap([(0, 0, 0, 0), *[(*colours[i % 10][:3], 0.45) for i in range(len(labels) - 1)]])
-    index = {v: i for i, v in enumerate(labels)}
-    fig = Figure(figsize=(4 * len(planes), 4.4), dpi=100)
-    FigureCanvasAgg(fig)
-    for ax, (name, sl, aspect) in zip(fig.subplots(1, len(planes), squeeze=False)[0], planes):
-        ax.imshow(pixels[sl], cmap="gray", aspect=aspect, interpolation="nearest")
-        pred = np.vectorize(lambda v: index.get(int(v), 0))(grid[0][sl]) if grid[0][sl].any() else grid[0][sl] * 0
-        ax.imshow(pred, cmap=cmap, vmin=0, vmax=len(labels) - 1, aspect=aspect, interpolation="nearest")
-        if grid[1] is not None:
-            for v in labels[1:]:
-                if (grid[1][sl] == v).any():
-                    ax.contour(grid[1][sl] == v, levels=[0.5], colors=[colours[(index[v] - 1) % 10]], linewidths=1)
-        ax.set_title(name if len(planes) > 1 else "", fontsize=9)
-        ax.set_axis_off()
-    fig.suptitle(title + ("  (fill: prediction, line: truth)" if truth is not None else "  (fill: prediction)"),
-                 fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
 
 
 # ---------------------------------------------------------------- command line
@@ -294,7 +240,7 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
             write_mask(mask, affine, out, binary=list(labels) == [0, 1], source=case.image)
             if config.overlays:
                 overlay = out_dir / "overlays" / f"{Path(case.name).name}.png"
-                write_overlay(raw["image"], mask, truth, labels, case.name, overlay)
+                write_overlay(raw["image"], mask, truth, labels, overlay)
             amount, unit_name = segmented_size(mask, affine)
             results.append((out, amount, unit_name))
             log.info("%s: %.2f %s segmented → %s", case.sources[0], amount, unit_name, out)

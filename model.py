@@ -18,7 +18,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
-from common import InputError, atomic_write, write_json
+from imaging.common import InputError, atomic_write, write_json
 
 # A serious residual UNet on a GPU (about 4.8 M parameters) that still trains on a CPU in minutes.
 DEFAULT_MODEL_ARGS: dict[str, Any] = {

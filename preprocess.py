@@ -23,10 +23,10 @@ from monai.transforms import Compose, CropForegroundd
 from scipy import ndimage
 from tqdm import tqdm
 
-from cases import LAYOUTS, MANIFEST_VERSION, NNUNET_CHANNEL, Case, case_name, find_cases, read_case
-from common import ArgumentParser, InputError, partial_path, run_command, write_json
 from dataset import PrepParams, prepare_transforms
-from readers import is_blank, label_dtype, spacing_mm, write_nifti
+from imaging.cases import LAYOUTS, MANIFEST_VERSION, NNUNET_CHANNEL, Case, case_name, find_cases, read_case
+from imaging.common import ArgumentParser, InputError, partial_path, run_command, write_json
+from imaging.readers import is_blank, label_dtype, spacing_mm, write_nifti
 
 log = logging.getLogger("preprocess")
 SYNTHETIC_SHAPE = (32, 512, 512)  # (D, H, W): a 512×512 CT of 32 slices, downsampled ×2 in-plane

@@ -17,7 +17,6 @@ import base64
 import dataclasses
 import hashlib
 import hmac
-import io
 import logging
 import re
 import sys
@@ -30,21 +29,16 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import PIL.Image
-import torch
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from monai.data import MetaTensor
-from monai.transforms import Orientation
-from scipy import ndimage
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import segmenter
-from cases import Case, read_case
-from common import ArgumentParser, InputError, run_command
-from dataset import ORIENTATION, PrepParams
-from readers import (
+from dataset import PrepParams
+from imaging.cases import Case, read_case
+from imaging.common import ArgumentParser, InputError, run_command
+from imaging.readers import (
     IMAGE_2D_SUFFIXES,
     NIFTI_SUFFIXES,
     SITK_SUFFIXES,
@@ -55,6 +49,7 @@ from readers import (
     voxel_size,
     write_mask,
 )
+from inference import overlays, segmenter
 
 log = logging.getLogger("serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -64,8 +59,6 @@ DETACHED_DATA = re.compile(rb"^(data ?file|ElementDataFile)[ \t]*[:=][ \t]*(?=\S
 ZIP_MAX_MEMBERS = 2000  # a DICOM series of more slices than this is not what a web upload is for
 ZIP_MAX_RATIO = 100  # DICOM compresses 2-10×; 100× and more is a zip bomb
 # Overlay colours, one per foreground label (blue first, as the PH2 service showed lesions), RGB.
-COLOURS = [(30, 90, 255), (255, 140, 0), (0, 200, 80), (230, 0, 200), (255, 230, 0), (0, 220, 230), (170, 90, 40)]
-ALPHA = 0.45
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,65 +307,18 @@ def sizes(mask: np.ndarray, affine: np.ndarray, labels: list[int]) -> tuple[str,
             {str(v): {"voxels": n, "amount": round(n * per_voxel, 4)} for v, n in counts.items()})
 
 
-def oriented(image: MetaTensor, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image (C, D, H, W) scaled to [0, 1] and mask (D, H, W) as the network sees them (SPL: a picture as displayed),
-    and the spacing (D, H, W) in mm."""
-    orient = Orientation(axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S")))
-    img = orient(MetaTensor(image.as_tensor(), affine=image.affine))
-    grid = np.asarray(orient(MetaTensor(torch.from_numpy(mask.astype(np.int16))[None], affine=image.affine)))[0]
-    pixels = np.asarray(img, dtype=np.float32)
-    lo, hi = np.percentile(pixels, [0.5, 99.5], axis=(1, 2, 3), keepdims=True)
-    return np.clip((pixels - lo) / np.maximum(hi - lo, 1e-6), 0, 1), grid, spacing_mm(img.affine)
-
-
-def rgb(pixels: np.ndarray) -> np.ndarray:
-    """(C, h, w) in [0, 1] → (h, w, 3) uint8: colour pictures stay in colour, one channel is grey."""
-    grey = pixels if pixels.shape[0] == 3 else np.repeat(pixels[:1], 3, axis=0)
-    return (np.moveaxis(grey, 0, -1) * 255).round().astype(np.uint8)
-
-
-def blend(picture: np.ndarray, labels2d: np.ndarray, labels: list[int]) -> np.ndarray:
-    """The picture (h, w, 3) with each foreground label as a semi-transparent colour."""
-    out = picture.astype(np.float32)
-    for k, value in enumerate(labels[1:]):
-        where = labels2d == value
-        out[where] = (1 - ALPHA) * out[where] + ALPHA * np.asarray(COLOURS[k % len(COLOURS)], np.float32)
-    return out.round().astype(np.uint8)
-
-
-def png(picture: np.ndarray, height_scale: float = 1.0) -> str:
-    """Base64 PNG of (h, w, 3) uint8, stretched in height by ``height_scale`` (thick slices shown to scale)."""
-    img = PIL.Image.fromarray(picture)
-    if abs(height_scale - 1) > 0.01:
-        img = img.resize((img.width, max(1, round(img.height * height_scale))), PIL.Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def largest_lesion_centre(grid: np.ndarray) -> list[int]:
-    """(d, h, w) centre of the largest connected foreground component, or of the volume when there is none."""
-    components, n = ndimage.label(grid > 0)
-    if n == 0:
-        return [s // 2 for s in grid.shape]
-    biggest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(grid), components, range(1, n + 1))))
-    return [int(round(c)) for c in np.argwhere(components == biggest).mean(0)]
-
-
 def views(image: MetaTensor, mask: np.ndarray, labels: list[int]) -> dict:
     """What a card shows: ``planes`` (original and overlay PNGs through the largest lesion: one for a picture,
     axial, coronal and sagittal for a volume) and for a volume ``slices`` (every axial slice, for the slider)."""
-    pixels, grid, sp = oriented(image, mask)
-    d, h, w = largest_lesion_centre(grid)
-    cuts = [("axial", (slice(None), d, slice(None), slice(None)), 1.0)]
-    if grid.shape[0] > 1:  # superior up
-        cuts += [("coronal", (slice(None), slice(None, None, -1), h, slice(None)), sp[0] / sp[2]),
-                 ("sagittal", (slice(None), slice(None, None, -1), slice(None), w), sp[0] / sp[1])]
-    planes = [{"name": name, "original": png(rgb(pixels[cut]), scale),
-               "overlay": png(blend(rgb(pixels[cut]), grid[cut[1:]], labels), scale)} for name, cut, scale in cuts]
+    pixels, (grid,), spacing = overlays.oriented(image, [mask])
+    d, h, w = overlays.largest_lesion_centre(grid)
+    planes = [{"name": name, "original": overlays.png(overlays.rgb(pixels[cut]), scale),
+               "overlay": overlays.png(overlays.blend(overlays.rgb(pixels[cut]), grid[cut[1:]], labels), scale)}
+              for name, cut, scale in overlays.cuts(grid.shape, [d, h, w], spacing)]
     out = {"planes": planes, "centre": [d, h, w]}
     if grid.shape[0] > 1:
-        out["slices"] = [png(blend(rgb(pixels[:, k]), grid[k], labels)) for k in range(grid.shape[0])]
+        out["slices"] = [overlays.png(overlays.blend(overlays.rgb(pixels[:, k]), grid[k], labels))
+                         for k in range(grid.shape[0])]
         out["slice"] = d
     return out
 
@@ -382,7 +328,7 @@ def summary(result: Result, name: str, with_views: bool = True) -> dict:
     in base64."""
     labels = result.model.labels
     unit, per_label = sizes(result.mask, result.affine, labels)
-    legend = [{"value": v, "colour": "#{:02x}{:02x}{:02x}".format(*COLOURS[k % len(COLOURS)])}
+    legend = [{"value": v, "colour": "#{:02x}{:02x}{:02x}".format(*overlays.COLOURS[k % len(overlays.COLOURS)])}
               for k, v in enumerate(labels[1:])]
     out = {"file": name, "model": result.model.name, "shape": list(result.mask.shape),
            "spacing_mm": spacing_mm(result.affine).round(4).tolist(), "unit": unit, "sizes": per_label,

@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.tensorboard import SummaryWriter
 
-from common import run_command, write_json
-from crossval import decide_run
 from dataset import FLIP_AXES
 from dice import mean_dice
+from evaluation.crossval import decide_run
+from imaging.common import run_command, write_json
 from model import (
     flip_sets,
     inference_amp,

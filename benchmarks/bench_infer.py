@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import synchronize  # noqa: E402  (this folder)
 
-from cases import Case, cases_from_manifest, read_case  # noqa: E402
-from common import InputError  # noqa: E402
 from dataset import PrepParams, prepare_transforms, prepared_tissue  # noqa: E402
 from dice import dice_binary  # noqa: E402
+from imaging.cases import Case, cases_from_manifest, read_case  # noqa: E402
+from imaging.common import InputError  # noqa: E402
+from inference.segmenter import invert_to_original  # noqa: E402
 from model import (  # noqa: E402
     default_sw_batch_size,
     load_checkpoint,
@@ -48,7 +49,6 @@ from model import (  # noqa: E402
     to_classes,
     use_amp,
 )
-from segmenter import invert_to_original  # noqa: E402
 
 
 def plain_logits(model: torch.nn.Module, image: torch.Tensor, roi: tuple[int, ...], overlap: float,

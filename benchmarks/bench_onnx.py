@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import segmenter  # noqa: E402
-from cases import Case, read_case  # noqa: E402
 from dataset import PrepParams  # noqa: E402
 from dice import dice_binary  # noqa: E402
-from onnx_engine import OnnxNetwork, export_onnx  # noqa: E402
+from imaging.cases import Case, read_case  # noqa: E402
+from inference import segmenter  # noqa: E402
+from inference.onnx_engine import OnnxNetwork, export_onnx  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[list[float], object]:

@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cases import Case, find_cases, load_manifest, read_case  # noqa: E402
 from dice import dice_binary  # noqa: E402
-from readers import mask_suffix, read_volume  # noqa: E402
+from imaging.cases import Case, find_cases, load_manifest, read_case  # noqa: E402
+from imaging.readers import mask_suffix, read_volume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # infer.py runs scored, each on the output folder: as train.py left it (its decisions), the networks alone, flips forced
@@ -78,7 +78,7 @@ def redecide(work: Path) -> float:
     ``work/output/model.pt`` (one model, not ``--folds``), on its own validation cases; its seconds."""
     import torch
 
-    from crossval import decide_run
+    from evaluation.crossval import decide_run
     from model import inference_amp, load_checkpoint, use_amp
     from training.planning import split_items
 

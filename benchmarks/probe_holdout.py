@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from holdout import patients  # noqa: E402
 
-from cases import find_cases, read_case  # noqa: E402
 from dice import dice_binary  # noqa: E402
+from imaging.cases import find_cases, read_case  # noqa: E402
+from imaging.readers import read_volume  # noqa: E402
+from inference.segmenter import Segmenter, postprocess_unit  # noqa: E402
 from model import model_window  # noqa: E402
-from readers import read_volume  # noqa: E402
-from segmenter import Segmenter, postprocess_unit  # noqa: E402
 
 
 class Scaled(Segmenter):

@@ -94,10 +94,10 @@ def restore_prepared_label(prep_dir: Path, case: dict, params_dict: dict):
     import numpy as np
     import torch
 
-    import segmenter
     from dataset import PrepParams, prepare_transforms
+    from imaging.readers import read_volume
+    from inference import segmenter
     from model import to_classes
-    from readers import read_volume
 
     params = PrepParams.from_dict(params_dict)
     chain = prepare_transforms(params, with_label=False)

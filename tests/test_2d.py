@@ -12,13 +12,13 @@ import torch
 from conftest import SHARED, TINY_WIDTHS, checksums, one_error_line, restore_prepared_label
 from PIL import Image
 
-import cases
 import infer
 import preprocess
 import train
 from dice import dice_binary
+from imaging import cases
+from imaging.readers import as_label_map, read_volume
 from model import load_checkpoint
-from readers import as_label_map, read_volume
 
 
 def _disc_image(rng: np.random.Generator, size=(90, 120)) -> tuple[np.ndarray, np.ndarray]:

@@ -30,8 +30,8 @@ from conftest import ROOT, TINY_NET, checksums, one_error_line
 
 import infer
 import preprocess
-import segmenter
 import train
+from inference import segmenter
 from model import save_checkpoint
 
 
@@ -388,7 +388,7 @@ def test_the_real_command_prints_one_line(case, small_raw, tmp_path):
 
 def test_permission_denied_is_reported_even_as_root(small_raw, tmp_path, capsys, monkeypatch):
     """Root reads any file, so the refusal itself is exercised by denying access to one path."""
-    import readers
+    from imaging import readers
 
     raw = tmp_path / "raw"
     shutil.copytree(small_raw, raw)

@@ -9,10 +9,10 @@ import numpy as np
 from conftest import TINY_WIDTHS
 from PIL import Image
 
-import cases
 import infer
 import preprocess
 import train
+from imaging import cases
 
 
 def _patient(folder, name, rng, n=6):

@@ -9,11 +9,11 @@ import PIL.Image
 import pytest
 from conftest import SHARED, SYNTH_SHAPE
 
-import cases
 import infer
 import preprocess
-from common import InputError
-from readers import VOLUME_SUFFIXES, write_nifti
+from imaging import cases
+from imaging.common import InputError
+from imaging.readers import VOLUME_SUFFIXES, write_nifti
 
 
 def _nifti(path, shape=(8, 8, 4), value=1.0):

@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import TINY_NET, one_error_line, unbiased_start
 
-import crossval
 import infer
-import segmenter
 import train
-from cases import find_inputs, load_manifest, read_case
-from common import InputError
-from crossval import STEPS, Judged, assign_folds, judge
+from evaluation import crossval
+from evaluation.crossval import STEPS, Judged, assign_folds, judge
+from imaging.cases import find_inputs, load_manifest, read_case
+from imaging.common import InputError
+from inference import segmenter
 from model import (
     flipped_probabilities,
     load_checkpoint,

@@ -17,8 +17,8 @@ from conftest import one_error_line, restore_prepared_label
 import infer
 import preprocess
 from dice import dice_binary
+from imaging.readers import read_volume
 from preprocess import synthetic_volume
-from readers import read_volume
 
 SPACING = (0.8, 0.8, 2.5)
 

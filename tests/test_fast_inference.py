@@ -155,8 +155,8 @@ def test_slices_segmented_together_match_one_by_one(trained_2d, tmp_path, tta, m
     from conftest import grey_disc
     from PIL import Image
 
-    import segmenter
-    from readers import read_volume
+    from imaging.readers import read_volume
+    from inference import segmenter
 
     rng = np.random.default_rng(3)
     paths = []
@@ -180,7 +180,7 @@ def test_slices_segmented_together_match_one_by_one(trained_2d, tmp_path, tta, m
 def test_mixed_precision_on_the_cpu_only_for_inference_and_only_with_hardware_bf16(monkeypatch, trained):
     """bf16 on the CPU: for inference (the Segmenter asks by default) where the CPU has it in hardware; never for
     training by default; CUDA keeps its default (on)."""
-    import segmenter
+    from inference import segmenter
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for hardware in (True, False):

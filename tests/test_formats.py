@@ -19,7 +19,7 @@ from PIL import Image
 import infer
 import preprocess
 import train
-from readers import as_label_map, mask_suffix, read_volume, write_mask
+from imaging.readers import as_label_map, mask_suffix, read_volume, write_mask
 
 AFFINE = np.array([[-0.8, 0.0, 0.1, 40.0], [0.0, -0.7, 0.0, 20.0], [0.0, 0.05, 2.5, -30.0], [0, 0, 0, 1.0]])
 

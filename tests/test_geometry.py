@@ -11,15 +11,15 @@ import SimpleITK as sitk
 import torch
 from conftest import SHARED, TINY_WIDTHS, checksums, restore_prepared_label
 
-import cases
 import model
 import preprocess
-import segmenter
 import train
 from dataset import PrepParams, prepare_transforms
 from dice import dice_binary
+from imaging import cases
+from imaging.readers import read_volume, write_mask, write_nifti
+from inference import segmenter
 from model import anisotropic_args, build_model, load_checkpoint, model_args
-from readers import read_volume, write_mask, write_nifti
 
 
 def _phantom(tmp_path, affine):

@@ -1,6 +1,6 @@
-"""The layout's import rules: no script imports another script (nor does any support module or benchmark); readers and
-options sit at the bottom; a network is built, loaded and run without the readers (SimpleITK, Pillow) or the transform
-chain."""
+"""The layout's import rules: the top level holds the commands and the design card's modules; no script imports
+another script (nor does any support module or benchmark); readers and options sit at the bottom; a network is built,
+loaded and run without the readers (SimpleITK, Pillow) or the transform chain."""
 
 from __future__ import annotations
 
@@ -11,40 +11,40 @@ import sys
 from conftest import ROOT
 
 SCRIPTS = {"preprocess", "train", "infer", "serve"}
+TOP_LEVEL = SCRIPTS | {"dataset", "model", "dice"}  # the design card's modules
+PACKAGES = {"imaging", "evaluation", "inference", "training"}
 
 
-def imported_modules(path) -> set[str]:
-    """Top-level names of every module ``path`` imports, at any depth of its code."""
+def imported_modules(path, dotted: bool = False) -> set[str]:
+    """Every module ``path`` imports, at any depth of its code: top-level names, or with ``dotted`` the full ones."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module.split(".")[0])
-    return names
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names if dotted else {n.split(".")[0] for n in names}
+
+
+def support_files() -> list:
+    return sorted(p for package in PACKAGES for p in (ROOT / package).glob("*.py"))
+
+
+def test_the_top_level_holds_the_scripts_and_the_design_cards_modules():
+    """Support code lives in a package named for what it does; the top level shows the commands."""
+    assert {p.stem for p in ROOT.glob("*.py")} == TOP_LEVEL
+    assert {p.parent.name for p in ROOT.glob("*/__init__.py")} == PACKAGES
 
 
 def test_no_script_imports_another_script():
-    scripts = [ROOT / f"{name}.py" for name in sorted(SCRIPTS) if (ROOT / f"{name}.py").exists()]
-    assert len(scripts) >= 3
-    found = {p.stem: sorted(imported_modules(p) & (SCRIPTS - {p.stem})) for p in scripts}
-    assert found == {p.stem: [] for p in scripts}
-    # the library modules import no script either
-    for path in ROOT.glob("*.py"):
-        if path.stem not in SCRIPTS:
-            assert not imported_modules(path) & SCRIPTS, path.name
-
-
-def project_modules() -> set[str]:
-    """Top-level names of the project's own modules and packages."""
-    return {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    found = {name: sorted(imported_modules(ROOT / f"{name}.py") & (SCRIPTS - {name})) for name in sorted(SCRIPTS)}
+    assert found == {name: [] for name in sorted(SCRIPTS)}
+    for path in [ROOT / f"{name}.py" for name in TOP_LEVEL - SCRIPTS] + support_files():
+        assert not imported_modules(path) & SCRIPTS, path
 
 
 def test_support_code_and_benchmarks_import_no_script():
-    support = sorted((ROOT / "training").glob("*.py"))
-    assert len(support) >= 5
-    for path in support:
-        assert not imported_modules(path) & SCRIPTS, path
+    assert len(support_files()) >= 15
     # serve_screenshot drives serve.py's app in a thread: the browser test's server
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         allowed = {"serve"} if path.stem == "serve_screenshot" else set()
@@ -52,13 +52,19 @@ def test_support_code_and_benchmarks_import_no_script():
 
 
 def test_readers_and_options_are_the_bottom_layer():
-    """``common`` (the error type, options, atomic writes) imports nothing of the project; ``readers`` only
-    ``common``; ``training`` is imported by train.py and benchmarks alone."""
-    ours = project_modules()
-    assert not imported_modules(ROOT / "common.py") & ours
-    assert imported_modules(ROOT / "readers.py") & ours == {"common"}
+    """``imaging.common`` (the error type, options, atomic writes) imports nothing of the project;
+    ``imaging.readers`` only ``imaging.common``; the rest of ``imaging`` nothing above it; ``training`` is imported by
+    train.py alone among the project's code (benchmarks may time its parts)."""
+    ours = TOP_LEVEL | PACKAGES
+    imaging = ROOT / "imaging"
+    assert not imported_modules(imaging / "common.py") & ours
+    below = {m for m in imported_modules(imaging / "readers.py", dotted=True) if m.split(".")[0] in ours}
+    assert below and all(m.startswith("imaging.common") for m in below), below
+    for path in imaging.glob("*.py"):
+        assert imported_modules(path) & ours <= {"imaging"}, path
     users = {p.stem for p in ROOT.glob("*.py") if "training" in imported_modules(p)}
-    assert users == {"train"}
+    users |= {p.parent.name for p in support_files() if "training" in imported_modules(p)}
+    assert users == {"train", "training"}
 
 
 def test_the_rule_is_checked_on_real_imports(tmp_path):
@@ -77,7 +83,8 @@ import sys, tempfile, pathlib
 sys.modules["SimpleITK"] = None  # importing them now raises ImportError
 sys.modules["PIL"] = None
 import torch, model
-loaded = [m for m in ("readers", "dataset", "cases", "preprocess", "infer", "train") if sys.modules.get(m)]
+ours = ("imaging.readers", "dataset", "imaging.cases", "preprocess", "infer", "train")
+loaded = [m for m in ours if sys.modules.get(m)]
 assert not loaded, loaded
 args = model.model_args(channels=[4, 8], strides=[2])
 net = model.build_model(args)

@@ -17,7 +17,7 @@ from conftest import ROOT, TINY_NET, checksums
 
 import preprocess
 import train
-from common import partial_path
+from imaging.common import partial_path
 from model import load_checkpoint
 
 EPOCHS = 6

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import TINY_NET, one_error_line, unbiased_start
 
-import crossval
 import infer
-import segmenter
 import serve
 import train
+from evaluation import crossval
+from inference import segmenter
 from model import load_checkpoint, model_from_checkpoint, predict_probabilities, to_classes
 from training import planning
 

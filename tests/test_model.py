@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from common import InputError
+from imaging.common import InputError
 from model import (
     axis_divisors,
     build_model,

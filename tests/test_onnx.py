@@ -18,8 +18,8 @@ from PIL import Image
 
 import infer
 from dice import dice_binary
+from inference.onnx_engine import METADATA_KEYS, OnnxNetwork
 from model import load_checkpoint, model_from_checkpoint
-from onnx_engine import METADATA_KEYS, OnnxNetwork
 
 TOLERANCE = 1e-4  # logits of order 1-10; float32 kernels of two libraries differ by a few 1e-6
 

@@ -15,15 +15,14 @@ from conftest import SYNTH_SHAPE, TINY_NET, checksums, one_error_line
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import cases
 import infer
 import model
 import preprocess
-import readers
 import train
 import training.data
-from cases import MANIFEST_VERSION
 from dice import dice_binary
+from imaging import cases, readers
+from imaging.cases import MANIFEST_VERSION
 from model import load_checkpoint
 
 

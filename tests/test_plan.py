@@ -12,10 +12,9 @@ import pytest
 import torch
 from conftest import TINY_NET
 
-import planner
 import train
-from common import InputError
-from training import planning
+from imaging.common import InputError
+from training import planner, planning
 from training.clock import Clock
 
 FP_2D = {"dims": "2d", "median_shape": [1, 212, 181], "median_spacing": [1.0, 1.0, 1.0]}

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from postprocess import EXPECTED_MARGIN, apply_rule, decide, object_sizes, single_object, small_sizes, stack_units
+from evaluation.postprocess import (
+    EXPECTED_MARGIN,
+    apply_rule,
+    decide,
+    object_sizes,
+    single_object,
+    small_sizes,
+    stack_units,
+)
 
 
 def _stack() -> np.ndarray:
@@ -143,7 +151,7 @@ def test_prepared_slices_are_stacked_at_their_crop_boxes_in_slice_order():
 def test_infer_counts_components_over_a_patients_slices():
     """A blob alone on one slice is removed by "largest"; the same blob touching the tumour of the next slice is
     part of it and stays. Masks are the (X, Y, 1) of pictures; a volume is postprocessed alone."""
-    from segmenter import postprocess_unit
+    from inference.segmenter import postprocess_unit
 
     affine = np.eye(4)
     masks = [np.zeros((8, 8, 1), np.uint8) for _ in range(3)]

@@ -25,6 +25,7 @@ from PIL import Image
 
 import infer
 import serve
+from inference import overlays
 
 
 def client_for(checkpoint: Path, **overrides) -> TestClient:
@@ -144,8 +145,8 @@ def test_largest_lesion_centre_picks_the_biggest_component():
     grid = np.zeros((6, 20, 20), np.uint8)
     grid[1, 1:3, 1:3] = 1
     grid[3:6, 10:16, 12:18] = 1
-    assert serve.largest_lesion_centre(grid) == [4, 12, 14]  # (12.5 rounds to even)
-    assert serve.largest_lesion_centre(np.zeros((4, 6, 8))) == [2, 3, 4]
+    assert overlays.largest_lesion_centre(grid) == [4, 12, 14]  # (12.5 rounds to even)
+    assert overlays.largest_lesion_centre(np.zeros((4, 6, 8))) == [2, 3, 4]
 
 
 def test_four_parallel_requests_all_get_the_right_mask(api_3d, raw_dir):

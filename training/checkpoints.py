@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from common import InputError
 from dataset import FLIP_AXES
+from imaging.common import InputError
 from model import (
     load_checkpoint,
     model_from_checkpoint,

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from monai.data import DataLoader, ThreadDataLoader, partition_dataset
 
-from common import InputError
 from dataset import AugmentParams, make_dataset
+from imaging.common import InputError
 from training.planning import Run
 
 log = logging.getLogger("train")

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from cases import load_manifest
-from common import InputError, write_json
-from crossval import Judged, assign_folds, decide_run, judge, report, write_decision
 from dataset import FLIP_AXES
+from evaluation.crossval import Judged, assign_folds, decide_run, judge, report, write_decision
+from imaging.cases import load_manifest
+from imaging.common import InputError, write_json
 from model import (
     inference_amp,
     resolve_device,

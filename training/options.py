@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from common import ArgumentParser, InputError, region_arg
+from imaging.common import ArgumentParser, InputError, region_arg
 from model import DEFAULT_MODEL_ARGS, WINDOW_VOXELS
 from training.config import TrainConfig
 

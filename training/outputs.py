@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
-from common import atomic_write
+from imaging.common import atomic_write
 
 log = logging.getLogger("train")
 

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cases import load_manifest
-from common import InputError
-from crossval import assign_folds
 from dataset import PrepParams
+from evaluation.crossval import assign_folds
+from imaging.cases import load_manifest
+from imaging.common import InputError
 from model import (
     anisotropic_args,
     axis_divisors,
@@ -24,8 +24,8 @@ from model import (
     model_args,
     window_independent,
 )
-from planner import machine, make_plan
 from training.config import PLANNED, TrainConfig
+from training.planner import machine, make_plan
 
 log = logging.getLogger("train")
 

@@ -29,11 +29,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.data import partition_dataset  # noqa: E402
 
-from common import InputError, atomic_write, write_json  # noqa: E402
 from dataset import FLIP_AXES, AugmentParams, PrepParams, make_dataset  # noqa: E402
 from dice import scored_targets  # noqa: E402
+from evaluation.postprocess import Unit, decide, refuted, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
+from imaging.common import InputError, atomic_write, write_json  # noqa: E402
 from model import flipped_probabilities, load_checkpoint, model_from_checkpoint, save_checkpoint, to_classes  # noqa: E402
-from postprocess import Unit, decide, refuted, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
 
 log = logging.getLogger("crossval")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from common import InputError
-from readers import (
+from imaging.common import InputError
+from imaging.readers import (
     VOLUME_SUFFIXES,
     as_label_map,
     check_image,

@@ -16,9 +16,12 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
-from cases import case_name
-from common import InputError
 from dataset import FLIP_AXES, PrepParams, prepare_transforms, prepared_tissue
+from evaluation.postprocess import apply_rules
+from imaging.cases import case_name
+from imaging.common import InputError
+from imaging.readers import label_dtype, spacing_mm
+from inference.onnx_engine import OnnxNetwork
 from model import (
     MODELS_RECORD,
     inference_amp,
@@ -29,9 +32,6 @@ from model import (
     resolve_device,
     to_classes,
 )
-from onnx_engine import OnnxNetwork
-from postprocess import apply_rules
-from readers import label_dtype, spacing_mm
 
 
 def invert_to_original(probs: torch.Tensor, image: MetaTensor, chain: Compose) -> torch.Tensor:

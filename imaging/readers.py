@@ -19,7 +19,7 @@ import torch
 from monai.data import ImageReader, MetaTensor, NibabelReader
 from nibabel.filebasedimages import ImageFileError
 
-from common import InputError, atomic_write
+from imaging.common import InputError, atomic_write
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")

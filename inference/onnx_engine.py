@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import InputError, atomic_write
+from imaging.common import InputError, atomic_write
 from model import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger("onnx")

@@ -22,8 +22,8 @@ from monai.transforms import KeepLargestConnectedComponent, RemoveSmallObjects
 from scipy import ndimage
 from scipy.stats import binomtest
 
-from cases import patient_slice
 from dice import dice_binary
+from imaging.cases import patient_slice
 
 Rule = dict
 Unit = tuple[np.ndarray, np.ndarray, float]  # prediction, truth, voxel volume in mm³

@@ -1,0 +1,1 @@
+"""The flips and postprocessing decided on validation cases, and cross-validation by patient group."""

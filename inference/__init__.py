@@ -1,0 +1,1 @@
+"""A checkpoint's networks applied to a scan on its own grid (PyTorch or ONNX Runtime)."""
