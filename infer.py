@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from dataset import PrepParams
 from dice import dice_binary, dice_from_counts, mean_dice, overlap_counts, scored_targets
-from imaging.cases import Case, cases_from_manifest, find_inputs, patient_slice, read_case, with_truth
+from imaging.cases import Case, cases_from_manifest, find_inputs, patient_units, read_case, with_truth
 from imaging.common import ArgumentParser, InputError, atomic_write, region_arg, run_command
 from imaging.readers import (
     MASK_FORMATS,
+    is_2d,
     is_blank,
     mask_suffix,
     segmented_size,
@@ -222,7 +223,7 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
     rules = [] if config.no_postprocess else list(segmenter.rules)
     scores, patients, results, blank, t0 = {}, PatientDice(labels, regions), [], 0, time.perf_counter()
     bar = tqdm(total=len(cases), desc="infer", unit="case", disable=None)  # quiet off a terminal
-    for unit in segmentation_units(cases):
+    for unit in patient_units([(c.name, c.group) for c in cases]):
         raws = [read_case(cases[k], channel) for k in unit]
         blank += sum(is_blank(raw["image"]) for raw in raws)
         masks = segmenter.segment([(raw["image"], cases[k].image) for k, raw in zip(unit, raws)])
@@ -234,7 +235,7 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
             truth = raw["label"][0].numpy().astype(np.int64) if "label" in raw else None
             if truth is not None:
                 scores[case.name] = evaluate_case(mask, truth, affine, labels, regions)
-                if 1 in mask.shape:  # a slice: it also counts towards its patient's Dice
+                if len(unit) > 1 and is_2d(mask.shape):  # one of a patient's slices: scored with them too
                     patients.add(case.group, mask, truth)
             out.parent.mkdir(parents=True, exist_ok=True)
             write_mask(mask, affine, out, binary=list(labels) == [0, 1], source=case.image)
@@ -253,17 +254,6 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
              f"; {blank} blank images (constant: empty masks)" if blank else "", out_dir)
     report(scores, patients, labels, regions, out_dir)
     return results
-
-
-def segmentation_units(cases: Sequence[Case]) -> list[list[int]]:
-    """Indices of the cases segmented together, in order: a patient's numbered 2D slices (one group), whose masks
-    are postprocessed as one stack in slice order; every other case alone."""
-    units: dict[str, list[int]] = {}
-    for k, case in enumerate(cases):
-        numbered = patient_slice(case.name, case.group) is not None
-        units.setdefault(case.group if numbered else f"\0{k}", []).append(k)
-    return [sorted(u, key=lambda k: patient_slice(cases[k].name, cases[k].group)) if len(u) > 1 else u
-            for u in units.values()]
 
 
 def report(scores: dict[str, dict], patients: PatientDice, labels: Sequence[int], regions: dict, out_dir: Path

@@ -11,7 +11,6 @@ import json
 import logging
 import multiprocessing
 import os
-import random
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,9 +23,18 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dataset import PrepParams, prepare_transforms
-from imaging.cases import LAYOUTS, MANIFEST_VERSION, NNUNET_CHANNEL, Case, case_name, find_cases, read_case
+from imaging.cases import (
+    LAYOUTS,
+    MANIFEST_VERSION,
+    NNUNET_CHANNEL,
+    Case,
+    case_name,
+    find_cases,
+    read_case,
+    split_cases,
+)
 from imaging.common import ArgumentParser, InputError, partial_path, run_command, write_json
-from imaging.readers import is_blank, label_dtype, spacing_mm, write_nifti
+from imaging.readers import is_2d, is_blank, label_dtype, spacing_mm, write_nifti
 
 log = logging.getLogger("preprocess")
 SYNTHETIC_SHAPE = (32, 512, 512)  # (D, H, W): a 512×512 CT of 32 slices, downsampled ×2 in-plane
@@ -144,7 +152,7 @@ def fingerprint(records: list[dict]) -> dict:
                          "median_object_voxels": float(np.median(sizes)),
                          "median_object_mm3": round(float(np.median(sizes) * np.prod(spacing)), 3)}
     fg = [r["stats"]["foreground_intensity"] for r in labelled if r["stats"].get("foreground_intensity")]
-    return {"cases": len(labelled), "dims": "2d" if (shapes[:, 0] == 1).all() else "3d",
+    return {"cases": len(labelled), "dims": "2d" if all(is_2d(s, prepared=True) for s in shapes) else "3d",
             "median_shape": np.median(shapes, axis=0).round(1).tolist(), "median_spacing": spacing.round(6).tolist(),
             "intensity": np.median([r["stats"]["intensity"] for r in labelled], axis=0).round(4).tolist(),
             "foreground_intensity": np.median(fg, axis=0).round(4).tolist() if fg else None,
@@ -239,16 +247,6 @@ def _blob(rng: np.random.Generator, grid, shape, body) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- 5. the whole folder
-
-
-def split_cases(groups: dict[str, str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Seeded train/validation split of ``{case: group}`` by group (a patient never straddles it):
-    ``{case: "train" | "val"}``, at least one group on each side when there are two."""
-    order = sorted(set(groups.values()))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(order) - 1, max(1, round(val_fraction * len(order)))) if len(order) > 1 else 0
-    val = set(order[:n_val])
-    return {case: ("val" if group in val else "train") for case, group in groups.items()}
 
 
 def run(config: argparse.Namespace) -> dict:

@@ -43,6 +43,7 @@ from imaging.readers import (
     NIFTI_SUFFIXES,
     SITK_SUFFIXES,
     declared_voxels,
+    is_2d,
     mask_suffix,
     spacing_mm,
     volume_suffix,
@@ -188,7 +189,7 @@ class Model:
         """``2d`` for a model of single slices, else ``3d`` (from the data fingerprint, or the window's depth)."""
         ckpt = self.segmenter.ckpt
         dims = ((ckpt.get("plan") or {}).get("fingerprint") or {}).get("dims")
-        return dims or ("2d" if ckpt["inference"]["roi"][0] == 1 else "3d")
+        return dims or ("2d" if is_2d(ckpt["inference"]["roi"], prepared=True) else "3d")
 
     def takes(self) -> str:
         """What the model takes, for messages: ``a 2D model that takes 1 channel(s) (channel 0 of a colour image)``."""
@@ -232,8 +233,8 @@ class Model:
 
 
 def image_kind(image: MetaTensor) -> str:
-    """``2d`` for an image (C, X, Y, Z) one voxel thick along an axis (a picture, a single slice), else ``3d``."""
-    return "2d" if 1 in image.shape[1:] else "3d"
+    """``2d`` for an image (C, X, Y, Z) one voxel deep (a picture, a single slice), else ``3d``."""
+    return "2d" if is_2d(image.shape[1:]) else "3d"
 
 
 def model_names(specs: Sequence[Sequence[Path]]) -> list[str]:
@@ -316,7 +317,7 @@ def views(image: MetaTensor, mask: np.ndarray, labels: list[int]) -> dict:
                "overlay": overlays.png(overlays.blend(overlays.rgb(pixels[cut]), grid[cut[1:]], labels), scale)}
               for name, cut, scale in overlays.cuts(grid.shape, [d, h, w], spacing)]
     out = {"planes": planes, "centre": [d, h, w]}
-    if grid.shape[0] > 1:
+    if not is_2d(grid.shape, prepared=True):
         out["slices"] = [overlays.png(overlays.blend(overlays.rgb(pixels[:, k]), grid[k], labels))
                          for k in range(grid.shape[0])]
         out["slice"] = d

@@ -2,9 +2,9 @@
 train on some patients, segment patients it never saw (not even for validation), score them.
 
     python benchmarks/holdout.py ../shared/data/lgg/kaggle_3m --folds 3 --fold 0 --prep-args "--channel 1" \\
-        --train-args "--time-limit 20m --device cpu" --work /tmp/holdout
+        --train-args "--time-limit 20m --device cpu" --work WORK
 
-For fold K of N (patients sorted by name, then dealt round-robin, so that each is held out once across the folds):
+For fold K of N (the patients dealt as train.py --folds deals them, ``cases.deal_folds``: each held out once):
 a raw folder of the other patients' folders (links to their files), ``preprocess.py`` on it, ``train.py``, then
 ``infer.py`` on the held-out patients' images as a user would give them: with the output folder as it is (what
 infer.py uses by default: ``model.pt``, or the ensemble of the folds (``--folds`` in the training options) or of
@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dice import dice_binary  # noqa: E402
-from imaging.cases import Case, find_cases, load_manifest, read_case  # noqa: E402
+from imaging.cases import Case, deal_folds, find_cases, load_manifest, read_case  # noqa: E402
 from imaging.readers import mask_suffix, read_volume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,8 @@ def fold(args: argparse.Namespace) -> dict:
     """Prepare, train and segment one fold; returns per-patient scores of each pass (``PASSES``) and the commands'
     seconds."""
     folders = patients(Path(args.raw))
-    held = folders[args.fold :: args.folds]
+    fold_of = deal_folds({f.name: f.name for f in folders}, args.folds, args.seed)
+    held = [f for f in folders if fold_of[f.name] == args.fold]
     work = Path(args.work) / f"fold_{args.fold}"
     raw = work / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("raw", help="a dataset root of patient (or case) folders")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the patients' order, as train.py --folds --seed deals them")
     p.add_argument("--work", default="/tmp/holdout", help="where each fold's links, prepared data and output go")
     p.add_argument("--prep-args", default="", help="preprocess.py's options, as one string")
     p.add_argument("--train-args", default="--time-limit 20m --device cpu", help="train.py's options, one string")

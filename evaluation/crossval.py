@@ -27,11 +27,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from monai.data import partition_dataset  # noqa: E402
 
 from dataset import FLIP_AXES, AugmentParams, PrepParams, make_dataset  # noqa: E402
 from dice import scored_targets  # noqa: E402
 from evaluation.postprocess import Unit, decide, refuted, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
+from imaging.cases import deal_folds, record_group  # noqa: E402
 from imaging.common import InputError, atomic_write, write_json  # noqa: E402
 from model import flipped_probabilities, load_checkpoint, model_from_checkpoint, save_checkpoint, to_classes  # noqa: E402
 
@@ -41,16 +41,14 @@ STEPS = ("network", "flips", "postprocessing", "flips+postprocessing")  # the ro
 
 
 def assign_folds(manifest: dict, folds: int, seed: int) -> dict[str, int]:
-    """``{case name: fold}`` for the labelled cases that train or validate (never the test split): the groups
-    (patients) shuffled with ``seed`` and dealt out in turn, so fold sizes differ by at most one group."""
-    cases = [c for c in manifest["cases"] if c.get("split") in ("train", "val")]
-    groups = sorted({c.get("group") or c["name"] for c in cases})
-    if not 2 <= folds <= len(groups):
-        raise InputError(f"--folds {folds}: need 2 to {len(groups)} folds for {len(groups)} patients (groups) "
+    """``{case name: fold}`` for the labelled cases that train or validate (never the test split), dealt by patient
+    (``cases.deal_folds``)."""
+    groups = {c["name"]: record_group(c) for c in manifest["cases"] if c.get("split") in ("train", "val")}
+    patients = len(set(groups.values()))
+    if not 2 <= folds <= patients:
+        raise InputError(f"--folds {folds}: need 2 to {patients} folds for {patients} patients (groups) "
                          "of training and validation cases")
-    parts = partition_dataset(groups, num_partitions=folds, shuffle=True, seed=seed)
-    fold_of = {group: k for k, part in enumerate(parts) for group in part}
-    return {c["name"]: fold_of[c.get("group") or c["name"]] for c in cases}
+    return deal_folds(groups, folds, seed)
 
 
 @dataclasses.dataclass(frozen=True)

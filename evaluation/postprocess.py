@@ -23,7 +23,8 @@ from scipy import ndimage
 from scipy.stats import binomtest
 
 from dice import dice_binary
-from imaging.cases import patient_slice
+from imaging.cases import patient_slice, patient_units
+from imaging.readers import is_2d
 
 Rule = dict
 Unit = tuple[np.ndarray, np.ndarray, float]  # prediction, truth, voxel volume in mm³
@@ -177,28 +178,23 @@ def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, 
 
 
 def stack_units(entries: Sequence[tuple[dict, np.ndarray, np.ndarray | None]]) -> list[Unit]:
-    """(manifest case, prediction, truth) on prepared grids (D, H, W) → units: a patient's depth-1 slices (one
-    ``group``, numbered) pasted at their ``crop_box`` into one frame and stacked in slice order, with empty slices
-    where a numbered slice is missing; every other case alone. The voxel volume is the prepared spacing's."""
-    groups: dict[str, list[tuple[int, dict, np.ndarray, np.ndarray | None]]] = {}
+    """(manifest case, prediction, truth) on prepared grids (D, H, W) → units (``cases.patient_units``): a patient's
+    depth-1 slices pasted at their ``crop_box`` into one frame and stacked in slice order, with empty slices where a
+    numbered slice is missing; every other case alone. The voxel volume is the prepared spacing's."""
     units: list[Unit] = []
-    for case, pred, truth in entries:
-        number = patient_slice(case["name"], case.get("group", ""))
-        mm3 = float(np.prod(case["prepared_spacing"]))
-        if pred.shape[0] == 1 and number is not None:
-            groups.setdefault(case["group"], []).append((number, case, pred, truth))
-        else:
-            units.append((pred, truth, mm3))
-    for members in groups.values():
-        members.sort(key=lambda m: m[0])
-        first = members[0][0]
-        height = max(m[1]["crop_box"][1][1] for m in members)
-        width = max(m[1]["crop_box"][2][1] for m in members)
-        stacks = [np.zeros((members[-1][0] - first + 1, height, width), members[0][2].dtype) for _ in range(2)]
-        for number, case, pred, truth in members:
+    for unit in patient_units([(case["name"], case.get("group", "")) for case, _, _ in entries]):
+        members = [entries[k] for k in unit]
+        if len(members) == 1 or not all(is_2d(pred.shape, prepared=True) for _, pred, _ in members):
+            units += [(pred, truth, float(np.prod(case["prepared_spacing"]))) for case, pred, truth in members]
+            continue
+        numbers = [patient_slice(case["name"], case["group"]) for case, _, _ in members]
+        height = max(case["crop_box"][1][1] for case, _, _ in members)
+        width = max(case["crop_box"][2][1] for case, _, _ in members)
+        stacks = [np.zeros((numbers[-1] - numbers[0] + 1, height, width), members[0][1].dtype) for _ in range(2)]
+        for number, (case, pred, truth) in zip(numbers, members):
             (_, _), (h0, h1), (w0, w1) = case["crop_box"]
-            stacks[0][number - first, h0:h1, w0:w1] = pred[0]
+            stacks[0][number - numbers[0], h0:h1, w0:w1] = pred[0]
             if truth is not None:
-                stacks[1][number - first, h0:h1, w0:w1] = truth[0]
-        units.append((stacks[0], stacks[1], float(np.prod(members[0][1]["prepared_spacing"]))))
+                stacks[1][number - numbers[0], h0:h1, w0:w1] = truth[0]
+        units.append((stacks[0], stacks[1], float(np.prod(members[0][0]["prepared_spacing"]))))
     return units

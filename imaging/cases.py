@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,56 @@ def slice_number(path: Path) -> int | None:
 
 
 def patient_slice(name: str, group: str) -> int | None:
-    """The number of a case that is one of a patient's numbered 2D slices (its group is the patient, not the case
-    itself), whose masks are postprocessed as one stack; None for any other case."""
+    """The slice number of a case that is one of a patient's numbered 2D slices (its group is the patient, not the
+    case itself); None for any other case."""
     return slice_number(Path(name)) if group and group != name else None
+
+
+def patient_of(name: str, group: str) -> str | None:
+    """The patient (its group) whose numbered slices a case is one of; None for a case that stands alone."""
+    return group if patient_slice(name, group) is not None else None
+
+
+def patient_units(cases: Sequence[tuple[str, str]]) -> list[list[int]]:
+    """Indices of ``(name, group)`` pairs (a raw ``Case``'s or a manifest record's) gathered into units, in the order
+    first seen: a patient's numbered slices together in slice order, every other case alone. The one rule for what is
+    segmented and postprocessed as one stack (infer.py, the postprocessing decision) and scored as one Dice
+    (validation, ``evaluation_patients.csv``), on the raw grid and the prepared one alike."""
+    units: dict[str, list[int]] = {}
+    for k, (name, group) in enumerate(cases):
+        units.setdefault(patient_of(name, group) or f"\0{k}", []).append(k)
+    return [sorted(u, key=lambda k: patient_slice(*cases[k])) if len(u) > 1 else u for u in units.values()]
+
+
+def group_order(groups: Iterable[str], seed: int) -> list[str]:
+    """The distinct groups (patients) shuffled with ``seed``: the one order every split by patient deals from
+    (preprocess.py's train/validation split, train.py's ``--folds``, benchmarks/holdout.py's folds), so that a
+    patient never straddles a split."""
+    order = sorted(set(groups))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def split_cases(groups: dict[str, str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Seeded train/validation split of ``{case: group}`` by group: ``{case: "train" | "val"}``, the first
+    ``val_fraction`` of the groups in ``group_order`` validating, at least one group on each side when there are
+    two."""
+    order = group_order(groups.values(), seed)
+    n_val = min(len(order) - 1, max(1, round(val_fraction * len(order)))) if len(order) > 1 else 0
+    val = set(order[:n_val])
+    return {case: ("val" if group in val else "train") for case, group in groups.items()}
+
+
+def deal_folds(groups: dict[str, str], folds: int, seed: int) -> dict[str, int]:
+    """``{case: fold}`` for ``{case: group}``: the groups in ``group_order`` dealt out in turn, so fold sizes differ
+    by at most one group."""
+    fold_of = {group: k % folds for k, group in enumerate(group_order(groups.values(), seed))}
+    return {case: fold_of[group] for case, group in groups.items()}
+
+
+def record_group(record: dict) -> str:
+    """A manifest record's split group (its patient; the case itself when it has none)."""
+    return record.get("group") or record["name"]
 
 
 def is_nnunet(modalities: Sequence[str] | None) -> bool:

@@ -345,6 +345,13 @@ def check_same_grid(volume: torch.Tensor, path: str | Path, ref: torch.Tensor, r
                          "they must share one grid")
 
 
+def is_2d(shape: Sequence[int], prepared: bool = False) -> bool:
+    """Whether a spatial shape is one 2D slice or picture: depth 1. Depth is Z, the last axis, on an image's own grid
+    (X, Y, Z: how every reader stores a picture), and D, the first, on the prepared grid (D, H, W, after
+    ``dataset.ORIENTATION``): the one rule for every "is this 2D?" of the pipeline."""
+    return int(shape[0 if prepared else -1]) == 1
+
+
 def label_dtype(max_value: int) -> type:
     """How a label map is stored: uint8 when its values fit, else int16."""
     return np.uint8 if max_value < 256 else np.int16
@@ -357,8 +364,8 @@ def spacing_mm(affine: np.ndarray) -> np.ndarray:
 
 def voxel_size(shape: Sequence[int], affine: np.ndarray) -> tuple[str, float]:
     """("mm2", pixel area) for a single slice, where an area means more than a volume; else ("ml", voxel mL)."""
-    if 1 in shape:
-        return "mm2", float(np.prod(spacing_mm(affine)[np.asarray(shape) > 1]))
+    if is_2d(shape):
+        return "mm2", float(np.prod(spacing_mm(affine)[:2]))
     return "ml", abs(float(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3]))) / 1000.0
 
 

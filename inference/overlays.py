@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from dataset import ORIENTATION
 from imaging.common import atomic_write
-from imaging.readers import spacing_mm
+from imaging.readers import is_2d, spacing_mm
 
 COLOURS = [(30, 90, 255), (255, 140, 0), (0, 200, 80), (230, 0, 200), (255, 230, 0), (0, 220, 230), (170, 90, 40)]
 ALPHA = 0.45
@@ -51,7 +51,7 @@ def cuts(shape: Sequence[int], centre: Sequence[int], spacing: Sequence[float]) 
     d, h, w = centre
     every = slice(None)
     planes = [("axial", (every, d, every, every), spacing[1] / spacing[2])]
-    if shape[0] > 1:
+    if not is_2d(shape, prepared=True):
         planes += [("coronal", (every, slice(None, None, -1), h, every), spacing[0] / spacing[2]),
                    ("sagittal", (every, slice(None, None, -1), every, w), spacing[0] / spacing[1])]
     return planes

@@ -20,7 +20,7 @@ from dataset import FLIP_AXES, PrepParams, prepare_transforms, prepared_tissue
 from evaluation.postprocess import apply_rules
 from imaging.cases import case_name
 from imaging.common import InputError
-from imaging.readers import label_dtype, spacing_mm
+from imaging.readers import is_2d, label_dtype, spacing_mm
 from inference.onnx_engine import OnnxNetwork
 from model import (
     MODELS_RECORD,
@@ -119,7 +119,7 @@ class Segmenter:
                                  f"{self.ckpt['model_args']['in_channels']}")
             prepared.append(chain({"image": image})["image"])
         probs: list[torch.Tensor | None] = [None] * len(prepared)
-        flat = [k for k, p in enumerate(prepared) if p.shape[1] == 1]
+        flat = [k for k, p in enumerate(prepared) if is_2d(p.shape[1:], prepared=True)]
         if flat:
             window = model_window(self.model, self.window, np.max([prepared[k].shape[1:] for k in flat], 0))
             flat = [k for k in flat if all(np.less_equal(prepared[k].shape[1:], window))]
@@ -218,7 +218,7 @@ def postprocess_unit(masks: list[np.ndarray], affines: Sequence, rules: Sequence
     if not rules:
         return masks
     mm3 = [float(np.prod(spacing_mm(np.asarray(a, dtype=np.float64)))) for a in affines]
-    if len(masks) > 1 and all(m.shape == masks[0].shape and m.shape[2] == 1 for m in masks):
+    if len(masks) > 1 and all(m.shape == masks[0].shape and is_2d(m.shape) for m in masks):
         stack = apply_rules(np.concatenate(masks, axis=2), rules, mm3[0])
         return [stack[:, :, [z]] for z in range(len(masks))]
     return [apply_rules(m, rules, v) for m, v in zip(masks, mm3)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -105,7 +106,7 @@ def test_lgg_slices_pair_up_and_split_by_patient(tmp_path):
     groups = {c.split_group for c in labelled}
     assert groups == {c.image.parent.name for c in labelled} and all(g.startswith("TCGA_") for g in groups)
     assert len(groups) > 1
-    split = preprocess.split_cases({c.name: c.split_group for c in labelled}, 0.2, 0)
+    split = cases.split_cases({c.name: c.split_group for c in labelled}, 0.2, 0)
     for group in groups:  # a patient's slices all land on one side
         assert len({split[c.name] for c in labelled if c.split_group == group}) == 1
     flair = read_volume(labelled[0].image, channel=1)
@@ -160,14 +161,21 @@ def test_infer_writes_per_patient_evaluation_for_slices(png_raw, tmp_path):
     assert preprocess.main([str(png_raw), str(prep), "--workers", "1"]) == 0
     assert train.main(["--data", str(prep), "--output", str(out), "--epochs", "1", "--device", "cpu",
                        *TINY_WIDTHS, "--num-samples", "2"]) == 0
-    images = [png_raw / f"pic{i}.png" for i in range(3)]
     masks = [png_raw / "pic0_mask.png", png_raw / "pic1_mask.bmp", png_raw / "pic2_mask.bmp"]
+    pictures = [png_raw / f"pic{i}.png" for i in range(3)]
+    assert infer.main([*map(str, pictures), "--truth", *map(str, masks), "--checkpoint", str(out / "best.pt"),
+                       "--out", str(out / "pictures")]) == 0
+    assert not (out / "pictures" / "evaluation_patients.csv").exists()  # pictures of one folder: no patient
+    (tmp_path / "p7").mkdir()
+    images = [tmp_path / "p7" / f"p7_{i + 1}.png" for i in range(3)]  # a patient's numbered slices
+    for picture, image in zip(pictures, images):
+        shutil.copy(picture, image)
     assert infer.main([*map(str, images), "--truth", *map(str, masks), "--checkpoint", str(out / "best.pt"),
                        "--out", str(out / "eval")]) == 0
     rows = (out / "eval" / "evaluation_patients.csv").read_text().splitlines()
-    assert rows[0] == "case,slices,dice_1" and rows[1].startswith(f"{png_raw.name},3,")
+    assert rows[0] == "case,slices,dice_1" and rows[1].startswith("p7,3,")
     # the patient's Dice is that of its three written masks stacked against its three true masks
-    pred = np.stack([np.asarray(Image.open(out / "eval" / f"pic{i}_mask.png")) for i in range(3)])
+    pred = np.stack([np.asarray(Image.open(out / "eval" / f"p7_{i + 1}_mask.png")) for i in range(3)])
     truth = np.stack([as_label_map(read_volume(m), m)[0, :, :, 0].numpy().T for m in masks])  # rows × columns
     pooled = dice_binary(pred[None, None] > 0, truth[None, None] > 0).item()
     assert float(rows[1].split(",")[2]) == pytest.approx(pooled, rel=1e-5, abs=1e-6)
@@ -239,7 +247,7 @@ def test_validation_pools_a_patients_slices():
     truth = rng.random((6, 1, 1, 1, 16, 16)) > 0.6
     truth[0] = pred[0] = False  # nothing to find, nothing found: Dice 1.0 on its own
     groups = ["a", "a", "a", "b", "b", "b"]
-    loader = [{"image": torch.from_numpy(p).float(), "label": torch.from_numpy(t).float(), "name": [f"s{i}"],
+    loader = [{"image": torch.from_numpy(p).float(), "label": torch.from_numpy(t).float(), "name": [f"{g}_{i}"],
                "group": [g]} for i, (p, t, g) in enumerate(zip(pred, truth, groups))]
     cfg = train.TrainConfig(overlap=0.0)
     per_slice, _ = train.validate(_Echo(), loader, [0, 1], cfg, (1, 16, 16), amp=False)

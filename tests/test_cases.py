@@ -9,7 +9,6 @@ import PIL.Image
 import pytest
 from conftest import SHARED, SYNTH_SHAPE
 
-import infer
 import preprocess
 from imaging import cases
 from imaging.common import InputError
@@ -47,7 +46,8 @@ def test_infer_finds_the_images_preprocess_finds(tmp_path):
     # whose slices are still one patient's (infer.py postprocesses them as one stack), as they are given as files
     alone = cases.find_inputs([tmp_path / "lgg" / "pA"])
     assert [c.group for c in alone] == ["pA"] * 3
-    assert [[alone[k].name for k in u] for u in infer.segmentation_units(alone)] == [["pA_1", "pA_2", "pA_3"]]
+    units = cases.patient_units([(c.name, c.group) for c in alone])
+    assert [[alone[k].name for k in u] for u in units] == [["pA_1", "pA_2", "pA_3"]]
     files = cases.find_inputs(sorted((tmp_path / "lgg" / "pA").glob("pA_?.tif")))
     assert [c.group for c in files] == ["pA"] * 3
 
@@ -130,3 +130,44 @@ def test_evaluate_checks_the_manifest_version_like_train(prep_dir, trained, tmp_
     line = one_error_line(capsys, "dataset.json", "run preprocess.py again")
     assert train.main(["--data", str(old), "--output", str(tmp_path / "o"), "--epochs", "1"]) == 2
     assert one_error_line(capsys) == line
+
+
+def test_patient_units_are_one_rule_on_the_raw_grid_and_the_prepared_one(tmp_path):
+    """What is segmented, postprocessed and scored as one unit: a patient's numbered slices, in slice order (10
+    before 9), found raw as infer.py finds them or read back from the manifest as training and the postprocessing
+    decision do; a volume and a picture of its own stand alone."""
+    raw = tmp_path / "raw"
+    (raw / "pA").mkdir(parents=True)
+    for k in (10, 9, 2):
+        PIL.Image.fromarray(np.full((16, 16), 5 * k, np.uint8)).save(raw / "pA" / f"pA_{k}.png")
+        PIL.Image.fromarray(np.pad(np.ones((4, 4), np.uint8) * 255, 6)).save(raw / "pA" / f"pA_{k}_mask.png")
+    _nifti(raw / "vol.nii.gz", (16, 16, 6), 3.0)
+    write_nifti(np.pad(np.ones((4, 4, 2), np.uint8), ((6, 6), (6, 6), (2, 2))), np.eye(4), raw / "vol_seg.nii.gz")
+    PIL.Image.fromarray(np.full((16, 16), 90, np.uint8)).save(raw / "pic.png")
+    PIL.Image.fromarray(np.pad(np.ones((4, 4), np.uint8) * 255, 6)).save(raw / "pic_mask.png")
+
+    def named(pairs):
+        return sorted([pairs[k][0] for k in unit] for unit in cases.patient_units(pairs))
+
+    found = cases.find_inputs([raw])
+    expected = [["pA_2", "pA_9", "pA_10"], ["pic"], ["vol"]]
+    assert named([(c.name, c.group) for c in found]) == expected
+    assert [[found[k].name for k in u] for u in cases.patient_units([(c.name, c.group) for c in found])
+            if len(u) > 1] == [["pA_2", "pA_9", "pA_10"]]  # in slice order
+    assert preprocess.main([str(raw), str(tmp_path / "prep"), "--workers", "1"]) == 0
+    records = json.loads((tmp_path / "prep" / "dataset.json").read_text())["cases"]
+    assert named([(r["name"], r.get("group", "")) for r in records]) == expected
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 1), (16, 16, 5), (1, 16, 16), (16, 1, 16)])
+def test_is_2d_is_one_rule_on_the_raw_grid_and_the_prepared_one(shape):
+    """A volume is 2D on its own grid (X, Y, Z) exactly when the prepared chain makes it depth 1 (D, H, W): a
+    picture, or a one-slice volume; a sagittal or coronal single slice is depth 16 and thin another way."""
+    from monai.data import MetaTensor
+
+    from dataset import PrepParams, prepare_transforms
+    from imaging.readers import is_2d
+
+    image = MetaTensor(np.random.default_rng(0).random((1, *shape), dtype=np.float32), affine=np.eye(4))
+    prepared = prepare_transforms(PrepParams(), with_label=False)({"image": image})["image"]
+    assert is_2d(shape) == is_2d(prepared.shape[1:], prepared=True) == (shape[2] == 1)

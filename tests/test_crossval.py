@@ -17,7 +17,7 @@ import infer
 import train
 from evaluation import crossval
 from evaluation.crossval import STEPS, Judged, assign_folds, judge
-from imaging.cases import find_inputs, load_manifest, read_case
+from imaging.cases import deal_folds, find_inputs, group_order, load_manifest, read_case, split_cases
 from imaging.common import InputError
 from inference import segmenter
 from model import (
@@ -52,6 +52,22 @@ def test_folds_keep_patients_whole_are_seeded_and_leave_the_test_split_out():
     assert any(assign_folds(manifest, 3, seed=s) != folds for s in (1, 2, 3))
     with pytest.raises(InputError, match="need 2 to 7 folds"):
         assign_folds(manifest, 8, seed=0)
+
+
+def test_every_split_by_patient_deals_from_one_order():
+    """preprocess.py's validation split takes the first patients of the seeded order; train.py --folds (and
+    benchmarks/holdout.py) deal the same order out in turn: with one seed, the validation patients of a 20% split
+    are those that the first fold of five deals first."""
+    manifest = _manifest(patients=10, slices=3)
+    groups = {c["name"]: c["group"] for c in manifest["cases"]}
+    order = group_order(groups.values(), seed=3)
+    assert sorted(order) == sorted(set(groups.values())) and order != sorted(order)
+    split = split_cases(groups, 0.2, seed=3)
+    assert {groups[c] for c, side in split.items() if side == "val"} == set(order[:2])
+    folds = deal_folds(groups, 5, seed=3)
+    assert assign_folds(manifest, 5, seed=3) == folds
+    assert {groups[c] for c, k in folds.items() if k == 0} == {order[0], order[5]}
+    assert all(len({folds[c] for c in groups if groups[c] == g}) == 1 for g in order)
 
 
 def test_split_items_gives_each_fold_its_own_validation_patients(prep_dir):

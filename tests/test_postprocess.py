@@ -139,9 +139,9 @@ def test_prepared_slices_are_stacked_at_their_crop_boxes_in_slice_order():
     vol = {"name": "v", "group": "v", "crop_box": [[0, 2], [0, 2], [0, 2]], "prepared_spacing": [2.0, 1.0, 1.0]}
     units = stack_units([(s3, np.full((1, 2, 6), 3), np.ones((1, 2, 6))), (vol, np.ones((2, 2, 2)), None),
                          (s1, np.full((1, 3, 3), 1), np.zeros((1, 3, 3)))])
-    assert len(units) == 2
-    assert np.array_equal(units[0][0], np.ones((2, 2, 2))) and units[0][2] == 2.0
-    pred, truth, mm3 = units[1]
+    assert len(units) == 2  # the patient's stack first (where its first slice came), then the volume
+    assert np.array_equal(units[1][0], np.ones((2, 2, 2))) and units[1][2] == 2.0
+    pred, truth, mm3 = units[0]
     assert pred.shape == (3, 5, 6) and mm3 == 0.25
     assert (pred[0, 2:5, 1:4] == 1).all() and pred[0].sum() == 9 and pred[1].sum() == 0
     assert (pred[2, 0:2, 0:6] == 3).all() and pred[2].sum() == 36

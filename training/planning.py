@@ -14,8 +14,9 @@ import torch
 
 from dataset import PrepParams
 from evaluation.crossval import assign_folds
-from imaging.cases import load_manifest
+from imaging.cases import load_manifest, patient_units, record_group
 from imaging.common import InputError
+from imaging.readers import is_2d
 from model import (
     anisotropic_args,
     axis_divisors,
@@ -42,7 +43,7 @@ def split_items(manifest: dict[str, Any], data_dir: Path, folds: int = 0, fold: 
                 case = {**case, "split": "val" if fold_of[case["name"]] == fold else "train"}
             item = {"image": str(prepared_path(data_dir, case, "prepared_image")),
                     "label": str(prepared_path(data_dir, case, "prepared_label")), "name": case["name"],
-                    "group": case.get("group") or case["name"]}
+                    "group": record_group(case)}
             for key in ("image", "label"):
                 if not Path(item[key]).is_file():
                     raise InputError(f"{item[key]}: listed in the manifest but missing; run preprocess.py again")
@@ -109,9 +110,11 @@ def plan_run(cfg: TrainConfig, device: torch.device | None = None) -> Run:
         isotropic, margs = margs["strides"], anisotropic_args(margs, spacing.tolist())
         if margs["strides"] != isotropic:
             log.info("anisotropic spacing %s mm: strides %s", spacing.round(2).tolist(), margs["strides"])
-    flat = all(c["prepared_shape"][0] == 1 for c in manifest["cases"] if c.get("split") in ("train", "val"))
+    used = [c for c in manifest["cases"] if c.get("split") in ("train", "val")]
+    flat = all(is_2d(c["prepared_shape"], prepared=True) for c in used)
     # Slices of one patient are scored together, as one volume would be.
-    pool_groups = flat and len({item["group"] for item in val_items}) < len(val_items)
+    patients = patient_units([(item["name"], item["group"]) for item in val_items])
+    pool_groups = flat and len(patients) < len(val_items)
     if flat:
         # Depth-1 data (2D slices): 2D-equivalent network, depth-1 crops, whole-slice inference.
         margs = flat_args(margs)
@@ -119,8 +122,7 @@ def plan_run(cfg: TrainConfig, device: torch.device | None = None) -> Run:
                                   batch_dice=True if cfg.batch_dice is None else cfg.batch_dice)
         log.info("depth-1 data: kernels %s, strides %s, crops %s", margs["kernel_size"], margs["strides"], cfg.crop)
         if pool_groups:
-            log.info("validation Dice per patient: %d slices of %d patients pooled", len(val_items),
-                     len({item["group"] for item in val_items}))
+            log.info("validation Dice per patient: %d slices of %d patients pooled", len(val_items), len(patients))
     if window is None and window_independent(margs["norm"]):
         # Batch norm in eval mode is the same function whatever the window: a large one only saves passes.
         shapes = [c["prepared_shape"] for c in manifest["cases"] if c.get("split") in ("train", "val")]

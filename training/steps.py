@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
 from dice import dice_from_counts, overlap_counts
+from imaging.cases import patient_of
 from model import (
     autocast,
     predict_logits,
@@ -64,7 +65,8 @@ def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: t
         logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp, batch.get("tissue"))
         # Counted where the prediction lies: one small (targets, 3) tensor per volume comes back to the host.
         label = batch["label"].to(logits.device, non_blocking=True)
-        unit = batch["group"][0] if pool_groups else batch["name"][0]
+        name = batch["name"][0]
+        unit = (patient_of(name, batch["group"][0]) if pool_groups else None) or name
         counts[unit] = counts.get(unit, 0) + overlap_counts(to_classes(probabilities(logits)), label, targets).cpu()
     counts = gather_counts(counts)
     dice = dice_from_counts(torch.stack(list(counts.values()))).mean(0).tolist()
