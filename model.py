@@ -147,7 +147,14 @@ def flat_args(args: dict[str, Any]) -> dict[str, Any]:
 
 
 CHECKPOINT_FORMAT = "monai-seg-pipeline/checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the inference settings name the sliding window "window" (1: "roi")
+# The one list of what a checkpoint holds for inference besides its weights: what an ONNX export carries as its
+# metadata, with those every network of an ensemble must share (their names in messages), and those every
+# checkpoint has.
+INFERENCE_KEYS = ("model_args", "prep_params", "label_values", "channels", "stack_slices", "regions", "inference",
+                  "postprocessing", "flip_axes", "epoch", "best_dice")
+ENSEMBLE_KEYS = {"label_values": "labels", "prep_params": "preprocessing", "channels": "modalities",
+                 "stack_slices": "slice stacking"}
 REQUIRED_KEYS = ("format", "version", "model_state", "model_args", "prep_params", "label_values", "inference",
                  "epoch", "best_dice")
 
@@ -169,9 +176,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a checkpoint of this pipeline")
+    ckpt = upgraded(ckpt)
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing or ckpt["version"] != CHECKPOINT_VERSION:
         raise InputError(f"{path}: checkpoint version {ckpt.get('version')} or keys {missing} not supported")
+    return ckpt
+
+
+def upgraded(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint (or an ONNX export's metadata) of version 1 in today's terms: its window was named "roi"."""
+    settings = ckpt.get("inference")
+    if isinstance(settings, dict) and "roi" in settings:
+        settings = {("window" if k == "roi" else k): v for k, v in settings.items()}
+        ckpt = {**ckpt, "inference": settings, "version": max(ckpt.get("version") or 0, 2)}
     return ckpt
 
 
@@ -302,43 +319,43 @@ def default_sw_batch_size(device: torch.device, window: Sequence[int] = (48, 96,
     return max(2, min(4, PASS_VOXELS // math.prod(window))) if device.type == "cpu" else 4
 
 
-def model_window(model: torch.nn.Module, roi: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+def model_window(model: torch.nn.Module, window: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
     """The window ``predict_logits`` slides over an image of spatial ``shape``. A batch-norm network gives the same
     answer in any window, so a small volume is one pass of its own size. Instance norm's statistics include the
     zero padding that training crops of small volumes had, and that the plain call gives them: its window stays
     the crop."""
     divisors = axis_divisors({"strides": model.strides}) if hasattr(model, "strides") else (1, 1, 1)
-    return fit_window(roi, shape, divisors, shrink=window_independent(getattr(model, "norm", None)))
+    return fit_window(window, shape, divisors, shrink=window_independent(getattr(model, "norm", None)))
 
 
-def fit_window(roi: Sequence[int], shape: Sequence[int], divisors: Sequence[int], shrink: bool = True
+def fit_window(window: Sequence[int], shape: Sequence[int], divisors: Sequence[int], shrink: bool = True
                ) -> tuple[int, ...]:
-    """The window for a volume of ``shape`` (D, H, W): ``roi`` rounded up to the network's multiples and, with
+    """The window for a volume of ``shape`` (D, H, W): ``window`` rounded up to the network's multiples and, with
     ``shrink``, no larger than the volume itself rounded up to them (a volume smaller than the window is one pass,
     not padded to the window)."""
     return tuple(min(-(-r // d) * d, -(-s // d) * d) if shrink else -(-r // d) * d
-                 for r, s, d in zip(roi, shape, divisors))
+                 for r, s, d in zip(window, shape, divisors))
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], overlap: float = 0.75,
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, window: Sequence[int], overlap: float = 0.75,
                    sw_batch_size: int | None = None, amp: bool = False, tissue: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """Gaussian-weighted sliding-window logits (B, K, D, H, W) for an image (B, C, D, H, W) on the model's device.
 
-    ``roi`` is fitted to the image (``fit_window``); ``sw_batch_size`` windows per pass, by default the device's
+    ``window`` is fitted to the image (``fit_window``); ``sw_batch_size`` windows per pass, by default the device's
     (``default_sw_batch_size``); with ``tissue`` (B, 1, D, H, W) the windows without any are skipped. Stitching
     happens on the model's device.
     """
     device = next(model.parameters()).device
-    window = model_window(model, roi, image.shape[2:])
-    sw_batch_size = sw_batch_size or default_sw_batch_size(device, window)
+    fitted = model_window(model, window, image.shape[2:])
+    sw_batch_size = sw_batch_size or default_sw_batch_size(device, fitted)
     x = image.to(device, non_blocking=True)
     if tissue is not None:
         x = torch.cat([x, tissue.to(device, x.dtype)], dim=1)
     predictor = Windows(model, getattr(model, "out_channels", 1), tissue is not None)
     with autocast(device, amp):
-        logits = sliding_window_inference(x, window, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
+        logits = sliding_window_inference(x, fitted, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
     return logits.float()
 
 
@@ -347,7 +364,7 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), r)]
 
 
-def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], overlap: float = 0.75,
+def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, window: Sequence[int], overlap: float = 0.75,
                           sw_batch_size: int | None = None, amp: bool = False, tissue: torch.Tensor | None = None,
                           flips: Sequence[int] = ()) -> Iterator[torch.Tensor]:
     """Probabilities (B, K, D, H, W) of ``model`` for the image as it is, then flipped along each combination of the
@@ -357,14 +374,14 @@ def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, roi: Sequ
     dims = [[2 + a for a in combo] for combo in flip_sets(flips)]  # of (B, C, D, H, W)
     x = torch.cat([image.flip(d) if d else image for d in dims]) if len(dims) > 1 else image
     t = tissue if tissue is None or len(dims) == 1 else torch.cat([tissue.flip(d) if d else tissue for d in dims])
-    probs = probabilities(predict_logits(model, x, roi, overlap, sw_batch_size, amp, t))
+    probs = probabilities(predict_logits(model, x, window, overlap, sw_batch_size, amp, t))
     n = len(image)
     for k, d in enumerate(dims):
         yield probs[k * n:(k + 1) * n].flip(d) if d else probs[k * n:(k + 1) * n]
 
 
 @torch.inference_mode()
-def predict_probabilities(models: Sequence[torch.nn.Module], image: torch.Tensor, roi: Sequence[int],
+def predict_probabilities(models: Sequence[torch.nn.Module], image: torch.Tensor, window: Sequence[int],
                           overlap: float = 0.75, sw_batch_size: int | None = None, amp: bool = False,
                           tissue: torch.Tensor | None = None, flips: Sequence[int] = ()) -> torch.Tensor:
     """Probabilities (B, K, D, H, W) averaged over ``models`` (an ensemble) and over test-time flips
@@ -372,7 +389,7 @@ def predict_probabilities(models: Sequence[torch.nn.Module], image: torch.Tensor
     network does not outvote the others."""
     total, n = None, 0
     for model in models:
-        for p in flipped_probabilities(model, image, roi, overlap, sw_batch_size, amp, tissue, flips):
+        for p in flipped_probabilities(model, image, window, overlap, sw_batch_size, amp, tissue, flips):
             total, n = p if total is None else total + p, n + 1
     return total / n
 
@@ -392,13 +409,13 @@ def to_classes(probs: torch.Tensor) -> torch.Tensor:
 WINDOW_VOXELS = 64 * 256 * 256  # largest inference window chosen by default: ~2 GB of activations on the CPU
 
 
-def choose_window(shapes: Sequence[Sequence[int]], roi: Sequence[int], divisors: Sequence[int],
+def choose_window(shapes: Sequence[Sequence[int]], crop: Sequence[int], divisors: Sequence[int],
                   max_voxels: int = WINDOW_VOXELS) -> tuple[int, int, int]:
     """Inference window of a batch-norm network: the largest prepared volume (D, H, W) rounded up to the
     network's multiples, so that most volumes take a single pass (the UNet is fully convolutional; 75% overlap
     of training-sized windows computes each voxel about 20 times), shrunk along its longest axis (relative to
-    ``roi``) to ``max_voxels``, never smaller than the training crop."""
-    up = [-(-r // d) * d for r, d in zip(roi, divisors)]
+    ``crop``) to ``max_voxels``, never smaller than the training crop."""
+    up = [-(-r // d) * d for r, d in zip(crop, divisors)]
     window = [max(u, -(-max(s[k] for s in shapes) // d) * d) for k, (u, d) in enumerate(zip(up, divisors))]
     while math.prod(window) > max_voxels:
         k = max((k for k in range(3) if window[k] > up[k]), key=lambda k: window[k] / up[k], default=None)

@@ -189,7 +189,7 @@ class Model:
         """``2d`` for a model of single slices, else ``3d`` (from the data fingerprint, or the window's depth)."""
         ckpt = self.segmenter.ckpt
         dims = ((ckpt.get("plan") or {}).get("fingerprint") or {}).get("dims")
-        return dims or ("2d" if is_2d(ckpt["inference"]["roi"], prepared=True) else "3d")
+        return dims or ("2d" if is_2d(ckpt["inference"]["window"], prepared=True) else "3d")
 
     def takes(self) -> str:
         """What the model takes, for messages: ``a 2D model that takes 1 channel(s) (channel 0 of a colour image)``."""

@@ -76,7 +76,7 @@ def bench(args: argparse.Namespace) -> dict:
     ckpt = load_checkpoint(Path(args.checkpoint))
     plain = model_from_checkpoint(ckpt, Path(args.checkpoint)).to(device).eval()
     ours = model_from_checkpoint(ckpt, Path(args.checkpoint)).to(device, memory_format=torch.channels_last_3d).eval()
-    window = tuple(args.window or ckpt["inference"]["roi"])
+    window = tuple(args.window or ckpt["inference"]["window"])
     plain_roi = tuple(args.plain_roi or ckpt["config"]["crop"])
     overlap = ckpt["inference"]["overlap"]
     sw = args.sw_batch_size or ckpt["inference"]["sw_batch_size"] or default_sw_batch_size(device)

@@ -70,7 +70,7 @@ def predict_validation(judged: Judged, cases: dict[str, dict], device: torch.dev
             for c, p in zip(ckpts, judged.checkpoints)]
     ckpt = ckpts[0]
     values = np.asarray(ckpt["label_values"])
-    window, overlap = ckpt["inference"]["roi"], ckpt["inference"]["overlap"]
+    window, overlap = ckpt["inference"]["window"], ckpt["inference"]["overlap"]
     chain = make_dataset(judged.items, "val", ckpt["label_values"], AugmentParams(crop=tuple(ckpt["config"]["crop"])),
                          0.0, in_channels=ckpt["model_args"]["in_channels"],
                          params=PrepParams.from_dict(ckpt["prep_params"]))

@@ -18,12 +18,9 @@ import numpy as np
 import torch
 
 from imaging.common import InputError, atomic_write
-from model import load_checkpoint, model_from_checkpoint
+from model import INFERENCE_KEYS, load_checkpoint, model_from_checkpoint, upgraded
 
 log = logging.getLogger("onnx")
-# What inference takes from a checkpoint, stored as JSON strings in the ONNX model's metadata_props.
-METADATA_KEYS = ("model_args", "prep_params", "label_values", "channels", "stack_slices", "regions", "inference",
-                 "postprocessing", "flip_axes", "epoch", "best_dice")
 FORMAT = "monai-segmentation-onnx/1"
 
 
@@ -50,14 +47,14 @@ def export_onnx(checkpoint: Path, out: Path, seed: int = 0) -> float:
     (1, C, D, H, W) of the checkpoint's size."""
     ckpt = load_checkpoint(checkpoint)
     net = model_from_checkpoint(ckpt, checkpoint).eval()
-    window = torch.rand(1, ckpt["model_args"]["in_channels"], *ckpt["inference"]["roi"],
+    window = torch.rand(1, ckpt["model_args"]["in_channels"], *ckpt["inference"]["window"],
                         generator=torch.Generator().manual_seed(seed))
     dynamic = torch.export.Dim.DYNAMIC
     with quiet_exporter():
         program = torch.onnx.export(net, (window,), dynamo=True, input_names=["image"], output_names=["logits"],
                                     dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic, 4: dynamic},), verbose=False)
     proto = program.model_proto
-    props = {"format": FORMAT, **{k: json.dumps(ckpt.get(k)) for k in METADATA_KEYS}}
+    props = {"format": FORMAT, **{k: json.dumps(ckpt.get(k)) for k in INFERENCE_KEYS}}  # JSON strings
     del proto.metadata_props[:]
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
@@ -90,7 +87,7 @@ class OnnxNetwork(torch.nn.Module):
             raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
         if meta.get("format") != FORMAT:
             raise InputError(f"{path}: not an ONNX export of this pipeline (make one with infer.py --export-onnx)")
-        self.ckpt: dict[str, Any] = {k: json.loads(meta[k]) for k in METADATA_KEYS}
+        self.ckpt: dict[str, Any] = upgraded({k: json.loads(meta[k]) for k in INFERENCE_KEYS})
         args = self.ckpt["model_args"]
         self.strides, self.norm, self.out_channels = args["strides"], args["norm"], args["out_channels"]
         # predict_logits takes the device from the first parameter: ONNX Runtime here runs on the CPU.

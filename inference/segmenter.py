@@ -23,6 +23,7 @@ from imaging.common import InputError
 from imaging.readers import is_2d, label_dtype, spacing_mm
 from inference.onnx_engine import OnnxNetwork
 from model import (
+    ENSEMBLE_KEYS,
     MODELS_RECORD,
     inference_amp,
     load_checkpoint,
@@ -93,7 +94,7 @@ class Segmenter:
             flips = (ckpts[0].get("flip_axes") or list(FLIP_AXES)) if tta else []
         settings = ckpts[0]["inference"]
         amp = inference_amp(amp)
-        return cls(tuple(models), ckpts[0], tuple(window or settings["roi"]),
+        return cls(tuple(models), ckpts[0], tuple(window or settings["window"]),
                    settings["overlap"] if overlap is None else overlap, sw_batch_size, amp, tuple(flips), rules)
 
     def __call__(self, image: MetaTensor, path: Path) -> np.ndarray:
@@ -151,13 +152,9 @@ def _pad(x: torch.Tensor, pad: Sequence[tuple[int, int]]) -> torch.Tensor:
     return torch.nn.functional.pad(x, [v for before_after in reversed(pad) for v in before_after])
 
 
-# What networks of one ensemble must share: they are averaged voxel for voxel and read inputs the same way.
-ENSEMBLE_KEYS = {"label_values": "labels", "prep_params": "preprocessing", "channels": "modalities",
-                 "stack_slices": "slice stacking"}
-
-
 def check_ensemble(ckpts: Sequence[dict], paths: Sequence[Path]) -> None:
-    """Refuse, in one line, checkpoints that disagree on what an ensemble averages or how it reads inputs."""
+    """Refuse, in one line, checkpoints that disagree on what an ensemble averages voxel for voxel or how it reads
+    inputs (``model.ENSEMBLE_KEYS``)."""
     for ckpt, path in zip(ckpts[1:], paths[1:]):
         for key, name in ENSEMBLE_KEYS.items():
             if ckpt.get(key) != ckpts[0].get(key):

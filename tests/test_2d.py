@@ -78,7 +78,7 @@ def test_2d_pipeline_end_to_end(png_raw, tmp_path):
     assert ckpt["model_args"]["kernel_size"] == [1, 3, 3]
     assert ckpt["model_args"]["strides"] == [[1, 2, 2], [1, 2, 2]] and ckpt["model_args"]["in_channels"] == 3
     # the plan: whole slices (90 × 120, rounded up to the network's multiples of 4) as crops and as the window
-    assert ckpt["config"]["crop"] == [1, 96, 120] and ckpt["inference"]["roi"] == [1, 96, 120]
+    assert ckpt["config"]["crop"] == [1, 96, 120] and ckpt["inference"]["window"] == [1, 96, 120]
     assert ckpt["plan"]["planned"] == ["crop", "batch_size", "lr", "batch_dice", "train_on_val"]  # not --num-samples
     assert json.loads((out / "plan.json").read_text()) == json.loads(json.dumps(ckpt["plan"]))
     assert infer.main([str(png_raw / "pic3.png"), "--checkpoint", str(out / "best.pt"), "--out", str(out)]) == 0

@@ -109,7 +109,7 @@ def test_a_batch_norm_model_infers_whole_volumes_an_instance_norm_model_its_crop
         out = tmp_path / norm
         assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "1", "--device", "cpu",
                            "--norm", norm, *net]) == 0
-        window = load_checkpoint(out / "best.pt")["inference"]["roi"]
+        window = load_checkpoint(out / "best.pt")["inference"]["window"]
         expected = [int(-(-s // 4) * 4) for s in shapes.max(0)] if norm == "batch" else [8, 32, 32]
         assert window == expected
 

@@ -51,7 +51,7 @@ def test_gpu_inference_matches_the_cpu(trained):
     ckpt = torch.load(trained / "best.pt", map_location="cpu", weights_only=True)
     torch.manual_seed(0)
     image = torch.rand(1, 1, 8, 128, 128)
-    roi = ckpt["inference"]["roi"]
+    roi = ckpt["inference"]["window"]
     cpu_model = build_model(ckpt["model_args"]).eval()
     cpu_model.load_state_dict(ckpt["model_state"])
     gpu_model = build_model(ckpt["model_args"]).eval().cuda()

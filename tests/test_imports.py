@@ -90,7 +90,7 @@ args = model.model_args(channels=[4, 8], strides=[2])
 net = model.build_model(args)
 path = pathlib.Path(tempfile.mkdtemp()) / "c.pt"
 model.save_checkpoint({"model_state": net.state_dict(), "model_args": args, "prep_params": {}, "label_values": [0, 1],
-                       "inference": {"roi": [4, 8, 8], "overlap": 0.5}, "epoch": 1, "best_dice": 0.5}, path)
+                       "inference": {"window": [4, 8, 8], "overlap": 0.5}, "epoch": 1, "best_dice": 0.5}, path)
 ckpt = model.load_checkpoint(path)
 loaded = model.model_from_checkpoint(ckpt, path).eval()
 logits = model.predict_logits(loaded, torch.randn(1, 1, 4, 12, 12), (4, 8, 8), 0.5)

@@ -77,7 +77,7 @@ def test_the_decision_judges_the_members_averaged(members_out, prep_dir):
                                            crossval.AugmentParams(crop=tuple(ckpts[0]["config"]["crop"])), 0.0,
                                            in_channels=1,
                                            params=crossval.PrepParams.from_dict(ckpts[0]["prep_params"]))))
-    window, overlap = ckpts[0]["inference"]["roi"], ckpts[0]["inference"]["overlap"]
+    window, overlap = ckpts[0]["inference"]["window"], ckpts[0]["inference"]["overlap"]
     for mask, flips in ((got[0][1], ()), (got[0][2], (1, 2))):
         probs = predict_probabilities(nets, item["image"][None], window, overlap, None, False,
                                       item["tissue"][None], flips)

@@ -9,6 +9,8 @@ import torch
 
 from imaging.common import InputError
 from model import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
     axis_divisors,
     build_model,
     load_checkpoint,
@@ -32,7 +34,7 @@ def test_the_same_dict_rebuilds_the_same_network(tmp_path):
     args = model_args(channels=[4, 8, 16], strides=[2, 2], out_channels=3, num_res_units=1)
     net = build_model(args)
     ckpt = {"model_state": net.state_dict(), "model_args": args, "prep_params": {}, "label_values": [0, 1, 2],
-            "inference": {"roi": [8, 16, 16], "overlap": 0.75, "sw_batch_size": 1}, "epoch": 1, "best_dice": 0.5}
+            "inference": {"window": [8, 16, 16], "overlap": 0.75, "sw_batch_size": 1}, "epoch": 1, "best_dice": 0.5}
     save_checkpoint(ckpt, tmp_path / "m.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
     loaded = load_checkpoint(tmp_path / "m.pt")
@@ -41,6 +43,17 @@ def test_the_same_dict_rebuilds_the_same_network(tmp_path):
     x = torch.randn(1, 1, 8, 16, 16)
     net.eval(), again.eval()
     assert torch.equal(net(x), again(x))
+
+
+def test_a_version_1_checkpoint_loads_with_todays_names(tmp_path):
+    """Version 1 named the inference window "roi": such a checkpoint still loads, its window under "window"."""
+    args = model_args(channels=[4, 8], strides=[2])
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "model_state": build_model(args).state_dict(),
+                "model_args": args, "prep_params": {}, "label_values": [0, 1], "epoch": 1, "best_dice": 0.5,
+                "inference": {"roi": [8, 16, 16], "overlap": 0.5, "sw_batch_size": None}}, tmp_path / "v1.pt")
+    loaded = load_checkpoint(tmp_path / "v1.pt")
+    assert loaded["inference"] == {"window": [8, 16, 16], "overlap": 0.5, "sw_batch_size": None}
+    assert loaded["version"] == CHECKPOINT_VERSION
 
 
 def _map_before_the_last_activation(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ from PIL import Image
 
 import infer
 from dice import dice_binary
-from inference.onnx_engine import METADATA_KEYS, OnnxNetwork
-from model import load_checkpoint, model_from_checkpoint
+from inference.onnx_engine import OnnxNetwork
+from model import INFERENCE_KEYS, load_checkpoint, model_from_checkpoint
 
 TOLERANCE = 1e-4  # logits of order 1-10; float32 kernels of two libraries differ by a few 1e-6
 
@@ -39,8 +39,8 @@ def test_export_reports_the_difference_and_keeps_the_metadata(trained, caplog, t
     assert float(line.split("max abs difference ")[1].split()[0]) < TOLERANCE
     ckpt = load_checkpoint(trained / "model.pt")
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert {k: json.loads(props[k]) for k in METADATA_KEYS} == json.loads(json.dumps({k: ckpt.get(k)
-                                                                                      for k in METADATA_KEYS}))
+    assert {k: json.loads(props[k]) for k in INFERENCE_KEYS} == json.loads(json.dumps({k: ckpt.get(k)
+                                                                                      for k in INFERENCE_KEYS}))
 
 
 def test_spatial_axes_are_dynamic_and_logits_match_pytorch(trained, exported):

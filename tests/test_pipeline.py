@@ -23,7 +23,7 @@ import training.data
 from dice import dice_binary
 from imaging import cases, readers
 from imaging.cases import MANIFEST_VERSION
-from model import load_checkpoint
+from model import INFERENCE_KEYS, load_checkpoint
 
 
 def test_manifest_describes_every_case(raw_dir, prep_dir):
@@ -69,9 +69,12 @@ def test_training_writes_checkpoints_plot_metrics_and_tensorboard(trained):
         assert ckpt["prep_params"]["inplane"] == 256
         assert ckpt["config"]["crop"] == [8, 64, 64]  # training crops
         # instance norm: inference sees windows like the training crops
-        assert ckpt["inference"] == {"roi": [8, 64, 64], "overlap": 0.75, "sw_batch_size": None}  # device's
+        assert ckpt["inference"] == {"window": [8, 64, 64], "overlap": 0.75, "sw_batch_size": None}  # device's
         assert ckpt["model_args"]["channels"] == [4, 8, 16]
     assert last["epoch"] == 2 and "optimizer" in last and "optimizer" not in best
+    # every key inference takes (and an ONNX export carries) is written by training; the decision adds its own
+    decided = load_checkpoint(trained / "model.pt")
+    assert set(INFERENCE_KEYS) - {"postprocessing"} <= set(best) and set(INFERENCE_KEYS) <= set(decided)
     rows = list(csv.DictReader((trained / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     dices = [float(r["val_dice"]) for r in rows]

@@ -55,7 +55,7 @@ def make_checkpoint(model: torch.nn.Module, run: Run, epoch: int, best: dict, hi
         "channels": manifest.get("channels"),  # how infer.py finds a case's modality files
         "stack_slices": bool(manifest.get("stack_slices")),  # … or stacks a patient's 2D slices
         "regions": {name: list(values) for name, values in cfg.regions},
-        "inference": {"roi": list(window), "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size},
+        "inference": {"window": list(window), "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size},
         "epoch": epoch,
         "best_dice": best["dice"],
         "best_epoch": best["epoch"],
