@@ -441,20 +441,27 @@ class OwnCrops(MapTransform):
         return out | {k: data[k].clone(memory_format=torch.contiguous_format) for k in self.keys}
 
 
+@dataclasses.dataclass(frozen=True)
+class Caching:
+    """Where the deterministic prefix's output is kept: ``rate`` of the items in memory (on ``device`` when given),
+    the rest read at every use."""
+
+    rate: float = 1.0
+    device: torch.device | str | None = None
+
+
 def make_dataset(items: list[dict], mode: str, label_values: Sequence[int], aug: AugmentParams,
-                 cache_rate: float = 1.0, num_workers: int = 0, in_channels: int = 1,
-                 params: PrepParams | None = None, device: torch.device | str | None = None) -> Dataset:
-    """``CacheDataset`` over prepared ``{"image", "label"}`` items: the deterministic prefix is cached once
-    (``cache_rate`` of the items; the rest are read at every use), on ``device`` when given."""
-    xforms = get_transforms(mode, label_values, aug, in_channels, params, device)
-    if cache_rate <= 0:
+                 in_channels: int = 1, params: PrepParams | None = None, cache: Caching = Caching()) -> Dataset:
+    """``CacheDataset`` over prepared ``{"image", "label"}`` items: the deterministic prefix is cached once, as
+    ``cache`` says."""
+    xforms = get_transforms(mode, label_values, aug, in_channels, params, cache.device)
+    if cache.rate <= 0:
         return Dataset(items, xforms)
     try:
         # copy_cache=False: the random transforms never write into the cached arrays and the crops end in memory
         # of their own (OwnCrops; tests/test_transforms.py checks), so a deep copy of each volume at each draw
         # would be wasted.
-        return CacheDataset(items, xforms, cache_rate=cache_rate, num_workers=num_workers or None, progress=False,
-                            copy_cache=False)
+        return CacheDataset(items, xforms, cache_rate=cache.rate, progress=False, copy_cache=False)
     except RuntimeError:
         for item in items:  # find and name the file that broke caching
             for key in ("image", "label"):

@@ -38,7 +38,7 @@ from imaging.readers import (
 )
 from inference.onnx_engine import export_onnx
 from inference.overlays import write_overlay
-from inference.segmenter import checkpoint_paths, load_segmenter, mask_path, postprocess_unit
+from inference.segmenter import Given, checkpoint_paths, load_segmenter, mask_path, postprocess_unit
 
 log = logging.getLogger("infer")
 
@@ -208,8 +208,8 @@ def model_regions(config: argparse.Namespace, labels: Sequence[int], ckpt: dict)
 def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
     """Segment every input; returns (mask path, segmented amount, its unit: mL or mm²) per input."""
     paths = checkpoint_paths(config.checkpoint)
-    segmenter = load_segmenter(paths, config.device, config.engine, config.window, config.overlap,
-                               config.sw_batch_size, config.amp, config.tta)
+    given = Given(config.window, config.overlap, config.sw_batch_size, config.amp, config.tta)
+    segmenter = load_segmenter(paths, config.device, config.engine, given)
     log.info("%s; test-time flips %s; postprocessing %s", f"ensemble of {len(paths)} networks" if len(paths) > 1
              else f"network {paths[0]}", list(segmenter.flips) or "none",
              "off" if config.no_postprocess else list(segmenter.rules) or "none")

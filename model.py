@@ -6,6 +6,7 @@ Needs neither the readers nor the transform chain: a network is built, loaded an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -337,25 +338,39 @@ def fit_window(window: Sequence[int], shape: Sequence[int], divisors: Sequence[i
                  for r, s, d in zip(window, shape, divisors))
 
 
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, image: torch.Tensor, window: Sequence[int], overlap: float = 0.75,
-                   sw_batch_size: int | None = None, amp: bool = False, tissue: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """Gaussian-weighted sliding-window logits (B, K, D, H, W) for an image (B, C, D, H, W) on the model's device.
+@dataclasses.dataclass(frozen=True)
+class Sliding:
+    """How the sliding window runs: its size (D, H, W; fitted to each image, ``fit_window``), the overlap of
+    neighbouring windows, windows per network pass (None: the device's, ``default_sw_batch_size``), and whether
+    the network runs in mixed precision."""
 
-    ``window`` is fitted to the image (``fit_window``); ``sw_batch_size`` windows per pass, by default the device's
-    (``default_sw_batch_size``); with ``tissue`` (B, 1, D, H, W) the windows without any are skipped. Stitching
-    happens on the model's device.
-    """
+    window: tuple[int, ...]
+    overlap: float = 0.75
+    sw_batch_size: int | None = None
+    amp: bool = False
+
+
+def checkpoint_sliding(ckpt: dict[str, Any], amp: bool = False) -> Sliding:
+    """The sliding window a checkpoint was validated with (its ``inference`` settings)."""
+    settings = ckpt["inference"]
+    return Sliding(tuple(settings["window"]), settings["overlap"], settings.get("sw_batch_size"), amp)
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, sliding: Sliding, tissue: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Gaussian-weighted sliding-window logits (B, K, D, H, W) for an image (B, C, D, H, W) on the model's device;
+    with ``tissue`` (B, 1, D, H, W) the windows without any are skipped. Stitching happens on the model's device."""
     device = next(model.parameters()).device
-    fitted = model_window(model, window, image.shape[2:])
-    sw_batch_size = sw_batch_size or default_sw_batch_size(device, fitted)
+    fitted = model_window(model, sliding.window, image.shape[2:])
+    sw_batch_size = sliding.sw_batch_size or default_sw_batch_size(device, fitted)
     x = image.to(device, non_blocking=True)
     if tissue is not None:
         x = torch.cat([x, tissue.to(device, x.dtype)], dim=1)
     predictor = Windows(model, getattr(model, "out_channels", 1), tissue is not None)
-    with autocast(device, amp):
-        logits = sliding_window_inference(x, fitted, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
+    with autocast(device, sliding.amp):
+        logits = sliding_window_inference(x, fitted, sw_batch_size, predictor, overlap=sliding.overlap,
+                                          mode="gaussian")
     return logits.float()
 
 
@@ -364,9 +379,8 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), r)]
 
 
-def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, window: Sequence[int], overlap: float = 0.75,
-                          sw_batch_size: int | None = None, amp: bool = False, tissue: torch.Tensor | None = None,
-                          flips: Sequence[int] = ()) -> Iterator[torch.Tensor]:
+def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, sliding: Sliding,
+                          tissue: torch.Tensor | None = None, flips: Sequence[int] = ()) -> Iterator[torch.Tensor]:
     """Probabilities (B, K, D, H, W) of ``model`` for the image as it is, then flipped along each combination of the
     spatial axes ``flips`` (``flip_sets``), each flipped back onto the image. The flipped copies go through one
     ``predict_logits`` as one batch, so their windows share network passes: on the CPU a lone window (a 2D slice)
@@ -374,22 +388,21 @@ def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, window: S
     dims = [[2 + a for a in combo] for combo in flip_sets(flips)]  # of (B, C, D, H, W)
     x = torch.cat([image.flip(d) if d else image for d in dims]) if len(dims) > 1 else image
     t = tissue if tissue is None or len(dims) == 1 else torch.cat([tissue.flip(d) if d else tissue for d in dims])
-    probs = probabilities(predict_logits(model, x, window, overlap, sw_batch_size, amp, t))
+    probs = probabilities(predict_logits(model, x, sliding, t))
     n = len(image)
     for k, d in enumerate(dims):
         yield probs[k * n:(k + 1) * n].flip(d) if d else probs[k * n:(k + 1) * n]
 
 
 @torch.inference_mode()
-def predict_probabilities(models: Sequence[torch.nn.Module], image: torch.Tensor, window: Sequence[int],
-                          overlap: float = 0.75, sw_batch_size: int | None = None, amp: bool = False,
+def predict_probabilities(models: Sequence[torch.nn.Module], image: torch.Tensor, sliding: Sliding,
                           tissue: torch.Tensor | None = None, flips: Sequence[int] = ()) -> torch.Tensor:
     """Probabilities (B, K, D, H, W) averaged over ``models`` (an ensemble) and over test-time flips
     (``flipped_probabilities``). Averaged as probabilities, as nnU-Net ensembles folds, so that one overconfident
     network does not outvote the others."""
     total, n = None, 0
     for model in models:
-        for p in flipped_probabilities(model, image, window, overlap, sw_batch_size, amp, tissue, flips):
+        for p in flipped_probabilities(model, image, sliding, tissue, flips):
             total, n = p if total is None else total + p, n + 1
     return total / n
 

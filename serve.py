@@ -214,7 +214,8 @@ class Model:
         return {"name": self.name, "checkpoint": ", ".join(p.name for p in self.paths), "networks": len(self.paths),
                 "sha256": self.sha256, "kind": self.kind, "labels": self.labels, "modalities": ckpt.get("channels"),
                 "in_channels": self.in_channels, "channel": self.channel, "window": list(self.segmenter.window),
-                "overlap": self.segmenter.overlap, "best_dice": ckpt.get("best_dice"), "epoch": ckpt.get("epoch"),
+                "overlap": self.segmenter.sliding.overlap,
+                "best_dice": ckpt.get("best_dice"), "epoch": ckpt.get("epoch"),
                 # validated on cases it also trained on (train.py --train-on-val): a fit, not a held-out figure
                 "best_dice_seen": bool(ckpt.get("config", {}).get("train_on_val")),
                 "postprocessing": list(self.segmenter.rules), "flips": list(self.segmenter.flips)}

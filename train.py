@@ -25,11 +25,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dataset import FLIP_AXES
 from dice import mean_dice
-from evaluation.crossval import decide_run
+from evaluation.crossval import Deciding, decide_run
 from imaging.common import run_command, write_json
 from model import (
     flip_sets,
-    inference_amp,
     resolve_device,
     save_checkpoint,
     use_amp,
@@ -42,7 +41,7 @@ from training.config import TrainConfig
 from training.data import make_datasets, make_loader, rank_share
 from training.distributed import agreed, init_distributed, sync_buffers
 from training.ensembles import train_folds, train_members
-from training.optim import make_training, moving_average
+from training.optim import Learner, make_training, moving_average
 from training.outputs import log_epoch, plot_dice, write_metrics
 from training.planning import Run, plan_run
 from training.steps import train_steps, validate
@@ -131,8 +130,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             break
     # Folds decide together (cross_validate), and a seed ensemble's members too (train_members).
     if rank == 0 and cfg.postprocess and cfg.fold is None and cfg.members == 1:
-        decide_run(Path(cfg.output), s.run.manifest, s.run.train_items, s.run.val_items, s.device,
-                   use_amp(inference_amp(cfg.amp), s.device), dict(cfg.regions))
+        decide_run(Path(cfg.output), s.run.manifest, s.run.train_items, s.run.val_items,
+                   Deciding.as_inferred(s.device, cfg.amp, dict(cfg.regions)))
     if s.writer is not None:
         s.writer.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -177,7 +176,7 @@ def train_epoch(s: Session, epoch: int, lr: float) -> float:
     loader = make_loader(s.train_ds, cfg.batch_size, seed, s.on_gpu, s.device, cfg.num_workers)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
-    loss = train_steps(s.net, loader, s.loss_fn, s.optimizer, s.scaler, s.device, s.amp, s.average)
+    loss = train_steps(Learner(s.net, s.optimizer, s.scaler, s.loss_fn, s.average), loader, s.device, s.amp)
     sync_buffers(s.model)
     if s.average is not None:  # its averaged batch-norm statistics, too, followed each rank's own
         sync_buffers(s.average.module)

@@ -40,6 +40,7 @@ from imaging.cases import Case, cases_from_manifest, read_case  # noqa: E402
 from imaging.common import InputError  # noqa: E402
 from inference.segmenter import invert_to_original  # noqa: E402
 from model import (  # noqa: E402
+    Sliding,
     default_sw_batch_size,
     load_checkpoint,
     model_from_checkpoint,
@@ -86,9 +87,9 @@ def bench(args: argparse.Namespace) -> dict:
         raise InputError(f"{args.prep}: no labelled {args.split} volumes")
     print(f"device {device}; plain roi {plain_roi}, ours window {window} (a batch-norm one shrunk to smaller volumes); "
           f"overlap {overlap}, {sw} windows per pass; {args.repeats} interleaved repeats per case")
+    sliding = Sliding(window, overlap, sw, use_amp(None, device))
     runs = {"plain": lambda image, tissue: plain_logits(plain, image, plain_roi, overlap, sw),
-            "ours": lambda image, tissue: predict_logits(ours, image, window, overlap, sw, use_amp(None, device),
-                                                         tissue)}
+            "ours": lambda image, tissue: predict_logits(ours, image, sliding, tissue)}
     rows = [bench_case(case, ckpt, runs, args.repeats, device) for case in cases]
     summary = {
         "cases": len(rows),

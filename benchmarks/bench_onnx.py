@@ -74,7 +74,7 @@ def bench(args: argparse.Namespace) -> None:
         print(f"export: max abs difference of the logits on a random window {diff:.3g}")
         # PyTorch in fp32, as ONNX Runtime runs (infer.py's default, bf16 on a CPU that has it, is faster than either)
         engines = {e: segmenter.load_segmenter([Path(args.checkpoint if e == "torch" else onnx_path)], "cpu", e,
-                                               amp=False) for e in ("torch", "onnx")}
+                                               segmenter.Given(amp=False)) for e in ("torch", "onnx")}
         ckpt, window = engines["torch"].ckpt, engines["torch"].window
         windows = torch.rand(2, ckpt["model_args"]["in_channels"], *window)
         with torch.inference_mode():

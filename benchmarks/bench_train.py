@@ -23,6 +23,7 @@ tests/test_benchmarks.py only smoke-runs it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -43,7 +44,7 @@ from model import probabilities, resolve_device, to_classes, use_amp  # noqa: E4
 from training.clock import cosine_lr  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import make_datasets, make_loader  # noqa: E402
-from training.optim import make_training, moving_average  # noqa: E402
+from training.optim import Learner, make_training, moving_average  # noqa: E402
 from training.options import parse_args  # noqa: E402
 from training.planning import Run, plan_run  # noqa: E402
 from training.steps import train_steps, validate  # noqa: E402
@@ -158,7 +159,7 @@ def bench(epochs: int, cfg: TrainConfig) -> dict:
     times, losses = time_epochs(epochs, run, plain, ours, phase, device)
     val = validate_both(run, plain, ours, phase, device)
     phase.memory.stop()
-    return summarize(epochs, run, times, losses, val, phase, cache_s, cache_mb, device)
+    return summarize(run, Measured(epochs, times, losses, val, cache_s, cache_mb), phase, device)
 
 
 def time_epochs(epochs: int, run: Run, plain: dict, ours: dict, phase: Phases, device: torch.device
@@ -184,8 +185,8 @@ def time_epochs(epochs: int, run: Run, plain: dict, ours: dict, phase: Phases, d
             else:
                 loader = make_loader(way["train"], cfg.batch_size, cfg.seed + epoch, way["on_gpu"], device,
                                            cfg.num_workers)
-                loss = train_steps(way["model"], loader, way["loss"], way["optimizer"], way["scaler"], device,
-                                         way["amp"], way["average"])
+                learner = Learner(way["model"], way["optimizer"], way["scaler"], way["loss"], way["average"])
+                loss = train_steps(learner, loader, device, way["amp"])
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
             losses[name].append(loss)
@@ -217,9 +218,23 @@ def validate_both(run: Run, plain: dict, ours: dict, phase: Phases, device: torc
     return val
 
 
-def summarize(epochs: int, run: Run, times: dict, losses: dict, val: dict, phase: Phases, cache_s: float,
-              cache_mb: float, device: torch.device) -> dict:
+@dataclasses.dataclass
+class Measured:
+    """What the interleaved epochs measured, per way ("plain", "ours"): epoch seconds, losses, validation (Dice,
+    seconds); and ours' cache (seconds to fill, MB)."""
+
+    epochs: int
+    times: dict
+    losses: dict
+    val: dict
+    cache_s: float
+    cache_mb: float
+
+
+def summarize(run: Run, measured: Measured, phase: Phases, device: torch.device) -> dict:
     """The summary, printed: median epochs (the first of each warms up and is left out), validation, memory."""
+    epochs, times, losses, val = measured.epochs, measured.times, measured.losses, measured.val
+    cache_s, cache_mb = measured.cache_s, measured.cache_mb
     steady = {name: t[1:] if len(t) > 1 else t for name, t in times.items()}
     peak = phase.memory.peak
     summary = {

@@ -78,16 +78,16 @@ def redecide(work: Path) -> float:
     ``work/output/model.pt`` (one model, not ``--folds``), on its own validation cases; its seconds."""
     import torch
 
-    from evaluation.crossval import decide_run
-    from model import inference_amp, load_checkpoint, use_amp
+    from evaluation.crossval import Deciding, decide_run
+    from model import load_checkpoint
     from training.planning import split_items
 
     t0, out, cpu = time.perf_counter(), work / "output", torch.device("cpu")
     config = load_checkpoint(out / "model.pt")["config"]
     manifest = load_manifest(work / "prep")
     train_items, val_items = split_items(manifest, work / "prep")
-    decide_run(out, manifest, train_items, val_items, cpu, use_amp(inference_amp(config.get("amp")), cpu),
-               {name: labels for name, labels in config.get("regions") or []})
+    regions = {name: labels for name, labels in config.get("regions") or []}
+    decide_run(out, manifest, train_items, val_items, Deciding.as_inferred(cpu, config.get("amp"), regions))
     return time.perf_counter() - t0
 
 

@@ -46,13 +46,14 @@ class Scaled(Segmenter):
 
     scale: float = 1.0
 
-    def probabilities(self, x: torch.Tensor, window, tissue: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, x: torch.Tensor, sliding, tissue: torch.Tensor) -> torch.Tensor:
         if self.scale == 1:
-            return super().probabilities(x, window, tissue)
+            return super().probabilities(x, sliding, tissue)
         size = (x.shape[2], max(1, round(x.shape[3] * self.scale)), max(1, round(x.shape[4] * self.scale)))
         xs = F.interpolate(x, size=size, mode="trilinear")
         ts = F.interpolate(tissue.float(), size=size, mode="nearest") > 0
-        p = super().probabilities(xs, model_window(self.model, self.window, size), ts)
+        fitted = model_window(self.model, sliding.window, size)
+        p = super().probabilities(xs, dataclasses.replace(sliding, window=fitted), ts)
         return F.interpolate(p, size=x.shape[2:], mode="trilinear")
 
 

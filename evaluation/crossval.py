@@ -28,12 +28,21 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dataset import FLIP_AXES, AugmentParams, PrepParams, make_dataset  # noqa: E402
+from dataset import FLIP_AXES, AugmentParams, Caching, PrepParams, make_dataset  # noqa: E402
 from dice import scored_targets  # noqa: E402
 from evaluation.postprocess import Unit, decide, refuted, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
 from imaging.cases import deal_folds, record_group  # noqa: E402
 from imaging.common import InputError, atomic_write, write_json  # noqa: E402
-from model import flipped_probabilities, load_checkpoint, model_from_checkpoint, save_checkpoint, to_classes  # noqa: E402
+from model import (  # noqa: E402
+    checkpoint_sliding,
+    flipped_probabilities,
+    inference_amp,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    to_classes,
+    use_amp,
+)
 
 log = logging.getLogger("crossval")
 
@@ -61,39 +70,59 @@ class Judged:
     fold: int = 0
 
 
-def predict_validation(judged: Judged, cases: dict[str, dict], device: torch.device, amp: bool,
-                       flips: Sequence[int]) -> list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per validation item: (manifest case, mask without flips, mask with ``flips``, true mask), label values on
-    the prepared grid (D, H, W), predicted as inference predicts (the checkpoint's window and overlap)."""
+@dataclasses.dataclass(frozen=True)
+class Deciding:
+    """How the validation cases are predicted for a decision, and what is decided: the networks on ``device`` in
+    precision ``amp``, flips of the axes ``flips`` tried ((): none), the Dice also over ``regions``, and with
+    ``postprocess`` the postprocessing rules."""
+
+    device: torch.device
+    amp: bool = False
+    flips: tuple[int, ...] = FLIP_AXES
+    regions: dict[str, Sequence[int]] | None = None
+    postprocess: bool = True
+
+    @classmethod
+    def as_inferred(cls, device: torch.device, amp: bool | None, regions: dict | None = None,
+                    postprocess: bool = True) -> Deciding:
+        """The networks in the precision infer.py gives them (``amp`` as train.py's ``--amp``: None for the
+        device's default); flips tried where postprocessing is decided."""
+        return cls(device, use_amp(inference_amp(amp), device), FLIP_AXES if postprocess else (), regions,
+                   postprocess)
+
+
+def predict_validation(judged: Judged, cases: dict[str, dict], how: Deciding
+                       ) -> list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per validation item: (manifest case, mask without flips, mask with ``how.flips``, true mask), label values
+    on the prepared grid (D, H, W), predicted as inference predicts (the checkpoint's window and overlap)."""
+    device, amp, flips = how.device, how.amp, how.flips
     ckpts = [load_checkpoint(p) for p in judged.checkpoints]
     nets = [model_from_checkpoint(c, p).to(device, memory_format=torch.channels_last_3d).eval()
             for c, p in zip(ckpts, judged.checkpoints)]
     ckpt = ckpts[0]
     values = np.asarray(ckpt["label_values"])
-    window, overlap = ckpt["inference"]["window"], ckpt["inference"]["overlap"]
     chain = make_dataset(judged.items, "val", ckpt["label_values"], AugmentParams(crop=tuple(ckpt["config"]["crop"])),
-                         0.0, in_channels=ckpt["model_args"]["in_channels"],
-                         params=PrepParams.from_dict(ckpt["prep_params"]))
+                         ckpt["model_args"]["in_channels"], PrepParams.from_dict(ckpt["prep_params"]), Caching(0.0))
     out = []
     for item in chain:
         probs = torch.stack([torch.stack(list(flipped_probabilities(
-            net, item["image"][None], window, overlap, ckpt["inference"].get("sw_batch_size"), amp,
-            item["tissue"][None], flips))) for net in nets])  # (networks, flip sets, B, K, D, H, W)
+            net, item["image"][None], checkpoint_sliding(ckpt, amp), item["tissue"][None], flips)))
+            for net in nets])  # (networks, flip sets, B, K, D, H, W)
         masks = [values[to_classes(p)[0, 0].cpu().numpy()] for p in (probs[:, 0].mean(0), probs.mean((0, 1)))]
         out.append((cases[item["name"]], *masks, values[np.asarray(item["label"][0])]))
     return out
 
 
-def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict], device: torch.device, amp: bool,
-          flips: Sequence[int], regions: dict[str, Sequence[int]] | None = None, postprocess: bool = True) -> dict:
-    """Predict every network's validation cases, decide flips (of the axes ``flips``) then, with ``postprocess``,
-    the postprocessing rules on the pooled predictions, and score each fold under each step; returns the record
-    (``postprocessing.json``; its ``folds`` feed cv.csv)."""
+def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict], how: Deciding) -> dict:
+    """Predict every network's validation cases, decide flips (of the axes ``how.flips``) then, with
+    ``how.postprocess``, the postprocessing rules on the pooled predictions, and score each fold under each step;
+    returns the record (``postprocessing.json``; its ``folds`` feed cv.csv)."""
+    flips = how.flips
     t0, labels = time.perf_counter(), manifest["label_values"]
     cases = {c["name"]: c for c in manifest["cases"]}
     units: dict[int, dict[bool, list[Unit]]] = {}
     for j in judged:
-        entries = predict_validation(j, cases, device, amp, flips)
+        entries = predict_validation(j, cases, how)
         units[j.fold] = {mirrored: stack_units([(c, (m1 if mirrored else m0), t) for c, m0, m1, t in entries])
                          for mirrored in (False, True)}
     pooled = {m: [u for fold in units.values() for u in fold[m]] for m in (False, True)}
@@ -106,8 +135,8 @@ def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict],
     truths = [(cases[i["name"]], np.asarray(nib.load(i["label"]).dataobj), None) for i in train_items]
     stacked = [(mask, mm3) for mask, _, mm3 in stack_units(truths)]
     small, single = small_sizes(stacked, labels[1:]), single_object(stacked, labels[1:])
-    rules, trace = decide(pooled[use_flips], labels[1:], small, single) if postprocess else ([], [])
-    targets = scored_targets(labels, regions)
+    rules, trace = decide(pooled[use_flips], labels[1:], small, single) if how.postprocess else ([], [])
+    targets = scored_targets(labels, how.regions)
     return {"rules": rules, "flips": list(flips) if use_flips else [], "trace": trace,
             "flips_dice": {"without": round(float(plain.mean()), 6), "with": round(float(mirrored.mean()), 6),
                            "axes_tried": list(flips)},
@@ -128,15 +157,13 @@ def fold_scores(units: dict[bool, list[Unit]], targets: dict[str, list[int]], ru
     return out
 
 
-def decide_run(out_dir: Path, manifest: dict, train_items: Sequence[dict], val_items: Sequence[dict],
-               device: torch.device, amp: bool, regions: dict[str, Sequence[int]] | None = None,
+def decide_run(out_dir: Path, manifest: dict, train_items: Sequence[dict], val_items: Sequence[dict], how: Deciding,
                checkpoints: Sequence[Path] | None = None) -> dict:
     """The decision of one run (no folds): its network (``out_dir/model.pt``) or the ensemble ``checkpoints``
     (a seed ensemble's members, averaged) judged on its validation items, then ``write_decision``; returns the
     record."""
     checkpoints = list(checkpoints or [out_dir / "model.pt"])
-    record = judge([Judged(tuple(checkpoints), list(val_items))], manifest, train_items, device, amp, FLIP_AXES,
-                   regions)
+    record = judge([Judged(tuple(checkpoints), list(val_items))], manifest, train_items, how)
     write_decision(record, checkpoints, out_dir)
     return record
 

@@ -25,6 +25,8 @@ from inference.onnx_engine import OnnxNetwork
 from model import (
     ENSEMBLE_KEYS,
     MODELS_RECORD,
+    Sliding,
+    checkpoint_sliding,
     inference_amp,
     load_checkpoint,
     model_from_checkpoint,
@@ -48,16 +50,24 @@ def invert_to_original(probs: torch.Tensor, image: MetaTensor, chain: Compose) -
 
 
 @dataclasses.dataclass(frozen=True)
+class Given:
+    """What the command line sets instead of the checkpoint (None: the checkpoint's, or the device's default)."""
+
+    window: Sequence[int] | None = None
+    overlap: float | None = None
+    sw_batch_size: int | None = None
+    amp: bool | None = None
+    tta: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Segmenter:
     """A checkpoint's network (or an ensemble's networks) with its preprocessing, sliding window, test-time flips
     and postprocessing: an image on its own grid in, a mask out."""
 
     models: tuple[torch.nn.Module, ...]
     ckpt: dict  # the first checkpoint's (labels, preprocessing, window: an ensemble's all agree, ``check_ensemble``)
-    window: tuple[int, ...]
-    overlap: float
-    sw_batch_size: int | None = None  # None: the device's default (model.default_sw_batch_size)
-    amp: bool | None = None
+    sliding: Sliding
     flips: tuple[int, ...] = ()  # spatial axes of the test-time flips; (): none
     rules: tuple[dict, ...] = ()  # postprocessing (infer.py applies it per unit: ``postprocess_unit``)
 
@@ -65,10 +75,12 @@ class Segmenter:
     def model(self) -> torch.nn.Module:
         return self.models[0]
 
+    @property
+    def window(self) -> tuple[int, ...]:
+        return self.sliding.window
+
     @classmethod
-    def load(cls, paths: Path | Sequence[Path], device: torch.device, window: Sequence[int] | None = None,
-             overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
-             tta: bool | None = None) -> Segmenter:
+    def load(cls, paths: Path | Sequence[Path], device: torch.device, given: Given | None = None) -> Segmenter:
         """The checkpoints at ``paths`` on ``device``, refused in one line where they cannot be one ensemble; the
         rest as ``assemble``."""
         paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
@@ -76,15 +88,15 @@ class Segmenter:
         check_ensemble(ckpts, paths)
         models = tuple(model_from_checkpoint(c, p).to(device, memory_format=torch.channels_last_3d).eval()
                        for c, p in zip(ckpts, paths))
-        return cls.assemble(models, ckpts, window, overlap, sw_batch_size, amp, tta)
+        return cls.assemble(models, ckpts, given)
 
     @classmethod
-    def assemble(cls, models: tuple, ckpts: Sequence[dict], window: Sequence[int] | None = None,
-                 overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
-                 tta: bool | None = None) -> Segmenter:
-        """Networks (PyTorch's, or ONNX Runtime's) with what their checkpoints say: the first's window and overlap
-        unless given; flips as the checkpoints decided on validation (``tta`` None), every axis training flipped
-        (True) or none (False); the postprocessing rules every checkpoint holds."""
+    def assemble(cls, models: tuple, ckpts: Sequence[dict], given: Given | None = None) -> Segmenter:
+        """Networks (PyTorch's, or ONNX Runtime's) with what their checkpoints say, except what is ``given``: the
+        first's window and overlap; flips as the checkpoints decided on validation (``tta`` None), every axis
+        training flipped (True) or none (False); the postprocessing rules every checkpoint holds."""
+        given = given or Given()
+        tta = given.tta
         decided = [c.get("postprocessing") or {} for c in ckpts]
         rules = tuple(r for r in decided[0].get("rules", []) if all(r in d.get("rules", []) for d in decided))
         if tta is None:  # the decision, where every network made the same one
@@ -92,10 +104,10 @@ class Segmenter:
             flips = decided[0].get("flips", []) if agreed else []
         else:
             flips = (ckpts[0].get("flip_axes") or list(FLIP_AXES)) if tta else []
-        settings = ckpts[0]["inference"]
-        amp = inference_amp(amp)
-        return cls(tuple(models), ckpts[0], tuple(window or settings["window"]),
-                   settings["overlap"] if overlap is None else overlap, sw_batch_size, amp, tuple(flips), rules)
+        saved = checkpoint_sliding(ckpts[0])
+        overlap = saved.overlap if given.overlap is None else given.overlap
+        sliding = Sliding(tuple(given.window or saved.window), overlap, given.sw_batch_size, inference_amp(given.amp))
+        return cls(tuple(models), ckpts[0], sliding, tuple(flips), rules)
 
     def __call__(self, image: MetaTensor, path: Path) -> np.ndarray:
         """Mask (X, Y, Z) in label values on the grid of ``image`` (C, X, Y, Z), as read from ``path``."""
@@ -130,18 +142,17 @@ class Segmenter:
             x = torch.stack([_pad(prepared[k].as_tensor(), pad) for k, pad in zip(batch, pads)])
             tissue = torch.stack([_pad(prepared_tissue(prepared[k], params).to(x.dtype), pad)
                                   for k, pad in zip(batch, pads)])
-            out = self.probabilities(x, window, tissue)
+            out = self.probabilities(x, dataclasses.replace(self.sliding, window=window), tissue)
             for k, pad, p in zip(batch, pads, out):
                 probs[k] = p[(slice(None), *(slice(a, w - b) for (a, b), w in zip(pad, window)))]
         for k, p in enumerate(prepared):
             if probs[k] is None:
-                probs[k] = self.probabilities(p[None], self.window, prepared_tissue(p, params)[None])[0]
+                probs[k] = self.probabilities(p[None], self.sliding, prepared_tissue(p, params)[None])[0]
         return [invert_to_original(q, p, chain) for q, p in zip(probs, prepared)]
 
-    def probabilities(self, x: torch.Tensor, window: Sequence[int], tissue: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, x: torch.Tensor, sliding: Sliding, tissue: torch.Tensor) -> torch.Tensor:
         """The networks' probabilities (B, K, D, H, W) for prepared images (B, C, D, H, W), flips averaged."""
-        return predict_probabilities(self.models, x, window, self.overlap, self.sw_batch_size, self.amp, tissue,
-                                     self.flips)
+        return predict_probabilities(self.models, x, sliding, tissue, self.flips)
 
 
 SLICES_PER_PASS = 16  # 2D images segmented together: bounds the memory (16 × 4 flips × 256×256 × widths)
@@ -221,15 +232,14 @@ def postprocess_unit(masks: list[np.ndarray], affines: Sequence, rules: Sequence
     return [apply_rules(m, rules, v) for m, v in zip(masks, mm3)]
 
 
-def load_segmenter(paths: Sequence[Path], device: str, engine: str = "torch", window: Sequence[int] | None = None,
-                   overlap: float | None = None, sw_batch_size: int | None = None, amp: bool | None = None,
-                   tta: bool | None = None) -> Segmenter:
+def load_segmenter(paths: Sequence[Path], device: str, engine: str = "torch", given: Given | None = None
+                   ) -> Segmenter:
     """The checkpoints' networks under PyTorch (``Segmenter.load``), or with ``engine="onnx"`` one exported
     ``.onnx`` file (its metadata standing in for the checkpoint) under ONNX Runtime on the CPU; the same
     preprocessing, window, flips, inverse and postprocessing."""
     if engine != "onnx":
-        return Segmenter.load(paths, resolve_device(device), window, overlap, sw_batch_size, amp, tta)
+        return Segmenter.load(paths, resolve_device(device), given)
     if len(paths) != 1:
         raise InputError(f"--engine onnx: runs one .onnx file, got {len(paths)} checkpoints")
     net = OnnxNetwork(paths[0])  # its metadata stands in for the checkpoint
-    return Segmenter.assemble((net,), [net.ckpt], window, overlap, sw_batch_size, False, tta)
+    return Segmenter.assemble((net,), [net.ckpt], dataclasses.replace(given or Given(), amp=False))

@@ -20,6 +20,7 @@ import bench_infer  # noqa: E402
 import bench_train  # noqa: E402
 
 import infer  # noqa: E402
+from imaging.cases import deal_folds  # noqa: E402
 
 NUMBER = r"(-?[\d.]+)"
 
@@ -114,8 +115,8 @@ def test_gpu_script_smoke(tmp_path):
 
 
 def test_holdout_scores_patients_the_run_never_saw(tmp_path):
-    """benchmarks/holdout.py deals patients round-robin into folds, trains on the others only (none of the held-out
-    patient's slices reach the prepared data) and scores each held-out patient on its pooled slices."""
+    """benchmarks/holdout.py deals patients into folds as train.py --folds does, trains on the others only (none of
+    the held-out patient's slices reach the prepared data) and scores each held-out patient on its pooled slices."""
     import holdout
     from test_blank import _patient
 
@@ -127,10 +128,12 @@ def test_holdout_scores_patients_the_run_never_saw(tmp_path):
     assert holdout.main([str(raw), "--folds", "2", "--fold", "1", "--work", str(tmp_path / "work"), "--json", str(out),
                          "--train-args", "--epochs 1 --device cpu " + " ".join(TINY_WIDTHS) + " --crop 1 32 32"]) == 0
     result = json.loads(out.read_text())
-    assert sorted(result["output"]["patients"]) == ["pb", "pd"]  # the 2nd and 4th patients in name order
+    fold_of = deal_folds({name: name for name in ("pa", "pb", "pc", "pd")}, 2, seed=0)
+    held = sorted(name for name, k in fold_of.items() if k == 1)
+    assert sorted(result["output"]["patients"]) == held and len(held) == 2
     prepared = {c["group"] for c in json.loads((tmp_path / "work" / "fold_1" / "prep" / "dataset.json").read_text())
                 ["cases"]}
-    assert prepared == {"pa", "pc"}
+    assert prepared == {"pa", "pb", "pc", "pd"} - set(held)
     for key in ("output", "output --no-tta --no-postprocess", "output --tta"):
         scores = result[key]["patients"].values()
         assert result[key]["mean_dice"] == pytest.approx(np.mean([p["dice"] for p in scores]))
@@ -156,7 +159,7 @@ def test_holdout_scores_patients_the_run_never_saw(tmp_path):
                                "--fill-holes", "--json", str(probed)]) == 0
     probes = json.loads(probed.read_text())
     alone, ensemble = probes[f"{work} scales=1.0 t=0.5"], probes["ensemble scales=1.0 t=0.5"]
-    assert sorted(alone) == ["pb", "pd"]
+    assert sorted(alone) == held
     assert alone == pytest.approx({n: s["dice"] for n, s in result["output"]["patients"].items()}, abs=1e-3)
     assert ensemble == pytest.approx(alone, abs=1e-6)
     assert {f"{work} scales=2.0 t=0.5", f"{work} scales=1.0 t=0.5 filled"} < set(probes)

@@ -16,11 +16,12 @@ from conftest import TINY_NET, one_error_line, unbiased_start
 import infer
 import train
 from evaluation import crossval
-from evaluation.crossval import STEPS, Judged, assign_folds, judge
+from evaluation.crossval import STEPS, Deciding, Judged, assign_folds, judge
 from imaging.cases import deal_folds, find_inputs, group_order, load_manifest, read_case, split_cases
 from imaging.common import InputError
 from inference import segmenter
 from model import (
+    Sliding,
     flipped_probabilities,
     load_checkpoint,
     predict_logits,
@@ -91,10 +92,10 @@ def _tiny_net(seed: int) -> torch.nn.Module:
 def test_an_ensemble_averages_the_networks_probabilities():
     image = torch.randn(1, 1, 4, 12, 12)
     nets = [_tiny_net(1), _tiny_net(2)]
-    by_hand = sum(probabilities(predict_logits(n, image, (4, 8, 8), 0.5)) for n in nets) / 2
-    got = predict_probabilities(nets, image, (4, 8, 8), 0.5)
+    by_hand = sum(probabilities(predict_logits(n, image, Sliding((4, 8, 8), 0.5))) for n in nets) / 2
+    got = predict_probabilities(nets, image, Sliding((4, 8, 8), 0.5))
     assert torch.allclose(got, by_hand, atol=1e-6)
-    assert not torch.allclose(got, probabilities(predict_logits(nets[0], image, (4, 8, 8), 0.5)), atol=1e-3)
+    assert not torch.allclose(got, probabilities(predict_logits(nets[0], image, Sliding((4, 8, 8), 0.5))), atol=1e-3)
 
 
 def test_flips_are_flipped_back():
@@ -102,14 +103,15 @@ def test_flips_are_flipped_back():
     network each flipped prediction is the flipped input's prediction flipped back, and in-plane axes only."""
     image = torch.randn(1, 1, 3, 10, 14)
     pointwise = torch.nn.Conv3d(1, 1, 1).eval()
-    plain = predict_probabilities([pointwise], image, (3, 8, 8), 0.5)
-    assert torch.allclose(predict_probabilities([pointwise], image, (3, 8, 8), 0.5, flips=(1, 2)), plain, atol=1e-6)
+    plain = predict_probabilities([pointwise], image, Sliding((3, 8, 8), 0.5))
+    flipped = predict_probabilities([pointwise], image, Sliding((3, 8, 8), 0.5), flips=(1, 2))
+    assert torch.allclose(flipped, plain, atol=1e-6)
     net = _tiny_net(3)
-    got = list(flipped_probabilities(net, image, (3, 8, 8), 0.5, flips=(1, 2)))
+    got = list(flipped_probabilities(net, image, Sliding((3, 8, 8), 0.5), flips=(1, 2)))
     assert len(got) == 4  # none, H, W, both
     for probs, dims in zip(got, ([], [3], [4], [3, 4])):
         x = image.flip(dims) if dims else image
-        direct = probabilities(predict_logits(net, x, (3, 8, 8), 0.5))
+        direct = probabilities(predict_logits(net, x, Sliding((3, 8, 8), 0.5)))
         assert torch.allclose(probs, direct.flip(dims) if dims else direct, atol=1e-6)
     assert not torch.allclose(got[1], got[0], atol=1e-3)  # the network is not equivariant: the flip mattered
 
@@ -126,7 +128,8 @@ def _judge_flips(monkeypatch, flipped_dice: list[float]) -> dict:
         entries.append(({"name": f"c{i}", "prepared_spacing": [1.0, 1.0, 1.0]}, truth.copy(), flipped, truth))
     monkeypatch.setattr(crossval, "predict_validation", lambda *args: entries)
     manifest = {"label_values": [0, 1], "cases": [c for c, *_ in entries]}
-    return judge([Judged((Path("model.pt"),), [])], manifest, [], torch.device("cpu"), False, (1, 2), postprocess=False)
+    how = Deciding(torch.device("cpu"), False, (1, 2), postprocess=False)
+    return judge([Judged((Path("model.pt"),), [])], manifest, [], how)
 
 
 def test_test_time_flips_stay_unless_validation_refutes_them(monkeypatch):
@@ -210,8 +213,8 @@ def test_an_ensemble_of_different_datasets_is_refused(folds_out, raw_dir, tmp_pa
 
 def test_tta_flag_overrides_the_checkpoints_decision(trained, raw_dir, tmp_path):
     path = trained / "model.pt"
-    on = segmenter.Segmenter.load(path, torch.device("cpu"), tta=True)
-    off = segmenter.Segmenter.load(path, torch.device("cpu"), tta=False)
+    on = segmenter.Segmenter.load(path, torch.device("cpu"), segmenter.Given(tta=True))
+    off = segmenter.Segmenter.load(path, torch.device("cpu"), segmenter.Given(tta=False))
     assert on.flips == (1, 2) and off.flips == ()
     decided = segmenter.Segmenter.load(path, torch.device("cpu"))
     assert list(decided.flips) == load_checkpoint(path)["postprocessing"]["flips"]

@@ -44,8 +44,8 @@ def test_fast_path_equals_the_plain_call_when_nothing_is_skipped(norm):
     net = _net(norm=norm)
     image = torch.randn(1, 1, 16, 40, 40)
     plain = sliding_window_inference(image, (8, 16, 16), 4, net, overlap=0.75, mode="gaussian")
-    fast = model.predict_logits(net.to(memory_format=torch.channels_last_3d), image, (8, 16, 16), 0.75, 4,
-                                tissue=torch.ones(1, 1, 16, 40, 40))
+    fast = model.predict_logits(net.to(memory_format=torch.channels_last_3d), image,
+                                model.Sliding((8, 16, 16), 0.75, 4), tissue=torch.ones(1, 1, 16, 40, 40))
     assert torch.allclose(plain, fast, atol=1e-4)
 
 
@@ -55,11 +55,11 @@ def test_an_instance_norm_network_keeps_its_crop_on_a_smaller_volume():
     image = torch.randn(1, 1, 6, 20, 40)
     net = _net(norm="instance")
     plain = sliding_window_inference(image, (8, 32, 48), 4, net, overlap=0.75, mode="gaussian")
-    assert torch.allclose(model.predict_logits(net, image, (8, 32, 48), 0.75, 4), plain, atol=1e-4)
+    assert torch.allclose(model.predict_logits(net, image, model.Sliding((8, 32, 48), 0.75, 4)), plain, atol=1e-4)
     seen = []
     bn = _net(norm="batch")
     bn.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[2:])))
-    model.predict_logits(bn, image, (8, 32, 48), 0.75, 4)
+    model.predict_logits(bn, image, model.Sliding((8, 32, 48), 0.75, 4))
     assert set(seen) == {(8, 20, 40)}  # depth 6 rounded up to the network's multiple of 4
 
 
@@ -75,7 +75,7 @@ def test_windows_without_tissue_are_skipped_and_background():
     image = torch.randn(1, 1, 8, 64, 64)
     tissue = torch.zeros(1, 1, 8, 64, 64, dtype=torch.bool)
     tissue[..., 4:20, 4:20] = True  # tissue in one corner only
-    logits = model.predict_logits(counting, image, (8, 16, 16), 0.0, 1, tissue=tissue)
+    logits = model.predict_logits(counting, image, model.Sliding((8, 16, 16), 0.0, 1), tissue=tissue)
     assert len(calls) == 4  # of the 16 non-overlapping windows, only the 4 touching the corner ran
     assert torch.allclose(logits[..., 32:, 32:], torch.tensor(-model.BACKGROUND_LOGIT))
     reference = sliding_window_inference(image, (8, 16, 16), 1, net, overlap=0.0, mode="gaussian")
@@ -84,7 +84,7 @@ def test_windows_without_tissue_are_skipped_and_background():
 
 def test_multiclass_skipped_windows_are_background_class():
     net = build_model(model_args(out_channels=3, channels=[4, 8], strides=[2], num_res_units=0)).eval()
-    logits = model.predict_logits(net, torch.randn(1, 1, 4, 16, 16), (4, 8, 8), 0.0, 2,
+    logits = model.predict_logits(net, torch.randn(1, 1, 4, 16, 16), model.Sliding((4, 8, 8), 0.0, 2),
                                   tissue=torch.zeros(1, 1, 4, 16, 16))
     assert (model.to_classes(model.probabilities(logits)) == 0).all()
 
@@ -163,7 +163,7 @@ def test_slices_segmented_together_match_one_by_one(trained_2d, tmp_path, tta, m
     for k, size in enumerate([(90, 120), (61, 97), (77, 80), (250, 250)]):
         paths.append(tmp_path / f"p{k}.png")
         Image.fromarray(grey_disc(rng, size)[0]).save(paths[-1])
-    seg = segmenter.Segmenter.load(trained_2d / "model.pt", torch.device("cpu"), tta=tta, amp=False)
+    seg = segmenter.Segmenter.load(trained_2d / "model.pt", torch.device("cpu"), segmenter.Given(tta=tta, amp=False))
     images = [(read_volume(p), p) for p in paths]
     alone = [seg(image, path) for image, path in images]
     calls = []
@@ -188,5 +188,5 @@ def test_mixed_precision_on_the_cpu_only_for_inference_and_only_with_hardware_bf
         assert model.use_amp(True, cpu) is hardware
         assert model.use_amp(None, cpu) is False and model.use_amp(False, cpu) is False
     assert model.use_amp(None, cuda) and not model.use_amp(False, cuda)
-    assert segmenter.Segmenter.load(trained / "model.pt", cpu).amp is True
-    assert segmenter.Segmenter.load(trained / "model.pt", cpu, amp=False).amp is False
+    assert segmenter.Segmenter.load(trained / "model.pt", cpu).sliding.amp is True
+    assert segmenter.Segmenter.load(trained / "model.pt", cpu, segmenter.Given(amp=False)).sliding.amp is False

@@ -56,9 +56,9 @@ def test_gpu_inference_matches_the_cpu(trained):
     cpu_model.load_state_dict(ckpt["model_state"])
     gpu_model = build_model(ckpt["model_args"]).eval().cuda()
     gpu_model.load_state_dict(ckpt["model_state"])
-    ref = model.predict_logits(cpu_model, image, roi, 0.75, 2)
-    fp32 = model.predict_logits(gpu_model, image, roi, 0.75, 4).cpu()
-    amp = model.predict_logits(gpu_model, image, roi, 0.75, 4, amp=True).cpu()
+    ref = model.predict_logits(cpu_model, image, model.Sliding(roi, 0.75, 2))
+    fp32 = model.predict_logits(gpu_model, image, model.Sliding(roi, 0.75, 4)).cpu()
+    amp = model.predict_logits(gpu_model, image, model.Sliding(roi, 0.75, 4, amp=True)).cpu()
     assert fp32.shape == ref.shape == amp.shape
     torch.testing.assert_close(fp32, ref, atol=1e-3, rtol=1e-3)
     assert ((amp > 0) == (ref > 0)).float().mean() > 0.99

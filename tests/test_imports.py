@@ -93,7 +93,7 @@ model.save_checkpoint({"model_state": net.state_dict(), "model_args": args, "pre
                        "inference": {"window": [4, 8, 8], "overlap": 0.5}, "epoch": 1, "best_dice": 0.5}, path)
 ckpt = model.load_checkpoint(path)
 loaded = model.model_from_checkpoint(ckpt, path).eval()
-logits = model.predict_logits(loaded, torch.randn(1, 1, 4, 12, 12), (4, 8, 8), 0.5)
+logits = model.predict_logits(loaded, torch.randn(1, 1, 4, 12, 12), model.Sliding((4, 8, 8), 0.5))
 print(tuple(logits.shape))
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, encoding="utf-8",

@@ -17,7 +17,7 @@ import serve
 import train
 from evaluation import crossval
 from inference import segmenter
-from model import load_checkpoint, model_from_checkpoint, predict_probabilities, to_classes
+from model import checkpoint_sliding, load_checkpoint, model_from_checkpoint, predict_probabilities, to_classes
 from training import planning
 
 
@@ -69,22 +69,21 @@ def test_the_decision_judges_the_members_averaged(members_out, prep_dir):
     manifest = json.loads((prep_dir / "dataset.json").read_text())
     _, val_items = planning.split_items(manifest, prep_dir)
     cases = {c["name"]: c for c in manifest["cases"]}
-    got = crossval.predict_validation(crossval.Judged(tuple(paths), val_items[:1]), cases, torch.device("cpu"),
-                                      False, (1, 2))
+    got = crossval.predict_validation(crossval.Judged(tuple(paths), val_items[:1]), cases,
+                                      crossval.Deciding(torch.device("cpu"), False, (1, 2)))
     ckpts = [load_checkpoint(p) for p in paths]
     nets = [model_from_checkpoint(c, p).eval() for c, p in zip(ckpts, paths)]
     item = next(iter(crossval.make_dataset(val_items[:1], "val", ckpts[0]["label_values"],
-                                           crossval.AugmentParams(crop=tuple(ckpts[0]["config"]["crop"])), 0.0,
-                                           in_channels=1,
+                                           crossval.AugmentParams(crop=tuple(ckpts[0]["config"]["crop"])),
+                                           cache=crossval.Caching(0.0), in_channels=1,
                                            params=crossval.PrepParams.from_dict(ckpts[0]["prep_params"]))))
-    window, overlap = ckpts[0]["inference"]["window"], ckpts[0]["inference"]["overlap"]
+    sliding = checkpoint_sliding(ckpts[0])
     for mask, flips in ((got[0][1], ()), (got[0][2], (1, 2))):
-        probs = predict_probabilities(nets, item["image"][None], window, overlap, None, False,
-                                      item["tissue"][None], flips)
+        probs = predict_probabilities(nets, item["image"][None], sliding, item["tissue"][None], flips)
         assert_same_classes_but_for_ties(mask, probs)
-    alone = predict_probabilities(nets[:1], item["image"][None], window, overlap, None, False, item["tissue"][None])
+    alone = predict_probabilities(nets[:1], item["image"][None], sliding, item["tissue"][None])
     assert not torch.equal(to_classes(alone), to_classes(predict_probabilities(
-        nets, item["image"][None], window, overlap, None, False, item["tissue"][None])))  # the second counts
+        nets, item["image"][None], sliding, item["tissue"][None])))  # the second counts
 
 
 def test_infer_and_serve_take_the_members_from_the_output_folder(members_out, raw_dir, tmp_path):

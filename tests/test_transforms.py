@@ -9,7 +9,15 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from dataset import AugmentParams, InplaneResize, get_transforms, label_mapping, majority_resize, make_dataset
+from dataset import (
+    AugmentParams,
+    Caching,
+    InplaneResize,
+    get_transforms,
+    label_mapping,
+    majority_resize,
+    make_dataset,
+)
 
 
 def _items(prep_dir, split):
@@ -277,8 +285,9 @@ def test_validation_caches_the_tissue_mask_inference_uses(prep_dir):
 
 def test_cache_rate_caches_only_its_share(prep_dir):
     items, _ = _items(prep_dir, "train")
-    half = make_dataset(items * 2, "train", (0, 1), AugmentParams(crop=(8, 32, 32), num_samples=1), cache_rate=0.5)
+    half = make_dataset(items * 2, "train", (0, 1), AugmentParams(crop=(8, 32, 32), num_samples=1),
+                        cache=Caching(0.5))
     assert len(half._cache) == len(items)  # the other half is read at every use
     assert all(len(half[i]) == 1 for i in range(len(half)))
-    none = make_dataset(items, "train", (0, 1), AugmentParams(crop=(8, 32, 32), num_samples=1), cache_rate=0)
+    none = make_dataset(items, "train", (0, 1), AugmentParams(crop=(8, 32, 32), num_samples=1), cache=Caching(0))
     assert not hasattr(none, "_cache") and len(none[0]) == 1

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from monai.data import DataLoader, ThreadDataLoader, partition_dataset
 
-from dataset import AugmentParams, make_dataset
+from dataset import AugmentParams, Caching, make_dataset
 from imaging.common import InputError
 from training.planning import Run
 
@@ -38,10 +38,9 @@ def make_datasets(run: Run, train_items: list[dict], val_items: list[dict], devi
     on_gpu = cache_device(device, [c for c in run.manifest["cases"] if c["name"] in names], run.in_channels,
                           cfg.cache_rate)
     aug = AugmentParams(crop=cfg.crop, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
-    train_ds = make_dataset(train_items, "train", run.label_values, aug, cfg.cache_rate, in_channels=run.in_channels,
-                            params=run.params, device=on_gpu)
-    val_ds = make_dataset(val_items, "val", run.label_values, aug, cfg.cache_rate, in_channels=run.in_channels,
-                          params=run.params, device=on_gpu)
+    cache = Caching(cfg.cache_rate, on_gpu)
+    train_ds = make_dataset(train_items, "train", run.label_values, aug, run.in_channels, run.params, cache)
+    val_ds = make_dataset(val_items, "val", run.label_values, aug, run.in_channels, run.params, cache)
     return train_ds, val_ds, on_gpu
 
 

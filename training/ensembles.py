@@ -12,14 +12,11 @@ from typing import Any
 
 import torch.distributed as dist
 
-from dataset import FLIP_AXES
-from evaluation.crossval import Judged, assign_folds, decide_run, judge, report, write_decision
+from evaluation.crossval import Deciding, Judged, assign_folds, decide_run, judge, report, write_decision
 from imaging.cases import load_manifest
 from imaging.common import InputError, write_json
 from model import (
-    inference_amp,
     resolve_device,
-    use_amp,
     write_models_record,
 )
 from training.clock import budget_share
@@ -53,8 +50,8 @@ def train_members(cfg: TrainConfig, train: Callable[[TrainConfig], dict[str, Any
         checkpoints.append(sub / "model.pt")
     record: dict[str, Any] = {}
     if cfg.postprocess:
-        record = decide_run(out, run.manifest, run.train_items, run.val_items, device,
-                            use_amp(inference_amp(cfg.amp), device), dict(cfg.regions), checkpoints)
+        record = decide_run(out, run.manifest, run.train_items, run.val_items,
+                            Deciding.as_inferred(device, cfg.amp, dict(cfg.regions)), checkpoints)
     write_json({"members": cfg.members, "seeds": [cfg.seed + k for k in range(cfg.members)],
                 "checkpoints": [str(p.relative_to(out)) for p in checkpoints],
                 "flips": record.get("flips", []), "rules": record.get("rules", [])}, out / "ensemble.json")
@@ -103,10 +100,8 @@ def cross_validate(cfg: TrainConfig) -> dict | None:
     train_items, val_items = split_items(manifest, data_dir, cfg.folds, 0, cfg.seed)
     items = train_items + val_items
     judged = [Judged((p,), [i for i in items if fold_of[i["name"]] == k], k) for k, p in enumerate(checkpoints)]
-    device = resolve_device(cfg.device)
-    amp = use_amp(inference_amp(cfg.amp), device)  # the networks' precision in infer.py
-    record = judge(judged, manifest, items, device, amp, FLIP_AXES if cfg.postprocess else (), dict(cfg.regions),
-                   cfg.postprocess)
+    how = Deciding.as_inferred(resolve_device(cfg.device), cfg.amp, dict(cfg.regions), cfg.postprocess)
+    record = judge(judged, manifest, items, how)
     write_decision(record, checkpoints, out_dir)
     write_json({"folds": cfg.folds, "seed": cfg.seed, "checkpoints": [str(p.relative_to(out_dir)) for p in checkpoints],
                 "flips": record["flips"], "rules": record["rules"]}, out_dir / "cv.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -43,6 +44,18 @@ def make_loss(n_classes: int, cfg: TrainConfig) -> torch.nn.Module:
         return BinaryDiceBCELoss(cfg.dice_weight, cfg.bce_weight, cfg.pos_weight, batch)
     return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.dice_weight, lambda_ce=cfg.bce_weight,
                       batch=batch)
+
+
+@dataclasses.dataclass
+class Learner:
+    """What a training step uses: the network that trains (under torchrun its DDP wrapper), its optimizer, loss
+    scaler and loss, and the weights' moving average (``--ema-epochs``; None without)."""
+
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    average: AveragedModel | None = None
 
 
 def make_training(run: Run, device: torch.device, amp: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,

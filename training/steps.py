@@ -7,11 +7,11 @@ import logging
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel
 
 from dice import dice_from_counts, overlap_counts
 from imaging.cases import patient_of
 from model import (
+    Sliding,
     autocast,
     predict_logits,
     probabilities,
@@ -19,14 +19,16 @@ from model import (
 )
 from training.config import TrainConfig
 from training.distributed import distributed, gather_counts
+from training.optim import Learner
 
 log = logging.getLogger("train")
 
 
-def train_steps(model, loader, loss_fn, optimizer, scaler, device: torch.device, amp: bool,
-                average: AveragedModel | None = None) -> float:
-    """One pass over the training crops; mean loss, synchronised once at the end. ``average`` (the weights'
-    moving average) follows every step."""
+def train_steps(learner: Learner, loader, device: torch.device, amp: bool) -> float:
+    """One pass over the training crops; mean loss, synchronised once at the end. The weights' moving average
+    (``learner.average``) follows every step."""
+    model, loss_fn, optimizer, scaler, average = (learner.net, learner.loss_fn, learner.optimizer, learner.scaler,
+                                                 learner.average)
     model.train()
     total, steps = torch.zeros((), device=device), 0
     for batch in loader:
@@ -61,8 +63,9 @@ def validate(model, loader, label_values: list[int], cfg: TrainConfig, window: t
     targets = [[c] for c in range(1, len(label_values))]
     targets += [[label_values.index(v) for v in values] for _, values in cfg.regions]
     counts: dict[str, torch.Tensor] = {}  # case (or patient) → (targets, 3)
+    sliding = Sliding(tuple(window), cfg.overlap, cfg.sw_batch_size, amp)
     for batch in loader:
-        logits = predict_logits(model, batch["image"], window, cfg.overlap, cfg.sw_batch_size, amp, batch.get("tissue"))
+        logits = predict_logits(model, batch["image"], sliding, batch.get("tissue"))
         # Counted where the prediction lies: one small (targets, 3) tensor per volume comes back to the host.
         label = batch["label"].to(logits.device, non_blocking=True)
         name = batch["name"][0]
