@@ -29,6 +29,7 @@ from imaging.cases import (
     NNUNET_CHANNEL,
     Case,
     case_name,
+    dataset_names,
     find_cases,
     read_case,
     split_cases,
@@ -285,6 +286,7 @@ def run(config: argparse.Namespace) -> dict:
         "label_values": sorted({v for r in records for v in r.get("label_values", [])}),
         "in_channels": records[0]["in_channels"],
         "channels": modality_names(labelled, config.modalities),  # modality per input channel (None: one file a case)
+        **dataset_names(src),  # channel_names, label_names: what an MSD dataset.json calls them (None: unnamed)
         "layout": config.layout,
         "stack_slices": config.stack_slices,
         "split": {"seed": config.seed, "val_fraction": config.val_fraction,

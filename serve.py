@@ -112,7 +112,7 @@ def extract_series(archive: Path, folder: Path, max_bytes: int) -> Path:
     Refuses thousands of members, ``..`` or absolute names and bombs before extracting anything."""
     try:
         with zipfile.ZipFile(archive) as zf:
-            members = [m for m in zf.infolist() if not m.is_dir()]
+            members = [m for m in zf.infolist() if not m.is_dir() and not zip_clutter(m.filename)]
             check_zip_members(members, max_bytes)
             folder.mkdir()
             for k, member in enumerate(members):
@@ -124,6 +124,13 @@ def extract_series(archive: Path, folder: Path, max_bytes: int) -> Path:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as exc:
         raise InputError(f"not a readable zip ({type(exc).__name__}: {str(exc)[:120]})") from None
     return folder
+
+
+def zip_clutter(name: str) -> bool:
+    """A zip member that is no slice: what macOS's Archive Utility adds (``__MACOSX/``, ``._*`` resource forks,
+    ``.DS_Store``) and a DICOMDIR index, which names the files rather than holding one."""
+    parts = re.split(r"[/\\]", name)
+    return "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] in (".DS_Store", "DICOMDIR")
 
 
 def check_zip_members(members: list[zipfile.ZipInfo], max_bytes: int) -> None:
@@ -330,7 +337,9 @@ def summary(result: Result, name: str, with_views: bool = True) -> dict:
     in base64."""
     labels = result.model.labels
     unit, per_label = sizes(result.mask, result.affine, labels)
-    legend = [{"value": v, "colour": "#{:02x}{:02x}{:02x}".format(*overlays.COLOURS[k % len(overlays.COLOURS)])}
+    names = result.model.segmenter.ckpt.get("label_names") or {}
+    legend = [{"value": v, "name": names.get(str(v), f"label {v}"),
+               "colour": "#{:02x}{:02x}{:02x}".format(*overlays.COLOURS[k % len(overlays.COLOURS)])}
               for k, v in enumerate(labels[1:])]
     out = {"file": name, "model": result.model.name, "shape": list(result.mask.shape),
            "spacing_mm": spacing_mm(result.affine).round(4).tolist(), "unit": unit, "sizes": per_label,

@@ -21,6 +21,7 @@ from imaging.readers import (
     as_label_map,
     check_image,
     check_same_grid,
+    declares_2d,
     dicom_dir,
     read_channels,
     read_stack,
@@ -276,6 +277,28 @@ def _find_msd(root: Path, modalities: Sequence[str] | None) -> tuple[list[Case],
     return [c for c in cases if c.label], [c for c in cases if not c.label]
 
 
+def dataset_names(root: Path) -> dict[str, Any]:
+    """What the ``dataset.json`` of an MSD or nnU-Net folder (beside ``imagesTr``) names: ``channel_names`` (one per
+    input channel, in order: MSD's "modality", nnU-Net's "channel_names") and ``label_names`` ({"value": name}:
+    MSD's {"1": "edema"}, nnU-Net's {"edema": 1}); None for what it does not say, or without such a file."""
+    path = root / "dataset.json"
+    if not (root / "imagesTr").is_dir() or not path.is_file():
+        return {"channel_names": None, "label_names": None}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable dataset.json ({type(exc).__name__})") from None
+    channels, labels = info.get("channel_names") or info.get("modality"), info.get("labels")
+    names: dict[str, Any] = {"channel_names": None, "label_names": None}
+    if isinstance(channels, dict) and all(str(k).isdigit() for k in channels):
+        names["channel_names"] = [str(channels[k]) for k in sorted(channels, key=int)]
+    if isinstance(labels, dict) and all(str(k).isdigit() for k in labels):
+        names["label_names"] = {str(int(k)): str(v) for k, v in labels.items()}
+    elif isinstance(labels, dict) and all(isinstance(v, int) for v in labels.values()):
+        names["label_names"] = {str(v): str(k) for k, v in labels.items()}
+    return names
+
+
 def _msd_case(name: str, paths: list[Path], label: Path | None, modalities: Sequence[str] | None) -> Case:
     """One MSD/nnU-Net case; ``modalities`` (``0000`` …) picks nnU-Net channel files, all of them when None."""
     if modalities:
@@ -345,10 +368,17 @@ def _find_flat(root: Path, folders: Sequence[Path], only: tuple[str, ...] | None
     per_folder: dict[Path, int] = {}
     for path in images.values():
         per_folder[path.parent] = per_folder.get(path.parent, 0) + 1
-    groups = {n: p.parent.name if p.parent != root and per_folder[p.parent] > 1 else "" for n, p in images.items()}
+    groups = {n: slice_group(p) if p.parent != root and per_folder[p.parent] > 1 else "" for n, p in images.items()}
     labelled = [Case(n, images[n], labels[n], groups[n]) for n in sorted(images) if n in labels]
     unlabelled = [Case(n, images[n], None, groups[n]) for n in sorted(images) if n not in labels]
     return labelled, unlabelled
+
+
+def slice_group(path: Path) -> str:
+    """The group of an image kept in a folder with others: the folder's name (a patient's) for a 2D slice, whose
+    patient stays on one side of the split; "" for a volume, a case of its own (MSD's ``imagesTr/``, a folder of
+    scans)."""
+    return path.parent.name if declares_2d(path) else ""
 
 
 def stack_slices(cases: list[Case]) -> list[Case]:
@@ -383,13 +413,14 @@ def find_inputs(items: Sequence[str | Path], modalities: Sequence[str] | None = 
     cases: dict[tuple[Path, ...], Case] = {}
     for item in map(Path, items):
         if item.is_dir() and _one_series(item):
-            found = [Case(item.name, item, group=item.parent.name)]
+            found = [Case(item.name, item)]  # a DICOM series: a volume, a case of its own
         elif item.is_dir():
             labelled, unlabelled = find_cases(item, "auto", modalities, stacked, skip)
-            # the images right inside a folder given by itself (one patient's slices) are that folder's group, as
-            # those one level down are and as a file given alone is: its numbered slices are postprocessed as one
+            # the slices right inside a folder given by itself (one patient's) are that folder's group, as those one
+            # level down are and as a slice given alone is: its numbered slices are postprocessed as one
             found = sorted((dataclasses.replace(c, label=None, label_slices=(),
-                                                group=c.group or (item.name if c.image.parent == item else ""))
+                                                group=c.group or (slice_group(c.image) if c.image.parent == item
+                                                                  else ""))
                             for c in labelled + unlabelled), key=lambda c: c.name)
             if not found:
                 raise InputError(f"{item}: folder holds no volumes ({', '.join(VOLUME_SUFFIXES)} or DICOM series)")
@@ -414,14 +445,14 @@ def _file_case(path: Path, nnunet: Sequence[str] | None) -> Case:
     """One file, or with nnU-Net ``modalities`` the ``<case>_0000``, ``<case>_0001`` … beside ``path``."""
     match = NNUNET_CHANNEL.match(case_name(path))
     if not nnunet:
-        return Case(case_name(path), path, group=path.parent.name)
+        return Case(case_name(path), path, group=slice_group(path))
     if not match:
         raise InputError(f"{path}: the model takes modalities {list(nnunet)}; name the files <case>_0000.nii.gz …")
     siblings = tuple(path.with_name(f"{match['case']}_{m}{volume_suffix(path)}") for m in nnunet)
     missing = next((s for s in siblings if not s.is_file()), None)
     if missing:
         raise InputError(f"{missing}: no such file (modality {case_name(missing)[-4:]} of case {match['case']})")
-    return Case(match["case"], siblings[0], group=path.parent.name, modalities=siblings)
+    return Case(match["case"], siblings[0], group=slice_group(path), modalities=siblings)
 
 
 def with_truth(case: Case, truth: Path) -> Case:

@@ -37,11 +37,18 @@ def volume_suffix(path: Path) -> str | None:
 
 
 def dicom_dir(folder: Path) -> Path | None:
-    """The one folder at or below ``folder`` that holds ``.dcm`` files, or None when none does."""
-    dirs = sorted({p.parent for p in folder.rglob("*") if p.suffix.lower() == ".dcm" and p.is_file()})
+    """The one folder at or below ``folder`` that holds ``.dcm`` files, or None when none does (hidden files, such
+    as macOS's ``._*`` resource forks, and hidden folders are not slices)."""
+    dirs = sorted({p.parent for p in folder.rglob("*") if is_slice_file(p, folder)})
     if len(dirs) > 1:
         raise InputError(f"{folder}: DICOM files in {len(dirs)} folders; give each case one series folder")
     return dirs[0] if dirs else None
+
+
+def is_slice_file(path: Path, root: Path) -> bool:
+    """A ``.dcm`` file below ``root`` that is not hidden and not inside a hidden folder."""
+    return (path.suffix.lower() == ".dcm" and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(root).parts))
 
 
 def read_dicom_series(folder: Path, spacing_tolerance: float = 0.01) -> sitk.Image:
@@ -51,7 +58,7 @@ def read_dicom_series(folder: Path, spacing_tolerance: float = 0.01) -> sitk.Ima
     if len(ids) != 1:
         raise InputError(f"{folder}: holds {len(ids)} DICOM series; keep exactly one series per case folder")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series_dir), ids[0])  # sorted by position
-    n_dcm = sum(1 for p in series_dir.iterdir() if p.suffix.lower() == ".dcm")
+    n_dcm = sum(1 for p in series_dir.iterdir() if is_slice_file(p, series_dir))
     if len(files) < n_dcm:
         raise InputError(f"{folder}: {n_dcm - len(files)} of {n_dcm} DICOM files are unreadable or not in the series")
     positions = np.array([_slice_position(f) for f in files])
@@ -209,8 +216,9 @@ def reader_for(path: str | Path) -> ImageReader:
 
 
 def read_volume(path: str | Path, channel: int | None = None) -> torch.Tensor:
-    """One file as a (C, X, Y, Z) MetaTensor (C > 1 only for colour 2D images, unless ``channel`` picks one);
-    unreadable or non-3D files raise ``InputError`` naming the file."""
+    """One file as a (C, X, Y, Z) MetaTensor (C > 1 for colour 2D images and 4-D NIfTI, whose 4th axis holds the
+    channels as MSD stores its modalities, unless ``channel`` picks one); unreadable files and files of another
+    dimension raise ``InputError`` naming the file."""
     if Path(path).is_dir():
         if dicom_dir(Path(path)) is None:
             raise InputError(f"{path}: folder holds no DICOM (.dcm) files")
@@ -232,7 +240,12 @@ def read_volume(path: str | Path, channel: int | None = None) -> torch.Tensor:
         lines = str(exc).strip().splitlines()
         reason = f"{type(exc).__name__}: {lines[-1][:160]}" if lines else type(exc).__name__
         raise InputError(f"{path}: cannot read volume ({reason})") from None
-    data = data if meta.pop("channel_first", False) else data[None]
+    if meta.pop("channel_first", False):
+        pass
+    elif data.ndim == 4 and meta.get("original_channel_dim") == -1:  # MSD's 4-D NIfTI: channels on the 4th axis
+        data = data.movedim(-1, 0)
+    else:
+        data = data[None]
     if channel is not None and data.ndim == 4:
         if not 0 <= channel < data.shape[0]:
             raise InputError(f"{path}: has {data.shape[0]} channel(s), cannot take --channel {channel}")
@@ -276,6 +289,27 @@ def declared_voxels(path: Path) -> int:
     return sitk_voxels(path)
 
 
+def declares_2d(path: Path) -> bool:
+    """Whether a file holds one 2D slice, from its header alone: a picture, or a volume one voxel deep (``is_2d``);
+    a DICOM series folder, a volume or an unreadable file does not."""
+    suffix = None if path.is_dir() else volume_suffix(path)
+    if suffix in IMAGE_2D_SUFFIXES:
+        return True
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            shape = nib.load(str(path)).shape[:3]
+        elif suffix in SITK_SUFFIXES:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            shape = reader.GetSize()[:3]
+        else:
+            return False
+    except (*READ_ERRORS, RuntimeError):
+        return False
+    return len(shape) < 3 or is_2d(shape)
+
+
 def sitk_voxels(path: Path) -> int:
     """Voxels an NRRD, MHA or DICOM header declares (SimpleITK reads the header only); 0 when unreadable."""
     reader = sitk.ImageFileReader()
@@ -288,7 +322,9 @@ def sitk_voxels(path: Path) -> int:
 
 
 def as_label_map(mask: torch.Tensor, path: Path) -> torch.Tensor:
-    """(1, X, Y, Z) label map from a mask stored as grey or RGB, 0/1, 0/255 or float 0./1."""
+    """(1, X, Y, Z) label map from a mask stored as grey or RGB (a picture), 0/1, 0/255 or float 0./1."""
+    if mask.shape[0] > 1 and volume_suffix(Path(path)) not in IMAGE_2D_SUFFIXES:
+        raise InputError(f"{path}: mask has {mask.shape[0]} channels (a 4-D file); a mask is one 3D label map")
     if mask.shape[0] > 1:
         if not (mask == mask[:1]).all():
             raise InputError(f"{path}: colour mask whose channels differ; save it as a grey-level label map")

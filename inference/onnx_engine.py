@@ -87,7 +87,7 @@ class OnnxNetwork(torch.nn.Module):
             raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
         if meta.get("format") != FORMAT:
             raise InputError(f"{path}: not an ONNX export of this pipeline (make one with infer.py --export-onnx)")
-        self.ckpt: dict[str, Any] = upgraded({k: json.loads(meta[k]) for k in INFERENCE_KEYS})
+        self.ckpt: dict[str, Any] = upgraded({k: json.loads(meta.get(k, "null")) for k in INFERENCE_KEYS})
         args = self.ckpt["model_args"]
         self.strides, self.norm, self.out_channels = args["strides"], args["norm"], args["out_channels"]
         # predict_logits takes the device from the first parameter: ONNX Runtime here runs on the CPU.

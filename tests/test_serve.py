@@ -107,6 +107,10 @@ def test_zip_of_a_dicom_series_gives_infer_py_s_mask(api_3d, trained, tmp_path):
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for dcm in sorted((tmp_path / "study").rglob("*.dcm")):
             zf.write(dcm, dcm.relative_to(tmp_path).as_posix())  # study/series/IM0001.dcm …
+            # as macOS zips a folder: a resource fork beside each file, and an index some exports add
+            zf.writestr(f"__MACOSX/study/series/._{dcm.name}", b"\x00\x05\x16\x07Mac OS X resource fork")
+        zf.writestr("study/.DS_Store", b"Bud1 finder")
+        zf.writestr("study/DICOMDIR", b"\x00" * 128 + b"DICM not a slice")
     resp = post(api_3d, archive)
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-disposition"] == 'attachment; filename="ct_mask.nii.gz"'
