@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 	$(PY) preprocess.py data/raw data/prep --synthetic 12 --seed 0
 	$(PY) train.py --data data/prep --output output --epochs 60 --device cpu --lr 3e-3 \
 		--widths 8 16 32 64 --strides 2 2 2 --num-res-units 1 --crop 32 96 96 --val-every 5 \
-		--no-train-on-val
+		--no-train-on-val --overwrite
 	$(PY) infer.py data/raw/synth_001.nii.gz --checkpoint output/model.pt --out output --overwrite  # a validation case
 	@awk -F, 'NR > 1 && $$3 != "" && $$3 + 0 > best { best = $$3; epoch = $$1 } \
 		END { printf "demo: best validation Dice %.3f (epoch %d), see output/dice.png\n", best, epoch }' \

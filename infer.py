@@ -53,11 +53,14 @@ def mask_targets(cases: Sequence[Case], out_dir: Path, forced: str | None = None
     targets = [mask_path(Path(c.name), out_dir, mask_suffix(c.image, forced)) for c in cases]
     parents = [c.image.resolve().parent for c in cases]
     out = list(targets)
-    for target in {t for t in targets if targets.count(t) > 1}:
-        clash = [k for k, t in enumerate(targets) if t == target]
-        root = Path(os.path.commonpath([parents[k] for k in clash]))
-        for k in clash:
-            out[k] = out_dir / parents[k].relative_to(root) / target.name
+    clashes: dict[Path, list[int]] = {}
+    for k, target in enumerate(targets):
+        clashes.setdefault(target, []).append(k)
+    for target, clash in clashes.items():
+        if len(clash) > 1:
+            root = Path(os.path.commonpath([parents[k] for k in clash]))
+            for k in clash:
+                out[k] = out_dir / parents[k].relative_to(root) / target.name
     return out
 
 
@@ -139,6 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision: on CUDA, and bf16 on a CPU that has it in hardware")
     p.add_argument("--overwrite", action="store_true", help="replace masks that exist already")
+    p.add_argument("--resume", action="store_true", help="keep the masks that exist already (a mask is written "
+                   "whole or not at all) and segment the other inputs")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time flips (in-plane, as in training): averaged over every combination; default: as "
                         "train.py decided on validation (recorded in the checkpoint)")
@@ -184,14 +189,21 @@ def input_cases(config: argparse.Namespace, ckpt: dict) -> list[Case]:
     return [with_truth(c, t) for c, t in zip(cases, truths)] if truths else cases
 
 
-def check_outputs(targets: Sequence[Path], out_dir: Path, overwrite: bool) -> None:
-    """Refuse before any work when the output folder is a file, or a mask would overwrite one (without
-    ``overwrite``) or another input's."""
+def check_outputs(targets: Sequence[Path], cases: Sequence[Case], out_dir: Path, config: argparse.Namespace
+                  ) -> None:
+    """Refuse before any work when the output folder is a file, a mask would land on an input or a truth file
+    (whatever the options), or on a mask that exists (unless ``--overwrite`` replaces it or ``--resume`` keeps
+    it)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: --out is a file, not a folder")
+    inputs = {p.resolve() for c in cases for p in (*c.sources, *c.label_slices, *([c.label] if c.label else []))}
+    onto = next((t for t in targets if t.resolve() in inputs), None)
+    if onto is not None:
+        raise InputError(f"{onto}: the mask would overwrite an input or truth file; choose another --out")
     existing = [t for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise InputError(f"{existing[0]}: mask exists already (pass --overwrite to replace it)")
+    if existing and not (config.overwrite or config.resume):
+        raise InputError(f"{existing[0]}: mask exists already (pass --overwrite to replace it, --resume to keep the "
+                         "masks written and segment the rest)")
     if len(set(targets)) < len(targets):
         raise InputError(f"{out_dir}: two inputs would write the same mask name; segment them separately")
 
@@ -216,14 +228,20 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
     cases = input_cases(config, segmenter.ckpt)
     out_dir = Path(config.out)
     targets = mask_targets(cases, out_dir, config.format)
-    check_outputs(targets, out_dir, config.overwrite)
+    check_outputs(targets, cases, out_dir, config)
+    done = {k for k, t in enumerate(targets) if config.resume and t.exists()}  # written atomically: complete
+    if done:
+        log.info("--resume: %d of %d masks exist already and are kept (not scored again)", len(done), len(cases))
     labels = segmenter.ckpt["label_values"]
     regions = model_regions(config, labels, segmenter.ckpt)
     channel = PrepParams.from_dict(segmenter.ckpt["prep_params"]).channel
     rules = [] if config.no_postprocess else list(segmenter.rules)
     scores, patients, results, blank, t0 = {}, PatientDice(labels, regions), [], 0, time.perf_counter()
     bar = tqdm(total=len(cases), desc="infer", unit="case", disable=None)  # quiet off a terminal
+    bar.update(len(done))
     for unit in patient_units([(c.name, c.group) for c in cases]):
+        if all(k in done for k in unit):
+            continue
         raws = [read_case(cases[k], channel) for k in unit]
         blank += sum(is_blank(raw["image"]) for raw in raws)
         masks = segmenter.segment([(raw["image"], cases[k].image) for k, raw in zip(unit, raws)])

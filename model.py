@@ -153,7 +153,7 @@ CHECKPOINT_VERSION = 2  # 2: the inference settings name the sliding window "win
 # metadata, with those every network of an ensemble must share (their names in messages), and those every
 # checkpoint has.
 INFERENCE_KEYS = ("model_args", "prep_params", "label_values", "channels", "stack_slices", "regions", "inference",
-                  "postprocessing", "flip_axes", "epoch", "best_dice")
+                  "postprocessing", "flip_axes", "epoch", "best_dice", "channel_names", "label_names")
 ENSEMBLE_KEYS = {"label_values": "labels", "prep_params": "preprocessing", "channels": "modalities",
                  "stack_slices": "slice stacking"}
 REQUIRED_KEYS = ("format", "version", "model_state", "model_args", "prep_params", "label_values", "inference",
@@ -207,10 +207,12 @@ def write_models_record(out_dir: Path, checkpoints: list[Path], kind: str) -> No
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on the CPU and where the GPU has it (no loss scaling needed), else fp16."""
-    if device.type == "cpu":
+    """bf16 on the CPU and on GPUs that compute it natively (compute capability 8.0 and later: A100, H100; no loss
+    scaling needed), else fp16 with a GradScaler: ``torch.cuda.is_bf16_supported()`` also says yes on a T4 or a
+    V100, which only emulate bf16, many times slower."""
+    if device.type != "cuda":
         return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 @functools.lru_cache(maxsize=1)

@@ -35,7 +35,7 @@ from model import (
     write_models_record,
 )
 from training import options
-from training.checkpoints import DeferredInterrupt, make_checkpoint, resume_from, resume_hint
+from training.checkpoints import DeferredInterrupt, check_output, make_checkpoint, resume_from, resume_hint
 from training.clock import Clock, cosine_lr
 from training.config import TrainConfig
 from training.data import make_datasets, make_loader, rank_share
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         given.append(parse_args(argv))
+        check_output(given[0])
         if given[0].folds:
             for k, result in train_folds(given[0], train).items():
                 log.info("fold %d: best validation Dice %.4f at epoch %d", k, result["best_dice"], result["best_epoch"])

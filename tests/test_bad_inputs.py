@@ -31,8 +31,9 @@ from conftest import ROOT, TINY_NET, checksums, one_error_line
 import infer
 import preprocess
 import train
+from imaging.cases import Case
 from inference import segmenter
-from model import save_checkpoint
+from model import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -311,11 +312,57 @@ def test_infer_never_overwrites_without_asking(trained, small_raw, tmp_path, cap
     assert nib.load(tmp_path / "synth_000_mask.nii.gz").shape == (48, 48, 6)
 
 
+def test_infer_never_writes_onto_an_input_or_its_truth(trained, small_raw, tmp_path, capsys):
+    """The mask of ``scan`` is ``scan_mask``: in the inputs' own folder that is where an LGG-style truth lies, and it
+    is refused even with --overwrite."""
+    shutil.copy(small_raw / "synth_000.nii.gz", tmp_path / "synth_000.nii.gz")
+    shutil.copy(small_raw / "synth_000_seg.nii.gz", tmp_path / "synth_000_mask.nii.gz")
+    before = checksums(tmp_path)
+    assert infer.main([str(tmp_path / "synth_000.nii.gz"), "--truth", str(tmp_path / "synth_000_mask.nii.gz"),
+                       "--checkpoint", str(trained / "best.pt"), "--out", str(tmp_path), "--overwrite"]) == 2
+    one_error_line(capsys, "synth_000_mask.nii.gz", "would overwrite an input or truth file")
+    assert checksums(tmp_path) == before
+
+
+def test_infer_resume_keeps_the_masks_written_and_does_the_rest(trained, small_raw, tmp_path):
+    inputs = [str(small_raw / f"synth_00{k}.nii.gz") for k in range(3)]
+    args = [*inputs, "--checkpoint", str(trained / "best.pt"), "--out", str(tmp_path)]
+    assert infer.main(args) == 0
+    (tmp_path / "synth_000_mask.nii.gz").write_bytes(b"kept")  # a mask left by the interrupted run
+    (tmp_path / "synth_002_mask.nii.gz").unlink()  # the one it never reached
+    assert infer.main(args) == 2  # without --resume or --overwrite: refused
+    assert infer.main([*args, "--resume"]) == 0
+    assert (tmp_path / "synth_000_mask.nii.gz").read_bytes() == b"kept"
+    assert nib.load(tmp_path / "synth_002_mask.nii.gz").shape == (48, 48, 6)
+
+
+def test_mask_targets_of_many_same_named_inputs_keep_their_folders(tmp_path):
+    """Thousands of inputs, some sharing a name: each keeps the folders that tell it apart, in one pass."""
+    inputs = [Case("scan", tmp_path / f"p{k}" / "scan.nii.gz") for k in range(3000)]
+    inputs += [Case(f"s{k}", tmp_path / "flat" / f"s{k}.nii.gz") for k in range(3000)]
+    targets = infer.mask_targets(inputs, tmp_path / "out")
+    assert len(set(targets)) == len(targets)
+    assert targets[7] == tmp_path / "out" / "p7" / "scan_mask.nii.gz"
+    assert targets[-1] == tmp_path / "out" / "s2999_mask.nii.gz"
+
+
 def test_mask_names_stay_inside_the_output_folder(tmp_path):
     assert segmenter.mask_path(Path("/data/../../etc/evil.nii.gz"), tmp_path).parent == tmp_path
 
 
 # ---------------------------------------------------------------- train
+
+
+def test_train_never_replaces_a_run_without_asking(prep_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"last week's model")
+    args = ["--data", str(prep_dir), "--output", str(out), "--epochs", "1", *TINY_NET]
+    assert train.main(args) == 2
+    one_error_line(capsys, "holds a run (model.pt)", "--resume", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["model.pt"] and (out / "model.pt").read_bytes() == b"last week's model"
+    assert train.main([*args, "--overwrite"]) == 0
+    assert load_checkpoint(out / "model.pt")["epoch"] == 1
 
 
 def _manifest_variant(prep_dir: Path, tmp_path: Path, name: str) -> tuple[Path, str]:

@@ -231,7 +231,9 @@ def test_one_fold_at_a_time_reports_when_the_last_is_trained(prep_dir, tmp_path)
     folds = [out / "fold_0" / "model.pt", out / "fold_1" / "model.pt"]
     assert json.loads((out / "models.json").read_text())["kind"] == "folds"
     assert segmenter.checkpoint_paths([str(out)]) == folds
-    assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "1", *TINY_NET]) == 0
+    plain = ["--data", str(prep_dir), "--output", str(out), "--epochs", "1", *TINY_NET]
+    assert train.main(plain) == 2  # the folds are a run: replaced only when asked
+    assert train.main([*plain, "--overwrite"]) == 0
     assert segmenter.checkpoint_paths([str(out)]) == [out / "model.pt"]  # the plain run wrote its record last
 
 

@@ -76,3 +76,22 @@ def test_torchrun_runs_train_py_unchanged(prep_dir, tmp_path):
     assert load_checkpoint(out / "best.pt")["epoch"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "dice.png", "last.pt", "metrics.csv", "model.pt",
                                                      "models.json", "plan.json", "postprocessing.json", "tensorboard"]
+
+
+def test_every_collective_tensor_lives_where_the_backend_moves_tensors(monkeypatch):
+    """NCCL moves CUDA tensors only (a CPU tensor in ``agreed`` failed at the end of the first epoch): the tensors
+    the rank-agreement helpers make come from ``collective_device``, the GPU under NCCL and the CPU under gloo."""
+    from training import distributed
+
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(distributed.torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == torch.device("cuda", 3)
+    # agreed() broadcasts a tensor made on that device (the meta device stands in for a GPU here)
+    sent = []
+    monkeypatch.setattr(distributed, "distributed", lambda: True)
+    monkeypatch.setattr(distributed, "collective_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda tensor, src: sent.append(tensor.device))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: 1.0)
+    assert distributed.agreed(True) is True and sent == [torch.device("meta")]

@@ -72,3 +72,4 @@ def test_amp_picks_bf16_where_the_gpu_has_it():
     with autocast(torch.device("cuda"), True):
         out = model(torch.rand(1, 1, 8, 32, 32, device="cuda"))
     assert out.dtype == torch.bfloat16
+

@@ -98,7 +98,9 @@ def test_sigkill_at_any_moment_then_resume_matches_an_uninterrupted_run(prep_dir
         "mid-epoch": (lambda run: len(_rows(out)) >= 3 and run.last_epoch_logged() >= 3, 0.005),
     }
     for point, (condition, interval) in kill_points.items():
-        run = _Run("train.py", *common, "--output", str(out), *(["--resume"] if (out / "last.pt").exists() else []))
+        # what a user does: continue from last.pt, or (a kill before the first one) start again over the rest
+        again = ["--resume"] if (out / "last.pt").exists() else ["--overwrite"]
+        run = _Run("train.py", *common, "--output", str(out), *again)
         reached = run.wait_for(functools.partial(condition, run), interval=interval)
         run.stop(signal.SIGKILL)
         assert reached, f"the run ended before the kill point '{point}': {run.stderr}"

@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+import model
 from imaging.common import InputError
 from model import (
     CHECKPOINT_FORMAT,
@@ -130,3 +131,14 @@ def test_a_foreign_dict_is_refused(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="not a checkpoint of this pipeline"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, dtype):
+    """V100 (7.0) and T4 (7.5) say yes to ``is_bf16_supported`` but only emulate it: fp16 (with loss scaling) there,
+    bf16 from A100 (8.0) on. Decided from the compute capability alone, so it holds without a GPU here."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert model.amp_dtype(torch.device("cuda", 0)) == dtype
+    assert model.amp_dtype(torch.device("cpu")) == torch.bfloat16

@@ -45,11 +45,59 @@ def test_the_network_fits_the_crop():
 
 
 def test_make_plan_on_the_cpu_probes_and_projects():
-    plan = planner.make_plan(FP_2D, [[1, 100, 90], [1, 120, 80]], 1, torch.device("cpu"), 600.0, 10)
+    task = planner.Task(FP_2D, [[1, 100, 90], [1, 120, 80]], 1, 10)
+    plan = planner.make_plan(task, torch.device("cpu"), time_limit=600.0)
     assert plan["crop"] == [1, 120, 96] and plan["batch_size"] == 4 and plan["num_samples"] == 1
     assert plan["batch_dice"] is True and plan["machine"]["device"] == "cpu"
     assert plan["epoch_s_estimate"] == round(plan["probe_step_s"] * 3, 1)  # 10 cases in batches of 4: 3 steps
     assert plan["epochs_estimate"] == int(600 // plan["epoch_s_estimate"])
+
+
+BRATS_FP = {"dims": "3d", "median_shape": [138, 169, 138], "median_spacing": [1.0, 1.0, 1.0]}
+
+
+def _card(gb: float) -> dict:
+    return {"device": "cuda", "cpu_cores": 16, "gpu": f"a {gb} GB card", "gpu_memory_gb": gb,
+            "compute_capability": "9.0"}
+
+
+@pytest.mark.parametrize("gb", [16, 80, 141])
+def test_a_gpu_plan_is_sized_to_nnunets_patch_not_to_the_cards_memory(gb):
+    """On a 16, 80 or 141 GB card a BraTS-size volume gets a patch of about 128³ at batch 2 (two crops a step), as
+    nnU-Net plans for its 8 GB reference GPU; the same on every card (it used to grow to the whole volume)."""
+    task = planner.Task(BRATS_FP, [[138, 169, 138]] * 4, 4, 100)
+    got = planner.settings(task, _card(gb))
+    voxels = got["crop"][0] * got["crop"][1] * got["crop"][2]
+    assert 0.7 * 128**3 < voxels < 1.4 * 128**3 and got["batch_size"] == 2 and got["num_samples"] == 1
+    assert got == planner.settings(task, _card(16))
+    assert got["margs"]["channels"][0] == 32 and max(got["margs"]["channels"]) <= 320  # nnU-Net's widths
+    small = planner.settings(task, _card(4))  # half the reference memory: about half the crop
+    assert small["crop"][0] * small["crop"][1] * small["crop"][2] < 0.7 * voxels
+    flat = planner.settings(planner.Task(FP_2D, [[1, 256, 256]] * 4, 1, 100), _card(gb))
+    assert flat["crop"] == [1, 256, 256] and flat["batch_size"] == 12 and flat["num_samples"] == 1
+
+
+def test_a_gpu_out_of_memory_at_the_probe_halves_the_batch_then_the_crop(monkeypatch):
+    """Out of memory: the batch halves, then the crop shrinks, until a step fits; where none does, one line."""
+    task = planner.Task(BRATS_FP, [[138, 169, 138]] * 4, 4, 100)
+    plan = planner.settings(task, _card(16))
+    tried = []
+
+    def probe(margs, crop, step, in_channels, device, amp):
+        tried.append((step, crop[0] * crop[1] * crop[2]))
+        if len(tried) < 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return 0.5
+
+    monkeypatch.setattr(planner, "probe", probe)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    chosen, seconds = planner.probed(task, plan, torch.device("cuda"), True)
+    assert seconds == 0.5 and [step for step, _ in tried] == [2, 1, 1, 1]
+    assert tried[0][1] == tried[1][1] > tried[2][1] > tried[3][1] and chosen["batch_size"] == 1
+    assert tuple(chosen["crop"]) != tuple(plan["crop"]) and chosen["margs"]["channels"][0] == 32
+    monkeypatch.setattr(planner, "probe", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")))
+    with pytest.raises(InputError, match="out of memory for one training step of the smallest crop"):
+        planner.probed(task, plan, torch.device("cuda"), True)
 
 
 def test_a_run_writes_its_plan_and_a_plan_reruns(prep_dir, tmp_path):

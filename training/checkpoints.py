@@ -44,6 +44,28 @@ class DeferredInterrupt:
             raise KeyboardInterrupt
 
 
+# What a run leaves that is worth keeping: a checkpoint, or the record of which checkpoints make the model (a run
+# killed before its first checkpoint has only its plan, and may simply run again).
+RUN_FILES = ("models.json", "model.pt", "best.pt", "last.pt", "cv.json", "ensemble.json")
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """Refuse, before any work, an ``--output`` that is a file, or that holds a run (in it, or in its folds' and
+    members' folders; with ``--fold K`` in that fold's), unless ``--resume`` continues it or ``--overwrite``
+    replaces it: a finished run is never lost to a command repeated by mistake."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --output is a file, not a folder")
+    folders = [out / f"fold_{cfg.fold}"] if cfg.fold is not None else [out, *sorted(out.glob("fold_*")),
+                                                                        *sorted(out.glob("member_*"))]
+    found = [str((folder / name).relative_to(out)) for folder in folders for name in RUN_FILES
+             if (folder / name).exists()]
+    if found and not (cfg.resume or cfg.overwrite):
+        listed = ", ".join(found[:3]) + (" …" if len(found) > 3 else "")
+        raise InputError(f"{out}: holds a run ({listed}); pass --resume to continue it, --overwrite to replace it, "
+                         "or choose another --output")
+
+
 def make_checkpoint(model: torch.nn.Module, run: Run, epoch: int, best: dict, history: list[dict]) -> dict[str, Any]:
     """What inference needs (weights, model args, preprocessing, labels, window) plus the run's record."""
     cfg, manifest, margs, window = run.cfg, run.manifest, run.margs, run.window
@@ -54,6 +76,8 @@ def make_checkpoint(model: torch.nn.Module, run: Run, epoch: int, best: dict, hi
         "label_values": manifest["label_values"],
         "channels": manifest.get("channels"),  # how infer.py finds a case's modality files
         "stack_slices": bool(manifest.get("stack_slices")),  # … or stacks a patient's 2D slices
+        "channel_names": manifest.get("channel_names"),  # what the input channels and labels are called (MSD)
+        "label_names": manifest.get("label_names"),
         "regions": {name: list(values) for name, values in cfg.regions},
         "inference": {"window": list(window), "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size},
         "epoch": epoch,

@@ -34,6 +34,8 @@ class TrainConfig:
     amp: bool | None = None
     seed: int = 0
     resume: bool = False
+    deterministic: bool = False  # cuDNN's deterministic kernels (slower) instead of the fastest for the crop
+    overwrite: bool = False  # replace the run OUTPUT holds (without it or --resume, a run there is refused)
     cache_rate: float = 1.0
     num_workers: int = 0
     widths: tuple[int, ...] | None = None  # UNet channels per level; plan (with strides)

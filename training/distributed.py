@@ -57,10 +57,18 @@ def sync_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors must be: NCCL moves CUDA tensors only (a CPU tensor fails at the first call,
+    after a whole epoch), gloo CPU ones. Every tensor this module makes for a collective is made here."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def agreed(flag: bool) -> bool:
     """Rank 0's answer on every rank (time differs between processes; their decisions may not)."""
     if not distributed():
         return flag
-    value = torch.tensor([float(flag)])
+    value = torch.tensor([float(flag)], device=collective_device())
     dist.broadcast(value, src=0)
     return bool(value.item())

@@ -62,9 +62,10 @@ def make_training(run: Run, device: torch.device, amp: bool) -> tuple[torch.nn.M
                                                                    torch.amp.GradScaler, torch.nn.Module]:
     """(model, optimizer, scaler, loss) on ``device``; the weights depend only on ``run.cfg.seed``."""
     cfg = run.cfg
-    set_determinism(cfg.seed)
+    set_determinism(cfg.seed)  # seeds, and cuDNN's deterministic mode: kept only under --deterministic
+    torch.backends.cudnn.deterministic = cfg.deterministic
     # cuDNN picks the fastest kernels for the crop size once; the crops never change shape.
-    torch.backends.cudnn.benchmark = device.type == "cuda"
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
     # Channels-last: 1.5× faster steps on the CPU (benchmarks/bench_train.py), and cuDNN's preferred 3D layout.
     model = build_model(run.margs)
     labels = run.manifest.get("fingerprint", {}).get("labels", {})

@@ -135,6 +135,10 @@ def build_parser(description: str | None = None) -> ArgumentParser:
                    help="mixed precision (default: on CUDA; --amp: also bf16 on a CPU that has it in hardware)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    p.add_argument("--deterministic", action="store_true", help="cuDNN's deterministic kernels: a GPU run repeats "
+                   "bit for bit, slower (default: the fastest kernels for the crop, benchmarked once)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run OUTPUT holds (refused without this or "
+                   "--resume)")
     p.add_argument("--cache-rate", type=float, default=d.cache_rate, help="share of volumes cached in memory")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
     add_network_options(p)
@@ -167,7 +171,7 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> TrainC
     if a.plan:
         given = given_options(p, argv)
         for key, value in read_plan(Path(a.plan)).items():
-            if key not in given and key not in ("data", "output", "resume", "plan", "fold"):
+            if key not in given and key not in ("data", "output", "resume", "overwrite", "plan", "fold"):
                 setattr(a, key, value)
     if a.epochs is None:
         a.epochs = 100_000 if a.time_limit else TrainConfig.epochs

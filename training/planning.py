@@ -23,10 +23,11 @@ from model import (
     choose_window,
     flat_args,
     model_args,
+    use_amp,
     window_independent,
 )
 from training.config import PLANNED, TrainConfig
-from training.planner import machine, make_plan
+from training.planner import Task, machine, make_plan
 
 log = logging.getLogger("train")
 
@@ -167,7 +168,8 @@ def settle(cfg: TrainConfig, manifest: dict, n_train: int, in_channels: int, dev
     open_keys = [k for k in PLANNED if getattr(cfg, k) is None]
     if open_keys:
         shapes = [c["prepared_shape"] for c in manifest["cases"] if c.get("split") in ("train", "val")]
-        auto = make_plan(manifest["fingerprint"], shapes, in_channels, device, cfg.time_limit, n_train, cfg.crop)
+        task = Task(manifest["fingerprint"], shapes, in_channels, n_train)
+        auto = make_plan(task, device, use_amp(cfg.amp, device), cfg.time_limit, cfg.crop)
         if cfg.widths is not None or cfg.strides is not None:  # a network given in part keeps model.py's defaults
             open_keys = [k for k in open_keys if k not in ("widths", "strides")]
         cfg = dataclasses.replace(cfg, **{k: tuple(auto[k]) if isinstance(auto[k], list) else auto[k]
@@ -176,7 +178,7 @@ def settle(cfg: TrainConfig, manifest: dict, n_train: int, in_channels: int, dev
     else:
         decided = {"machine": machine(device)}
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("data", "output", "resume", "plan")}
+                if k not in ("data", "output", "resume", "overwrite", "plan")}
     record = {"settings": settings, "planned": open_keys, "fingerprint": manifest["fingerprint"], **decided}
     log.info("plan: %s", ", ".join(f"{k} {settings[k]}" for k in PLANNED) + f" (from the plan: "
              f"{', '.join(open_keys) or 'none'}); {json.dumps(decided)}")
