@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, NibabelReader, get_track_meta
+from monai.data import CacheDataset, Dataset, NibabelReader, PersistentDataset, get_track_meta
+from monai.data.utils import pickle_hashing
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -444,10 +447,52 @@ class OwnCrops(MapTransform):
 @dataclasses.dataclass(frozen=True)
 class Caching:
     """Where the deterministic prefix's output is kept: ``rate`` of the items in memory (on ``device`` when given),
-    the rest read at every use."""
+    the rest read at every use; or, with a ``folder``, every item's on disk there (``BoundedCache``) and as many as
+    ``memory`` bytes hold in memory as well."""
 
     rate: float = 1.0
     device: torch.device | str | None = None
+    folder: Path | None = None
+    memory: float = 0.0
+
+
+def nbytes(item: Any) -> int:
+    """Bytes the tensors and arrays of a (nested) item hold."""
+    if isinstance(item, torch.Tensor):
+        return item.element_size() * item.nelement()
+    if isinstance(item, np.ndarray):
+        return item.nbytes
+    if isinstance(item, dict):
+        return sum(nbytes(v) for v in item.values())
+    if isinstance(item, list | tuple):
+        return sum(nbytes(v) for v in item)
+    return 0
+
+
+class BoundedCache(PersistentDataset):
+    """Training data larger than memory: the chain's deterministic prefix computed once per item and kept on disk
+    in ``folder`` (MONAI's ``PersistentDataset``: one file per item, named by the item and the prefix's transforms,
+    so that later runs, folds, members and resumes on the same prepared data reuse it), and for the first items
+    up to ``memory`` bytes kept in memory as well; the others are read from disk at every use. Filled up front,
+    as ``CacheDataset`` is, so that the first epoch costs what the others do."""
+
+    def __init__(self, items: list[dict], transform: Compose, folder: Path, memory: float) -> None:
+        super().__init__(items, transform, cache_dir=folder, hash_transform=pickle_hashing)
+        self.memory: dict[int, Any] = {}
+        self.memory_bytes = 0
+        for k, item in enumerate(items):
+            # what a cache hit gives (plain tensors), whether this item was computed now or read back
+            out = convert_to_tensor(self._cachecheck(item), convert_numeric=False, track_meta=False)
+            size = nbytes(out)
+            if self.memory_bytes + size <= memory:
+                self.memory[k] = out
+                self.memory_bytes += size
+
+    def _transform(self, index: int) -> Any:
+        cached = self.memory.get(index)
+        if cached is None:
+            cached = convert_to_tensor(self._cachecheck(self.data[index]), convert_numeric=False, track_meta=False)
+        return self._post_transform(cached)
 
 
 def make_dataset(items: list[dict], mode: str, label_values: Sequence[int], aug: AugmentParams,
@@ -455,6 +500,8 @@ def make_dataset(items: list[dict], mode: str, label_values: Sequence[int], aug:
     """``CacheDataset`` over prepared ``{"image", "label"}`` items: the deterministic prefix is cached once, as
     ``cache`` says."""
     xforms = get_transforms(mode, label_values, aug, in_channels, params, cache.device)
+    if cache.folder is not None:
+        return BoundedCache(items, xforms, cache.folder, cache.memory)
     if cache.rate <= 0:
         return Dataset(items, xforms)
     try:

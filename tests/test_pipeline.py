@@ -358,3 +358,24 @@ def test_device_cache_path_draws_the_same_crops(prep_dir, tmp_path, monkeypatch)
     host, device = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("host", "device"))
     assert [r["train_loss"] for r in host] == [r["train_loss"] for r in device]
     assert [r["val_dice"] for r in host] == [r["val_dice"] for r in device]
+
+
+def test_data_larger_than_the_cache_memory_trains_from_the_disk_cache(prep_dir, tmp_path, monkeypatch, caplog):
+    """``--cache-memory`` below what the volumes need: the prefix's output goes to ``DATA/.cache/``, at most that
+    much stays in memory, the run learns what the all-in-memory run learns (same crops, same losses), and a second
+    run reads the disk copy instead of preparing the volumes again."""
+    data = tmp_path / "prep"
+    shutil.copytree(prep_dir, data)
+    argv = ["--data", str(data), "--epochs", "2", *TINY_NET]
+    assert train.main([*argv, "--output", str(tmp_path / "memory")]) == 0
+    assert not (data / ".cache").exists()  # it fits: memory only, as before
+    with caplog.at_level("INFO", logger="train"):
+        assert train.main([*argv, "--output", str(tmp_path / "disk"), "--cache-memory", "1M"]) == 0
+    assert "training volumes in memory" in caplog.text and len(list((data / ".cache").rglob("*.pt"))) >= 4
+    memory, disk = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("memory", "disk"))
+    assert [r["train_loss"] for r in memory] == [r["train_loss"] for r in disk]
+    assert [r["val_dice"] for r in memory] == [r["val_dice"] for r in disk]
+    from dataset import BoundedCache
+
+    monkeypatch.setattr(BoundedCache, "_pre_transform", lambda self, item: pytest.fail("prepared the volumes again"))
+    assert train.main([*argv, "--output", str(tmp_path / "again"), "--cache-memory", "0"]) == 0

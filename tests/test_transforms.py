@@ -17,6 +17,7 @@ from dataset import (
     label_mapping,
     majority_resize,
     make_dataset,
+    nbytes,
 )
 
 
@@ -291,3 +292,27 @@ def test_cache_rate_caches_only_its_share(prep_dir):
     assert all(len(half[i]) == 1 for i in range(len(half)))
     none = make_dataset(items, "train", (0, 1), AugmentParams(crop=(8, 32, 32), num_samples=1), cache=Caching(0))
     assert not hasattr(none, "_cache") and len(none[0]) == 1
+
+
+def test_a_bounded_cache_gives_the_same_crops_from_memory_and_from_disk(prep_dir, tmp_path, monkeypatch):
+    """Data larger than memory: the prefix's output goes to disk once, the first volumes that fit stay in memory
+    too, and the seeded crops are those of the all-in-memory cache; a later run reads the disk copy (the prefix
+    does not run again)."""
+    from dataset import BoundedCache
+
+    items, _ = _items(prep_dir, "train")
+    aug = AugmentParams(crop=(8, 32, 32), num_samples=2)
+    in_memory = make_dataset(items, "train", (0, 1), aug)
+    one_volume = nbytes(in_memory._cache[0])
+    bounded = make_dataset(items, "train", (0, 1), aug, cache=Caching(folder=tmp_path / "cache", memory=one_volume))
+    assert isinstance(bounded, BoundedCache) and list(bounded.memory) == [0] and bounded.memory_bytes <= one_volume
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == len(items)
+    for ds in (in_memory, bounded):
+        ds.transform.set_random_state(seed=11)
+    for k in range(len(items)):  # the first from memory, the others from disk
+        for a, b in zip(in_memory[k], bounded[k]):
+            assert torch.equal(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]))
+            assert torch.equal(torch.as_tensor(a["label"]), torch.as_tensor(b["label"]))
+    monkeypatch.setattr(BoundedCache, "_pre_transform", lambda self, item: pytest.fail("ran the prefix again"))
+    again = make_dataset(items, "train", (0, 1), aug, cache=Caching(folder=tmp_path / "cache", memory=0))
+    assert again.memory == {} and len(again[1]) == 2

@@ -37,6 +37,7 @@ class TrainConfig:
     deterministic: bool = False  # cuDNN's deterministic kernels (slower) instead of the fastest for the crop
     overwrite: bool = False  # replace the run OUTPUT holds (without it or --resume, a run there is refused)
     cache_rate: float = 1.0
+    cache_memory: float | None = None  # bytes of memory for cached volumes (None: half of what is available)
     num_workers: int = 0
     widths: tuple[int, ...] | None = None  # UNet channels per level; plan (with strides)
     strides: tuple | None = None  # plan (with widths)

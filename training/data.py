@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,18 +17,56 @@ from monai.data import DataLoader, ThreadDataLoader, partition_dataset
 
 from dataset import AugmentParams, Caching, make_dataset
 from imaging.common import InputError
+from training.config import TrainConfig
 from training.planning import Run
 
 log = logging.getLogger("train")
 
 
+CACHE_SHARE = 0.5  # of the memory available at the start: the rest is the network's, the loaders' and validation's
+
+
+def cached_bytes(cases: Sequence[dict], in_channels: int) -> float:
+    """Memory the deterministic prefix's output of ``cases`` (manifest records) takes: float32 image, uint8 label,
+    and the crop centres (int32, at most 2²⁰ of each class: ``dataset.CropCentresd``)."""
+    return float(sum(math.prod(c["prepared_shape"]) * (4 * in_channels + 1)
+                     + 4 * min(math.prod(c["prepared_shape"]), 2 * 2**20) for c in cases))
+
+
+def available_memory() -> float:
+    """Bytes of memory available now: Linux's MemAvailable (what can be had without swapping), else the free
+    physical pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def cache_budget(cfg: TrainConfig) -> float:
+    """This process's memory for cached volumes: ``--cache-memory``, else ``CACHE_SHARE`` of what is available,
+    shared by the ranks of a torchrun job on this machine."""
+    budget = cfg.cache_memory if cfg.cache_memory is not None else CACHE_SHARE * available_memory()
+    return budget / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def disk_cache(run: Run) -> Path:
+    """Where the prefix's output lives on disk, beside the prepared data it comes from: named by the manifest's
+    content, so that preparing the data again starts a new cache (an item's file is named by the item and the
+    prefix's transforms)."""
+    digest = hashlib.sha256(json.dumps(run.manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(run.cfg.data) / ".cache" / digest
+
+
 def cache_device(device: torch.device, cases: Sequence[dict], in_channels: int, cache_rate: float
                  ) -> torch.device | None:
-    """The GPU when the cached volumes (float32 image, uint8 label) take at most a quarter of its free memory,
-    so that crops are cut and turned where the network runs (MONAI's fast-training recipe); else None."""
+    """The GPU when the cached volumes take at most a quarter of its free memory, so that crops are cut and turned
+    where the network runs (MONAI's fast-training recipe); else None."""
     if device.type != "cuda" or cache_rate <= 0:
         return None
-    need = cache_rate * sum(math.prod(c["prepared_shape"]) * (4 * in_channels + 1) for c in cases)
+    need = cache_rate * cached_bytes(cases, in_channels)
     free, _ = torch.cuda.mem_get_info(device)
     log.info("cache: %.0f MB of volumes, %s", need / 2**20, "on the GPU" if need < free / 4 else "in host memory")
     return device if need < free / 4 else None
@@ -34,10 +77,24 @@ def make_datasets(run: Run, train_items: list[dict], val_items: list[dict], devi
     """(train, val) datasets with their deterministic prefix cached, on the GPU when it fits (the device
     returned, else None)."""
     cfg = run.cfg
-    names = {item["name"] for item in train_items + val_items}
-    on_gpu = cache_device(device, [c for c in run.manifest["cases"] if c["name"] in names], run.in_channels,
-                          cfg.cache_rate)
+    records = {c["name"]: c for c in run.manifest["cases"]}
     aug = AugmentParams(crop=cfg.crop, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
+    need = cfg.cache_rate * cached_bytes([records[i["name"]] for i in train_items + val_items], run.in_channels)
+    budget = cache_budget(cfg)
+    if need > budget:  # larger than memory: on disk, training's first volumes in memory too, validation streamed
+        folder = disk_cache(run)
+        t0 = time.perf_counter()
+        train_ds = make_dataset(train_items, "train", run.label_values, aug, run.in_channels, run.params,
+                                Caching(folder=folder, memory=budget))
+        val_ds = make_dataset(val_items, "val", run.label_values, aug, run.in_channels, run.params,
+                              Caching(folder=folder))
+        log.info("cache: %.0f MB of volumes, %.0f MB of memory for them: %d of %d training volumes in memory (%.0f "
+                 "MB), the rest read from %s (filled in %.1f s)", need / 2**20, budget / 2**20,
+                 len(train_ds.memory), len(train_items), train_ds.memory_bytes / 2**20, folder,
+                 time.perf_counter() - t0)
+        return train_ds, val_ds, None
+    on_gpu = cache_device(device, [records[i["name"]] for i in train_items + val_items], run.in_channels,
+                          cfg.cache_rate)
     cache = Caching(cfg.cache_rate, on_gpu)
     train_ds = make_dataset(train_items, "train", run.label_values, aug, run.in_channels, run.params, cache)
     val_ds = make_dataset(val_items, "val", run.label_values, aug, run.in_channels, run.params, cache)

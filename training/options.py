@@ -61,6 +61,18 @@ def duration(text: str) -> float:
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
+# What a plan file never sets: where the run reads and writes, whether it continues, this machine's memory.
+NOT_PLANNED = ("data", "output", "resume", "overwrite", "plan", "fold", "cache_memory")
+
+
+def memory_size(text: str) -> float:
+    """``--cache-memory`` value: ``8G``, ``512M``, ``1.5GB`` or plain bytes → bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size such as 8G or 512M")
+    return float(match[1]) * 1024 ** " kmgt".index(match[2] or " ")
+
+
 def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
     """Refuse numbers no run could use, before any work (settings left to the plan are checked when given)."""
     batch, samples = (1 if v is None else v for v in (a.batch_size, a.num_samples))
@@ -140,6 +152,9 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run OUTPUT holds (refused without this or "
                    "--resume)")
     p.add_argument("--cache-rate", type=float, default=d.cache_rate, help="share of volumes cached in memory")
+    p.add_argument("--cache-memory", type=memory_size, default=d.cache_memory, metavar="SIZE",
+                   help="memory for cached volumes, e.g. 8G (default: half of what is available); data that needs "
+                   "more is cached on disk in DATA/.cache/, the first volumes in memory too")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
     add_network_options(p)
     p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=None,
@@ -171,7 +186,7 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> TrainC
     if a.plan:
         given = given_options(p, argv)
         for key, value in read_plan(Path(a.plan)).items():
-            if key not in given and key not in ("data", "output", "resume", "overwrite", "plan", "fold"):
+            if key not in given and key not in NOT_PLANNED:
                 setattr(a, key, value)
     if a.epochs is None:
         a.epochs = 100_000 if a.time_limit else TrainConfig.epochs
