@@ -163,3 +163,16 @@ def test_holdout_scores_patients_the_run_never_saw(tmp_path):
     assert alone == pytest.approx({n: s["dice"] for n, s in result["output"]["patients"].items()}, abs=1e-3)
     assert ensemble == pytest.approx(alone, abs=1e-6)
     assert {f"{work} scales=2.0 t=0.5", f"{work} scales=1.0 t=0.5 filled"} < set(probes)
+
+
+def test_bench_scale_smoke(tmp_path, capsys):
+    """Two tiny cases against a 1 KB cache budget: training reads the disk cache, the second run the first's."""
+    import bench_scale
+
+    out = tmp_path / "scale.json"
+    assert bench_scale.main(["--cases", "2", "--shape", "40", "40", "8", "--time-limit", "20s", "--cache-memory",
+                             "1K", "--workers", "1", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["cases"] == 2 and row["train_first"]["from_disk"] and row["train_second"]["from_disk"]
+    assert row["prepared_mb"] > 0 and len(list((tmp_path / "work" / "n2" / "masks").glob("*_mask.nii.gz"))) == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row

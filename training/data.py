@@ -79,6 +79,7 @@ def make_datasets(run: Run, train_items: list[dict], val_items: list[dict], devi
     cfg = run.cfg
     records = {c["name"]: c for c in run.manifest["cases"]}
     aug = AugmentParams(crop=cfg.crop, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples)
+    # validation cases that also train are cached twice, once in each chain
     need = cfg.cache_rate * cached_bytes([records[i["name"]] for i in train_items + val_items], run.in_channels)
     budget = cache_budget(cfg)
     if need > budget:  # larger than memory: on disk, training's first volumes in memory too, validation streamed
@@ -93,8 +94,8 @@ def make_datasets(run: Run, train_items: list[dict], val_items: list[dict], devi
                  len(train_ds.memory), len(train_items), train_ds.memory_bytes / 2**20, folder,
                  time.perf_counter() - t0)
         return train_ds, val_ds, None
-    on_gpu = cache_device(device, [records[i["name"]] for i in train_items + val_items], run.in_channels,
-                          cfg.cache_rate)
+    names = dict.fromkeys(i["name"] for i in train_items + val_items)
+    on_gpu = cache_device(device, [records[n] for n in names], run.in_channels, cfg.cache_rate)
     cache = Caching(cfg.cache_rate, on_gpu)
     train_ds = make_dataset(train_items, "train", run.label_values, aug, run.in_channels, run.params, cache)
     val_ds = make_dataset(val_items, "val", run.label_values, aug, run.in_channels, run.params, cache)
