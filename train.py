@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import resource
@@ -128,6 +129,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             log.info("early stop: no better validation Dice for %d validations", s.stale)
         if last or early:
             break
+    train_cases = [item["name"] for item in s.train_ds.data]
+    s.train_ds = s.val_loader = None  # the cached volumes go before the decision predicts whole volumes
+    gc.collect()
     # Folds decide together (cross_validate), and a seed ensemble's members too (train_members).
     if rank == 0 and cfg.postprocess and cfg.fold is None and cfg.members == 1:
         decide_run(Path(cfg.output), s.run.manifest, s.run.train_items, s.run.val_items,
@@ -138,7 +142,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     log.info("peak memory: %.0f MB resident%s", peak_mb, f", {torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
              " MB on the GPU" if device.type == "cuda" else "")
     return {"best_dice": s.best["dice"], "best_epoch": s.best["epoch"], "epochs_run": len(s.history),
-            "peak_rss_mb": peak_mb, "train_cases": [item["name"] for item in s.train_ds.data], "model": s.weights}
+            "peak_rss_mb": peak_mb, "train_cases": train_cases, "model": s.weights}
 
 
 def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Session:

@@ -33,6 +33,7 @@ from dice import scored_targets  # noqa: E402
 from evaluation.postprocess import Unit, decide, refuted, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
 from imaging.cases import deal_folds, record_group  # noqa: E402
 from imaging.common import InputError, atomic_write, write_json  # noqa: E402
+from imaging.readers import label_dtype  # noqa: E402
 from model import (  # noqa: E402
     checkpoint_sliding,
     flipped_probabilities,
@@ -100,7 +101,8 @@ def predict_validation(judged: Judged, cases: dict[str, dict], how: Deciding
     nets = [model_from_checkpoint(c, p).to(device, memory_format=torch.channels_last_3d).eval()
             for c, p in zip(ckpts, judged.checkpoints)]
     ckpt = ckpts[0]
-    values = np.asarray(ckpt["label_values"])
+    # label values in the smallest type that holds them: every validation case's masks are kept until the decision
+    values = np.asarray(ckpt["label_values"], dtype=label_dtype(max(ckpt["label_values"])))
     chain = make_dataset(judged.items, "val", ckpt["label_values"], AugmentParams(crop=tuple(ckpt["config"]["crop"])),
                          ckpt["model_args"]["in_channels"], PrepParams.from_dict(ckpt["prep_params"]), Caching(0.0))
     out = []
