@@ -469,15 +469,22 @@ def nbytes(item: Any) -> int:
     return 0
 
 
+def name_hash(item: dict) -> bytes:
+    """An item's disk-cache key: its case name (the folder is the manifest's, so a name is one prepared case),
+    not its paths, which differ as ``--data`` is spelled; the whole item where it has no name."""
+    return pickle_hashing(item.get("name", item))
+
+
 class BoundedCache(PersistentDataset):
     """Training data larger than memory: the chain's deterministic prefix computed once per item and kept on disk
-    in ``folder`` (MONAI's ``PersistentDataset``: one file per item, named by the item and the prefix's transforms,
-    so that later runs, folds, members and resumes on the same prepared data reuse it), and for the first items
-    up to ``memory`` bytes kept in memory as well; the others are read from disk at every use. Filled up front,
+    in ``folder`` (MONAI's ``PersistentDataset``: one file per item, named by its case and the prefix's
+    transforms, so that later runs, folds, members and resumes on the same prepared data reuse it), and items kept
+    in memory as well, in order, as long as they fit ``memory`` bytes; the others are read from disk at every
+    use. Filled up front,
     as ``CacheDataset`` is, so that the first epoch costs what the others do."""
 
     def __init__(self, items: list[dict], transform: Compose, folder: Path, memory: float) -> None:
-        super().__init__(items, transform, cache_dir=folder, hash_transform=pickle_hashing)
+        super().__init__(items, transform, cache_dir=folder, hash_func=name_hash, hash_transform=pickle_hashing)
         self.memory: dict[int, Any] = {}
         self.memory_bytes = 0
         for k, item in enumerate(items):
@@ -497,8 +504,8 @@ class BoundedCache(PersistentDataset):
 
 def make_dataset(items: list[dict], mode: str, label_values: Sequence[int], aug: AugmentParams,
                  in_channels: int = 1, params: PrepParams | None = None, cache: Caching = Caching()) -> Dataset:
-    """``CacheDataset`` over prepared ``{"image", "label"}`` items: the deterministic prefix is cached once, as
-    ``cache`` says."""
+    """A dataset over prepared ``{"image", "label"}`` items whose deterministic prefix runs once, cached as
+    ``cache`` says: in memory (``CacheDataset``), or on disk with some in memory (``BoundedCache``)."""
     xforms = get_transforms(mode, label_values, aug, in_channels, params, cache.device)
     if cache.folder is not None:
         return BoundedCache(items, xforms, cache.folder, cache.memory)
@@ -508,7 +515,7 @@ def make_dataset(items: list[dict], mode: str, label_values: Sequence[int], aug:
         # copy_cache=False: the random transforms never write into the cached arrays and the crops end in memory
         # of their own (OwnCrops; tests/test_transforms.py checks), so a deep copy of each volume at each draw
         # would be wasted.
-        return CacheDataset(items, xforms, cache_rate=cache.rate, progress=False, copy_cache=False)
+        return CacheDataset(items, xforms, cache_rate=cache.rate, num_workers=None, progress=False, copy_cache=False)
     except RuntimeError:
         for item in items:  # find and name the file that broke caching
             for key in ("image", "label"):

@@ -171,6 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("give input volumes or --evaluate PREP, not both (nor neither)")
     if args.evaluate and args.truth:
         p.error("--evaluate takes the true masks from the manifest; leave out --truth")
+    if args.resume and (args.overwrite or args.truth or args.evaluate):
+        p.error("--resume keeps the masks written and scores none of them: not with --overwrite, --truth or "
+                "--evaluate")
     if args.overlap is not None and not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
     if (args.sw_batch_size is not None and args.sw_batch_size < 1) or (args.window and min(args.window) < 1):
@@ -245,7 +248,7 @@ def run(config: argparse.Namespace) -> list[tuple[Path, float, str]]:
         raws = [read_case(cases[k], channel) for k in unit]
         blank += sum(is_blank(raw["image"]) for raw in raws)
         masks = segmenter.segment([(raw["image"], cases[k].image) for k, raw in zip(unit, raws)])
-        bar.update(len(unit))
+        bar.update(sum(k not in done for k in unit))
         masks = postprocess_unit(masks, [raw["image"].affine for raw in raws], rules)
         for k, raw, mask in zip(unit, raws, masks):
             case, out = cases[k], targets[k]

@@ -286,7 +286,7 @@ def run(config: argparse.Namespace) -> dict:
         "label_values": sorted({v for r in records for v in r.get("label_values", [])}),
         "in_channels": records[0]["in_channels"],
         "channels": modality_names(labelled, config.modalities),  # modality per input channel (None: one file a case)
-        **dataset_names(src),  # channel_names, label_names: what an MSD dataset.json calls them (None: unnamed)
+        **chosen_names(dataset_names(src), params.channel),  # what an MSD dataset.json calls channels and labels
         "layout": config.layout,
         "stack_slices": config.stack_slices,
         "split": {"seed": config.seed, "val_fraction": config.val_fraction,
@@ -297,6 +297,14 @@ def run(config: argparse.Namespace) -> dict:
     }
     write_json(manifest, dst / "dataset.json")  # last: a manifest exists only for a complete dataset
     return manifest
+
+
+def chosen_names(names: dict, channel: int | None) -> dict:
+    """``dataset_names`` for the channels kept: ``--channel K`` keeps K's name alone."""
+    channels = names["channel_names"]
+    if channels is not None and channel is not None:
+        names = {**names, "channel_names": channels[channel : channel + 1] or None}
+    return names
 
 
 def modality_names(cases: list[Case], modalities: list[str] | None) -> list[str] | None:

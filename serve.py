@@ -59,7 +59,6 @@ UPLOAD_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha", *IMAGE_2D_SUFFIXES, ".zip")
 DETACHED_DATA = re.compile(rb"^(data ?file|ElementDataFile)[ \t]*[:=][ \t]*(?=\S)(?!LOCAL\b)", re.I | re.M)
 ZIP_MAX_MEMBERS = 2000  # a DICOM series of more slices than this is not what a web upload is for
 ZIP_MAX_RATIO = 100  # DICOM compresses 2-10×; 100× and more is a zip bomb
-# Overlay colours, one per foreground label (blue first, as the PH2 service showed lesions), RGB.
 
 
 @dataclasses.dataclass(frozen=True)

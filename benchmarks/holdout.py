@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("raw", help="a dataset root of patient (or case) folders")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0, help="the patients' order, as train.py --folds --seed deals them")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the seed of the patients' order (cases.group_order, as --folds deals a manifest's groups)")
     p.add_argument("--work", default="/tmp/holdout", help="where each fold's links, prepared data and output go")
     p.add_argument("--prep-args", default="", help="preprocess.py's options, as one string")
     p.add_argument("--train-args", default="--time-limit 20m --device cpu", help="train.py's options, one string")

@@ -282,14 +282,14 @@ def dataset_names(root: Path) -> dict[str, Any]:
     input channel, in order: MSD's "modality", nnU-Net's "channel_names") and ``label_names`` ({"value": name}:
     MSD's {"1": "edema"}, nnU-Net's {"edema": 1}); None for what it does not say, or without such a file."""
     path = root / "dataset.json"
+    names: dict[str, Any] = {"channel_names": None, "label_names": None}
     if not (root / "imagesTr").is_dir() or not path.is_file():
-        return {"channel_names": None, "label_names": None}
+        return names
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{path}: not a readable dataset.json ({type(exc).__name__})") from None
     channels, labels = info.get("channel_names") or info.get("modality"), info.get("labels")
-    names: dict[str, Any] = {"channel_names": None, "label_names": None}
     if isinstance(channels, dict) and all(str(k).isdigit() for k in channels):
         names["channel_names"] = [str(channels[k]) for k in sorted(channels, key=int)]
     if isinstance(labels, dict) and all(str(k).isdigit() for k in labels):
@@ -375,10 +375,10 @@ def _find_flat(root: Path, folders: Sequence[Path], only: tuple[str, ...] | None
 
 
 def slice_group(path: Path) -> str:
-    """The group of an image kept in a folder with others: the folder's name (a patient's) for a 2D slice, whose
-    patient stays on one side of the split; "" for a volume, a case of its own (MSD's ``imagesTr/``, a folder of
-    scans)."""
-    return path.parent.name if declares_2d(path) else ""
+    """The group of an image kept in a folder with others: the folder's name (a patient's) for a numbered 2D slice
+    (``<patient>_<n>``, as ``patient_units`` takes it), whose patient stays on one side of the split; "" for a
+    volume or a picture, a case of its own (MSD's ``imagesTr/``, a folder of scans or of photographs)."""
+    return path.parent.name if slice_number(path) is not None and declares_2d(path) else ""
 
 
 def stack_slices(cases: list[Case]) -> list[Case]:

@@ -305,7 +305,7 @@ def declares_2d(path: Path) -> bool:
             shape = reader.GetSize()[:3]
         else:
             return False
-    except (*READ_ERRORS, RuntimeError):
+    except READ_ERRORS:
         return False
     return len(shape) < 3 or is_2d(shape)
 

@@ -19,6 +19,7 @@ from dataset import ORIENTATION
 from imaging.common import atomic_write
 from imaging.readers import is_2d, spacing_mm
 
+# One per foreground label (blue first, as the PH2 service showed lesions), RGB.
 COLOURS = [(30, 90, 255), (255, 140, 0), (0, 200, 80), (230, 0, 200), (255, 230, 0), (0, 220, 230), (170, 90, 40)]
 ALPHA = 0.45
 

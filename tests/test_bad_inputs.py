@@ -32,6 +32,7 @@ import infer
 import preprocess
 import train
 from imaging.cases import Case
+from imaging.common import InputError
 from inference import segmenter
 from model import load_checkpoint, save_checkpoint
 
@@ -331,6 +332,8 @@ def test_infer_resume_keeps_the_masks_written_and_does_the_rest(trained, small_r
     (tmp_path / "synth_000_mask.nii.gz").write_bytes(b"kept")  # a mask left by the interrupted run
     (tmp_path / "synth_002_mask.nii.gz").unlink()  # the one it never reached
     assert infer.main(args) == 2  # without --resume or --overwrite: refused
+    with pytest.raises(InputError, match="--resume keeps the masks written"):  # keep or replace; keep or score
+        infer.parse_args([*args, "--resume", "--overwrite"])
     assert infer.main([*args, "--resume"]) == 0
     assert (tmp_path / "synth_000_mask.nii.gz").read_bytes() == b"kept"
     assert nib.load(tmp_path / "synth_002_mask.nii.gz").shape == (48, 48, 6)

@@ -1,4 +1,5 @@
-"""cases.py: one finder for preprocess.py and infer.py (which files are images, which are labels, which form a case)."""
+"""imaging/cases.py: one finder for preprocess.py and infer.py (which files are images, which are labels, which
+form a case)."""
 
 from __future__ import annotations
 

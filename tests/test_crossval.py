@@ -1,5 +1,5 @@
 """Cross-validation and what inference does around the network: grouped folds, ensembles, test-time flips
-(crossval.py, train.py --folds, infer.py with several checkpoints or a folder of folds, --tta)."""
+(evaluation/crossval.py, train.py --folds, infer.py with several checkpoints or a folder of folds, --tta)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import PIL.Image
 import pytest
 from conftest import SHARED, TINY_NET
 from fastapi.testclient import TestClient
@@ -117,6 +118,13 @@ def test_volumes_in_one_folder_are_cases_of_their_own_and_slices_a_patients(tmp_
     slices = cases.find_inputs(sorted((tmp_path / "slices").glob("*.nii.gz")))
     assert {c.group for c in slices} == {"slices"}
     assert [len(u) for u in cases.patient_units([(c.name, c.group) for c in slices])] == [4]
+    (tmp_path / "photos" / "sub").mkdir(parents=True)  # unnumbered pictures: each its own case, as volumes are
+    for name in ("mole", "naevus", "scar"):
+        PIL.Image.fromarray(np.full((16, 16), 90, np.uint8)).save(tmp_path / "photos" / "sub" / f"{name}.png")
+        PIL.Image.fromarray(np.pad(np.full((4, 4), 255, np.uint8), 6)).save(
+            tmp_path / "photos" / "sub" / f"{name}_mask.png")
+    photos, _ = cases.find_cases(tmp_path / "photos")
+    assert len(photos) == 3 and {c.split_group for c in photos} == {"mole", "naevus", "scar"}
 
 
 @pytest.mark.skipif(not (SHARED / "hippocampus").is_dir(), reason="../shared/data/hippocampus is absent")

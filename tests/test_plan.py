@@ -1,4 +1,4 @@
-"""The plan (planner.py: settings from the data fingerprint and the machine), --plan re-runs, --time-limit."""
+"""The plan (training/planner.py: settings from the data fingerprint and the machine), --plan re-runs, --time-limit."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ RUN_FILES = ("models.json", "model.pt", "best.pt", "last.pt", "cv.json", "ensemb
 def check_output(cfg: TrainConfig) -> None:
     """Refuse, before any work, an ``--output`` that is a file, or that holds a run (in it, or in its folds' and
     members' folders; with ``--fold K`` in that fold's), unless ``--resume`` continues it or ``--overwrite``
-    replaces it: a finished run is never lost to a command repeated by mistake."""
+    replaces it (its checkpoints and records removed first): a finished run is never lost to a command repeated by
+    mistake."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --output is a file, not a folder")
@@ -60,7 +61,12 @@ def check_output(cfg: TrainConfig) -> None:
                                                                         *sorted(out.glob("member_*"))]
     found = [str((folder / name).relative_to(out)) for folder in folders for name in RUN_FILES
              if (folder / name).exists()]
-    if found and not (cfg.resume or cfg.overwrite):
+    if cfg.resume and cfg.overwrite:
+        raise InputError("--resume continues the run in --output, --overwrite replaces it: give one of them")
+    if cfg.overwrite:  # gone before the new run starts, so that no file of the old one is taken for the new one's
+        for name in found:
+            (out / name).unlink(missing_ok=True)
+    elif found and not cfg.resume:
         listed = ", ".join(found[:3]) + (" …" if len(found) > 3 else "")
         raise InputError(f"{out}: holds a run ({listed}); pass --resume to continue it, --overwrite to replace it, "
                          "or choose another --output")

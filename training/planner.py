@@ -1,5 +1,6 @@
-"""A training plan from the data fingerprint and the machine, as nnU-Net's experiment planner makes one, but sized for
-the hardware at hand (CPU cores and a timed probe; GPU memory) instead of a fixed 8 GB GPU.
+"""A training plan from the data fingerprint and the machine, as nnU-Net's experiment planner makes one: on a GPU
+nnU-Net's patch of about 128³ at batch 2 (smaller on a card under 8 GB), on the CPU a crop a step of which takes
+about a second; a timed probe projects the epoch.
 
 The plan is a flat dict of ``train.py`` settings (crop, network, batch, learning rate, batch Dice) plus what it was
 decided from (the window follows from the crop in ``training.planning.plan_run``); ``train.py`` prints it, writes it to
@@ -134,27 +135,29 @@ def settings(task: Task, described: dict[str, Any], crop: Sequence[int] | None =
 
 def probed(task: Task, plan: dict[str, Any], device: torch.device, amp: bool) -> tuple[dict[str, Any], float]:
     """``plan`` and its measured seconds per step, under the mixed precision training will use; a GPU out of
-    memory halves the batch, then shrinks the crop, until a step fits (or refuses in one line)."""
+    memory halves the crops per volume, then the batch, then the crop, until a step fits (or refuses in one
+    line)."""
     spacing = task.fingerprint["median_spacing"]
     while True:
         try:
             step = plan["batch_size"] * plan["num_samples"]
             return plan, probe(plan["margs"], plan["crop"], step, task.in_channels, device, amp)
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if plan["num_samples"] > 1:
-                plan = {**plan, "num_samples": plan["num_samples"] // 2}
-            elif plan["batch_size"] > 1:
-                plan = {**plan, "batch_size": plan["batch_size"] // 2}
-            elif math.prod(plan["crop"]) > 16**3:
-                smaller = crop_size({**task.fingerprint, "median_shape": plan["crop"]}, spacing,
-                                    math.prod(plan["crop"]) / 2, plan["crop"])
-                margs, crop = network(smaller, spacing, task.fingerprint["dims"], plan["margs"]["channels"][0],
-                                      max(plan["margs"]["channels"]))
-                plan = {**plan, "crop": crop, "margs": margs}
-            else:
+            pass
+        torch.cuda.empty_cache()  # here, once the failed step's tensors are out of reach
+        if plan["num_samples"] > 1:
+            plan = {**plan, "num_samples": plan["num_samples"] // 2}
+        elif plan["batch_size"] > 1:
+            plan = {**plan, "batch_size": plan["batch_size"] // 2}
+        else:
+            smaller = crop_size({**task.fingerprint, "dims": "3d", "median_shape": plan["crop"]}, spacing,
+                                math.prod(plan["crop"]) / 2, plan["crop"])
+            margs, crop = network(smaller, spacing, task.fingerprint["dims"], plan["margs"]["channels"][0],
+                                  max(plan["margs"]["channels"]))
+            if math.prod(crop) >= math.prod(plan["crop"]) or math.prod(plan["crop"]) <= 16**3:
                 raise InputError(f"{device}: out of memory for one training step of the smallest crop "
-                                 f"{plan['crop']}; pass a smaller --crop or --widths") from None
+                                 f"{plan['crop']}; pass a smaller --crop or --widths")
+            plan = {**plan, "crop": crop, "margs": margs}
 
 
 def make_plan(task: Task, device: torch.device, amp: bool = False, time_limit: float | None = None,
