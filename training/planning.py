@@ -126,8 +126,7 @@ def plan_run(cfg: TrainConfig, device: torch.device | None = None) -> Run:
             log.info("validation Dice per patient: %d slices of %d patients pooled", len(val_items), len(patients))
     if window is None and window_independent(margs["norm"]):
         # Batch norm in eval mode is the same function whatever the window: a large one only saves passes.
-        shapes = [c["prepared_shape"] for c in manifest["cases"] if c.get("split") in ("train", "val")]
-        window = choose_window(shapes, cfg.crop, axis_divisors(margs))
+        window = choose_window([c["prepared_shape"] for c in used], cfg.crop, axis_divisors(margs))
     elif window is None:
         # Instance norm normalizes over the window it sees: a window unlike the training crops changes the
         # answer, on 2D slices by far (see docs/experiments.md, "The inference window for instance norm").
