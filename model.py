@@ -384,16 +384,28 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
 def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, sliding: Sliding,
                           tissue: torch.Tensor | None = None, flips: Sequence[int] = ()) -> Iterator[torch.Tensor]:
     """Probabilities (B, K, D, H, W) of ``model`` for the image as it is, then flipped along each combination of the
-    spatial axes ``flips`` (``flip_sets``), each flipped back onto the image. The flipped copies go through one
-    ``predict_logits`` as one batch, so their windows share network passes: on the CPU a lone window (a 2D slice)
-    runs as a pair anyway (``Windows``), and its flipped copy takes the place of the duplicate."""
+    spatial axes ``flips`` (``flip_sets``), each flipped back onto the image. An image that is one window goes
+    through one ``predict_logits`` with its flipped copies as one batch, so that they share network passes (on the
+    CPU a lone window, a 2D slice, runs as a pair anyway, ``Windows``, and its flipped copy takes the place of the
+    duplicate); a larger one is flipped one copy at a time, so that memory holds one copy of the volume and its
+    probabilities, not eight."""
     dims = [[2 + a for a in combo] for combo in flip_sets(flips)]  # of (B, C, D, H, W)
-    x = torch.cat([image.flip(d) if d else image for d in dims]) if len(dims) > 1 else image
-    t = tissue if tissue is None or len(dims) == 1 else torch.cat([tissue.flip(d) if d else tissue for d in dims])
-    probs = probabilities(predict_logits(model, x, sliding, t))
+    one_window = math.prod(model_window(model, sliding.window, image.shape[2:])) >= math.prod(image.shape[2:])
+    groups = [dims] if one_window else [[d] for d in dims]
     n = len(image)
-    for k, d in enumerate(dims):
-        yield probs[k * n:(k + 1) * n].flip(d) if d else probs[k * n:(k + 1) * n]
+    for group in groups:
+        x, t = flipped_copies(image, group), flipped_copies(tissue, group)
+        probs = probabilities(predict_logits(model, x, sliding, t))
+        for k, d in enumerate(group):
+            yield probs[k * n:(k + 1) * n].flip(d) if d else probs[k * n:(k + 1) * n]
+        del x, t, probs
+
+
+def flipped_copies(a: torch.Tensor | None, group: Sequence[Sequence[int]]) -> torch.Tensor | None:
+    """``a`` flipped along each of ``group``'s dims (an empty one: as it is), concatenated on the batch axis."""
+    if a is None or (len(group) == 1 and not group[0]):
+        return a
+    return torch.cat([a.flip(list(d)) if d else a for d in group])
 
 
 @torch.inference_mode()
@@ -405,8 +417,8 @@ def predict_probabilities(models: Sequence[torch.nn.Module], image: torch.Tensor
     total, n = None, 0
     for model in models:
         for p in flipped_probabilities(model, image, sliding, tissue, flips):
-            total, n = p if total is None else total + p, n + 1
-    return total / n
+            total, n = p.clone() if total is None else total.add_(p), n + 1
+    return total.div_(n)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -30,7 +31,17 @@ import torch  # noqa: E402
 
 from dataset import FLIP_AXES, AugmentParams, Caching, PrepParams, make_dataset  # noqa: E402
 from dice import scored_targets  # noqa: E402
-from evaluation.postprocess import Unit, decide, refuted, single_object, small_sizes, stack_units, unit_scores  # noqa: E402
+from evaluation.postprocess import (  # noqa: E402
+    OnDisk,
+    Unit,
+    decide,
+    object_table,
+    refuted,
+    single_object,
+    small_sizes,
+    stack_units,
+    unit_scores,
+)
 from imaging.cases import deal_folds, record_group  # noqa: E402
 from imaging.common import InputError, atomic_write, write_json  # noqa: E402
 from imaging.readers import label_dtype  # noqa: E402
@@ -93,60 +104,83 @@ class Deciding:
 
 
 def predict_validation(judged: Judged, cases: dict[str, dict], how: Deciding
-                       ) -> list[tuple[dict, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per validation item: (manifest case, mask without flips, mask with ``how.flips``, true mask), label values
-    on the prepared grid (D, H, W), predicted as inference predicts (the checkpoint's window and overlap)."""
+                       ) -> Iterator[tuple[dict, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per validation item, one at a time: (manifest case, mask without flips, mask with ``how.flips``, true mask),
+    label values on the prepared grid (D, H, W), predicted as inference predicts (the checkpoint's window and
+    overlap; the networks' probabilities summed as they come, so that one volume's are held once or twice, not per
+    network and flip)."""
     device, amp, flips = how.device, how.amp, how.flips
     ckpts = [load_checkpoint(p) for p in judged.checkpoints]
     nets = [model_from_checkpoint(c, p).to(device, memory_format=torch.channels_last_3d).eval()
             for c, p in zip(ckpts, judged.checkpoints)]
     ckpt = ckpts[0]
-    # label values in the smallest type that holds them: every validation case's masks are kept until the decision
     values = np.asarray(ckpt["label_values"], dtype=label_dtype(max(ckpt["label_values"])))
     chain = make_dataset(judged.items, "val", ckpt["label_values"], AugmentParams(crop=tuple(ckpt["config"]["crop"])),
                          ckpt["model_args"]["in_channels"], PrepParams.from_dict(ckpt["prep_params"]), Caching(0.0))
-    out = []
     for item in chain:
-        probs = torch.stack([torch.stack(list(flipped_probabilities(
-            net, item["image"][None], checkpoint_sliding(ckpt, amp), item["tissue"][None], flips)))
-            for net in nets])  # (networks, flip sets, B, K, D, H, W)
-        masks = [values[to_classes(p)[0, 0].cpu().numpy()] for p in (probs[:, 0].mean(0), probs.mean((0, 1)))]
-        out.append((cases[item["name"]], *masks, values[np.asarray(item["label"][0])]))
-    return out
+        plain, every, n = None, None, 0
+        for net in nets:
+            for k, p in enumerate(flipped_probabilities(net, item["image"][None], checkpoint_sliding(ckpt, amp),
+                                                        item["tissue"][None], flips)):
+                if k == 0:
+                    plain = p.clone() if plain is None else plain.add_(p)
+                every, n = (p.clone() if every is None else every.add_(p)) if flips else None, n + 1
+        means = (plain.div_(len(nets)), every.div_(n) if flips else plain)
+        masks = [values[to_classes(p)[0, 0].cpu().numpy()] for p in means]
+        del plain, every, means
+        yield cases[item["name"]], *masks, values[np.asarray(item["label"][0])]
 
 
-def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict], how: Deciding) -> dict:
+def nifti_on_disk(path: str | Path) -> OnDisk:
+    """A label file's voxels, read when used (its shape and type from the header)."""
+    header = nib.load(path)
+    return OnDisk(lambda: np.asarray(nib.load(path).dataobj), header.shape, header.get_data_dtype())
+
+
+def judge(judged: Sequence[Judged], manifest: dict, train_items: Sequence[dict], how: Deciding,
+          scratch: Path | None = None) -> dict:
     """Predict every network's validation cases, decide flips (of the axes ``how.flips``) then, with
     ``how.postprocess``, the postprocessing rules on the pooled predictions, and score each fold under each step;
-    returns the record (``postprocessing.json``; its ``folds`` feed cv.csv)."""
+    returns the record (``postprocessing.json``; its ``folds`` feed cv.csv). Each predicted mask waits in a file in
+    ``scratch`` (a run's output; None: the system's temporary folder) until it is scored, and each training mask is
+    read once for its objects' sizes, so that memory holds a few volumes, not every fold's."""
     flips = how.flips
     t0, labels = time.perf_counter(), manifest["label_values"]
     cases = {c["name"]: c for c in manifest["cases"]}
-    units: dict[int, dict[bool, list[Unit]]] = {}
-    for j in judged:
-        entries = predict_validation(j, cases, how)
-        units[j.fold] = {mirrored: stack_units([(c, (m1 if mirrored else m0), t) for c, m0, m1, t in entries])
-                         for mirrored in (False, True)}
-    pooled = {m: [u for fold in units.values() for u in fold[m]] for m in (False, True)}
-    per_label = [(v,) for v in labels[1:]]
-    plain, mirrored = (unit_scores(pooled[m], per_label) for m in (False, True))
-    # The network saw these flips in training, as nnU-Net's always mirrors: a few validation cases cannot tell a
-    # small gain or loss from their noise, so only a loss beyond chance refuses them (see docs/experiments.md,
-    # "Test-time flips").
-    use_flips = bool(flips) and not refuted(plain, mirrored)
-    truths = [(cases[i["name"]], np.asarray(nib.load(i["label"]).dataobj), None) for i in train_items]
-    stacked = [(mask, mm3) for mask, _, mm3 in stack_units(truths)]
-    small, single = small_sizes(stacked, labels[1:]), single_object(stacked, labels[1:])
-    rules, trace = decide(pooled[use_flips], labels[1:], small, single) if how.postprocess else ([], [])
-    targets = scored_targets(labels, how.regions)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".decision-") as tmp:
+        units: dict[int, dict[bool, list[Unit]]] = {}
+        for j in judged:
+            entries = [(c, *(OnDisk.saved(m, Path(tmp)) for m in masks))
+                       for c, *masks in predict_validation(j, cases, how)]
+            units[j.fold] = {mirrored: [spilled(u, Path(tmp)) for u in stack_units(
+                [(c, (m1 if mirrored else m0), t) for c, m0, m1, t in entries])] for mirrored in (False, True)}
+        pooled = {m: [u for fold in units.values() for u in fold[m]] for m in (False, True)}
+        per_label = [(v,) for v in labels[1:]]
+        plain, mirrored = (unit_scores(pooled[m], per_label) for m in (False, True))
+        # The network saw these flips in training, as nnU-Net's always mirrors: a few validation cases cannot tell a
+        # small gain or loss from their noise, so only a loss beyond chance refuses them (see docs/experiments.md,
+        # "Test-time flips").
+        use_flips = bool(flips) and not refuted(plain, mirrored)
+        truths = [(cases[i["name"]], nifti_on_disk(i["label"]), None) for i in train_items]
+        table = object_table(((mask, mm3) for mask, _, mm3 in stack_units(truths)), labels[1:])
+        small, single = small_sizes(table), single_object(table)
+        rules, trace = decide(pooled[use_flips], labels[1:], small, single) if how.postprocess else ([], [])
+        targets = scored_targets(labels, how.regions)
+        folds = {fold: fold_scores(u, targets, rules) for fold, u in units.items()}
     return {"rules": rules, "flips": list(flips) if use_flips else [], "trace": trace,
             "flips_dice": {"without": round(float(plain.mean()), 6), "with": round(float(mirrored.mean()), 6),
                            "axes_tried": list(flips)},
             "validation_units": len(pooled[False]),
             "small_mm3": {",".join(map(str, k)): v for k, v in small.items()},
             "one_object": [",".join(map(str, k)) for k in single],
-            "folds": {fold: fold_scores(u, targets, rules) for fold, u in units.items()}, "targets": targets,
+            "folds": folds, "targets": targets,
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def spilled(unit: Unit, folder: Path) -> Unit:
+    """A unit with its masks in files: those in memory (a patient's stacked slices) saved in ``folder``."""
+    pred, truth, mm3 = unit
+    return (*(m if m is None or isinstance(m, OnDisk) else OnDisk.saved(m, folder) for m in (pred, truth)), mm3)
 
 
 def fold_scores(units: dict[bool, list[Unit]], targets: dict[str, list[int]], rules: list[dict]
@@ -165,7 +199,7 @@ def decide_run(out_dir: Path, manifest: dict, train_items: Sequence[dict], val_i
     (a seed ensemble's members, averaged) judged on its validation items, then ``write_decision``; returns the
     record."""
     checkpoints = list(checkpoints or [out_dir / "model.pt"])
-    record = judge([Judged(tuple(checkpoints), list(val_items))], manifest, train_items, how)
+    record = judge([Judged(tuple(checkpoints), list(val_items))], manifest, train_items, how, out_dir)
     write_decision(record, checkpoints, out_dir)
     return record
 

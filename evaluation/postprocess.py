@@ -13,8 +13,10 @@ and the components it removes become background.
 from __future__ import annotations
 
 import math
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +29,8 @@ from imaging.cases import patient_slice, patient_units
 from imaging.readers import is_2d
 
 Rule = dict
-Unit = tuple[np.ndarray, np.ndarray, float]  # prediction, truth, voxel volume in mm³
+Unit = tuple["np.ndarray | OnDisk", "np.ndarray | OnDisk", float]  # prediction, truth, voxel volume in mm³
+Sizes = tuple[dict[tuple[int, ...], list[int]], float]  # a unit's object sizes per target (voxels), voxel mm³
 SMALL_SHARE = 0.01  # "small" components: together they hold at most this share of the training masks' foreground
 # An expected step ("keep the largest component" where the training masks hold one object per unit; test-time flips
 # of the axes training flipped, crossval.judge) is dropped only when validation shows a loss of more than
@@ -37,6 +40,26 @@ SMALL_SHARE = 0.01  # "small" components: together they hold at most this share 
 # patients bear out (benchmarks/holdout.py; see docs/experiments.md, "Postprocessing" and "Test-time flips").
 EXPECTED_MARGIN = 0.02
 EXPECTED_P = 0.05
+
+
+class OnDisk:
+    """A label map that waits in a file until it is used: its shape and dtype known, its voxels read by
+    ``np.asarray`` each time (and dropped after), so that a decision over thousands of validation volumes holds one
+    at a time, not all of them (a memory map would keep every page it touched in the process's memory)."""
+
+    def __init__(self, read: Callable[[], np.ndarray], shape: Sequence[int], dtype: np.dtype) -> None:
+        self.read, self.shape, self.dtype = read, tuple(shape), np.dtype(dtype)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        a = self.read()
+        return a if dtype is None else a.astype(dtype)
+
+    @classmethod
+    def saved(cls, array: np.ndarray, folder: Path) -> OnDisk:
+        """``array`` written to a new ``.npy`` in ``folder`` (a scratch folder its owner removes)."""
+        path = folder / f"{uuid.uuid4().hex}.npy"
+        np.save(path, array)
+        return cls(lambda: np.load(path), array.shape, array.dtype)
 
 
 def apply_rule(mask: np.ndarray, rule: Rule, voxel_mm3: float = 1.0) -> np.ndarray:
@@ -69,7 +92,7 @@ def apply_rules(mask: np.ndarray, rules: Sequence[Rule], voxel_mm3: float = 1.0)
 
 def object_sizes(mask: np.ndarray, labels: Sequence[int]) -> list[int]:
     """Voxels of each connected component (full connectivity) of the voxels holding any of ``labels``."""
-    components, n = ndimage.label(np.isin(mask, labels), structure=np.ones((3,) * mask.ndim, bool))
+    components, n = ndimage.label(np.isin(np.asarray(mask), labels), structure=np.ones((3,) * mask.ndim, bool))
     return np.bincount(components.ravel())[1:].tolist() if n else []
 
 
@@ -79,28 +102,39 @@ def targets(labels: Sequence[int]) -> list[tuple[int, ...]]:
     return [fg] + ([(v,) for v in fg] if len(fg) > 1 else [])
 
 
-def small_sizes(truths: Sequence[tuple[np.ndarray, float]], labels: Sequence[int]) -> dict[tuple[int, ...], float]:
+def object_table(truths: Iterable[tuple[np.ndarray | OnDisk, float]], labels: Sequence[int]) -> list[Sizes]:
+    """Per unit of ``truths`` (training masks, each with its voxel volume in mm³; read once, one at a time), the
+    voxels of each connected component of each target (``targets``): what ``small_sizes`` and ``single_object``
+    learn from, without holding the masks."""
+    out = []
+    for mask, mm3 in truths:
+        mask = np.asarray(mask)
+        out.append(({target: object_sizes(mask, target) for target in targets(labels)}, mm3))
+    return out
+
+
+def small_sizes(table: Sequence[Sizes]) -> dict[tuple[int, ...], float]:
     """Per target (all foreground, then each label) the size in mm³ up to which a component counts as small, from
-    the training masks (with their voxel volume): the largest size such that all true components up to it hold at
-    most ``SMALL_SHARE`` of the true foreground (removing them would cost little), or half the smallest true
-    component where even that one holds more; none for a target without objects. (A share of the median object
-    size would not do: label maps like BraTS's hold many fragments of a few voxels.)"""
+    the training masks' ``object_table``: the largest size such that all true components up to it hold at most
+    ``SMALL_SHARE`` of the true foreground (removing them would cost little), or half the smallest true component
+    where even that one holds more; none for a target without objects. (A share of the median object size would
+    not do: label maps like BraTS's hold many fragments of a few voxels.)"""
     out = {}
-    for target in targets(labels):
-        sizes = np.sort([n * mm3 for mask, mm3 in truths for n in object_sizes(mask, target)])
+    for target in table[0][0] if table else ():
+        sizes = np.sort([n * mm3 for by_target, mm3 in table for n in by_target[target]])
         if len(sizes):
             fits = sizes[np.cumsum(sizes) <= SMALL_SHARE * sizes.sum()]
             out[target] = round(float(fits[-1] if len(fits) else sizes[0] / 2), 3)
     return out
 
 
-def single_object(truths: Sequence[tuple[np.ndarray, float]], labels: Sequence[int]) -> list[tuple[int, ...]]:
-    """The targets (``targets``) whose training masks hold one object per unit: outside each unit's largest
-    component lies at most ``SMALL_SHARE`` of their foreground, pooled (LGG's patients, PH2's lesions; not the demo's
-    1–3 blobs per volume)."""
+def single_object(table: Sequence[Sizes]) -> list[tuple[int, ...]]:
+    """The targets (``targets``) whose training masks (their ``object_table``) hold one object per unit: outside
+    each unit's largest component lies at most ``SMALL_SHARE`` of their foreground, pooled (LGG's patients, PH2's
+    lesions; not the demo's 1–3 blobs per volume)."""
     out = []
-    for target in targets(labels):
-        sizes = [object_sizes(mask, target) for mask, _ in truths]
+    for target in table[0][0] if table else ():
+        sizes = [by_target[target] for by_target, _ in table]
         total = sum(sum(s) for s in sizes)
         if total and sum(sum(s) - max(s) for s in sizes if s) <= SMALL_SHARE * total:
             out.append(target)
@@ -112,7 +146,7 @@ def unit_scores(units: Sequence[Unit], targets: Sequence[Sequence[int]], rules: 
     tumour): (len(units), len(targets))."""
     rows = []
     for pred, truth, mm3 in units:
-        pred = apply_rules(pred, rules, mm3)
+        pred, truth = apply_rules(np.asarray(pred), rules, mm3), np.asarray(truth)
         rows.append([float(dice_binary(np.isin(pred, t)[None, None], np.isin(truth, t)[None, None])) for t in targets])
     return np.asarray(rows, dtype=np.float64).reshape(len(units), len(targets))
 
@@ -177,15 +211,15 @@ def decide(units: Sequence[Unit], labels: Sequence[int], small: dict[tuple[int, 
     return kept, trace
 
 
-def stack_units(entries: Sequence[tuple[dict, np.ndarray, np.ndarray | None]]) -> list[Unit]:
-    """(manifest case, prediction, truth) on prepared grids (D, H, W) → units (``cases.patient_units``): a patient's
-    depth-1 slices pasted at their ``crop_box`` into one frame and stacked in slice order, with empty slices where a
-    numbered slice is missing; every other case alone. The voxel volume is the prepared spacing's."""
-    units: list[Unit] = []
+def stack_units(entries: Sequence[tuple[dict, np.ndarray | OnDisk, np.ndarray | OnDisk | None]]) -> Iterator[Unit]:
+    """(manifest case, prediction, truth) on prepared grids (D, H, W) → units (``cases.patient_units``), one at a
+    time: a patient's depth-1 slices pasted at their ``crop_box`` into one frame and stacked in slice order, with
+    empty slices where a numbered slice is missing; every other case alone (as given: an ``OnDisk`` map stays on
+    disk). The voxel volume is the prepared spacing's."""
     for unit in patient_units([(case["name"], case.get("group", "")) for case, _, _ in entries]):
         members = [entries[k] for k in unit]
         if len(members) == 1 or not all(is_2d(pred.shape, prepared=True) for _, pred, _ in members):
-            units += [(pred, truth, float(np.prod(case["prepared_spacing"]))) for case, pred, truth in members]
+            yield from ((pred, truth, float(np.prod(case["prepared_spacing"]))) for case, pred, truth in members)
             continue
         numbers = [patient_slice(case["name"], case["group"]) for case, _, _ in members]
         height = max(case["crop_box"][1][1] for case, _, _ in members)
@@ -193,8 +227,7 @@ def stack_units(entries: Sequence[tuple[dict, np.ndarray, np.ndarray | None]]) -
         stacks = [np.zeros((numbers[-1] - numbers[0] + 1, height, width), members[0][1].dtype) for _ in range(2)]
         for number, (case, pred, truth) in zip(numbers, members):
             (_, _), (h0, h1), (w0, w1) = case["crop_box"]
-            stacks[0][number - numbers[0], h0:h1, w0:w1] = pred[0]
+            stacks[0][number - numbers[0], h0:h1, w0:w1] = np.asarray(pred)[0]
             if truth is not None:
-                stacks[1][number - numbers[0], h0:h1, w0:w1] = truth[0]
-        units.append((stacks[0], stacks[1], float(np.prod(members[0][0]["prepared_spacing"]))))
-    return units
+                stacks[1][number - numbers[0], h0:h1, w0:w1] = np.asarray(truth)[0]
+        yield stacks[0], stacks[1], float(np.prod(members[0][0]["prepared_spacing"]))

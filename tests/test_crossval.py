@@ -14,9 +14,11 @@ import torch
 from conftest import TINY_NET, one_error_line, unbiased_start
 
 import infer
+import model as model_module
 import train
 from evaluation import crossval
 from evaluation.crossval import STEPS, Deciding, Judged, assign_folds, judge
+from evaluation.postprocess import OnDisk
 from imaging.cases import deal_folds, find_inputs, group_order, load_manifest, read_case, split_cases
 from imaging.common import InputError
 from inference import segmenter
@@ -98,17 +100,22 @@ def test_an_ensemble_averages_the_networks_probabilities():
     assert not torch.allclose(got, probabilities(predict_logits(nets[0], image, Sliding((4, 8, 8), 0.5))), atol=1e-3)
 
 
-def test_flips_are_flipped_back():
+@pytest.mark.parametrize(("shape", "passes"), [((3, 10, 14), [1, 1, 1, 1]), ((3, 8, 8), [4])])
+def test_flips_are_flipped_back(shape, passes, monkeypatch):
     """A flip-equivariant network (a 1×1×1 convolution) gives the same probabilities with flips as without; for any
-    network each flipped prediction is the flipped input's prediction flipped back, and in-plane axes only."""
-    image = torch.randn(1, 1, 3, 10, 14)
+    network each flipped prediction is the flipped input's prediction flipped back, and in-plane axes only. An image
+    of one window takes its flipped copies in one batch; a larger one one copy at a time (memory for one)."""
+    image = torch.randn(1, 1, *shape)
     pointwise = torch.nn.Conv3d(1, 1, 1).eval()
     plain = predict_probabilities([pointwise], image, Sliding((3, 8, 8), 0.5))
     flipped = predict_probabilities([pointwise], image, Sliding((3, 8, 8), 0.5), flips=(1, 2))
     assert torch.allclose(flipped, plain, atol=1e-6)
     net = _tiny_net(3)
+    batches, real = [], model_module.predict_logits
+    monkeypatch.setattr(model_module, "predict_logits", lambda m, x, *a: batches.append(len(x)) or real(m, x, *a))
     got = list(flipped_probabilities(net, image, Sliding((3, 8, 8), 0.5), flips=(1, 2)))
-    assert len(got) == 4  # none, H, W, both
+    monkeypatch.undo()
+    assert len(got) == 4 and batches == passes  # none, H, W, both
     for probs, dims in zip(got, ([], [3], [4], [3, 4])):
         x = image.flip(dims) if dims else image
         direct = probabilities(predict_logits(net, x, Sliding((3, 8, 8), 0.5)))
@@ -130,6 +137,26 @@ def _judge_flips(monkeypatch, flipped_dice: list[float]) -> dict:
     manifest = {"label_values": [0, 1], "cases": [c for c, *_ in entries]}
     how = Deciding(torch.device("cpu"), False, (1, 2), postprocess=False)
     return judge([Judged((Path("model.pt"),), [])], manifest, [], how)
+
+
+def test_the_decision_reads_each_mask_from_a_file_it_removes(monkeypatch, tmp_path):
+    """Every validation mask waits in a scratch file (not in memory) until it is scored, and the scratch folder is
+    gone once the decision is made, with the same record as masks in memory would give."""
+    seen = []
+    real = crossval.unit_scores
+    monkeypatch.setattr(crossval, "unit_scores", lambda units, *a: seen.extend(
+        (isinstance(p, OnDisk) and isinstance(t, OnDisk), np.asarray(p)) for p, t, _ in units) or real(units, *a))
+    truth = np.zeros((1, 10, 10), np.uint8)
+    truth[0, 2:8, 2:8] = 1
+    entries = [({"name": "c0", "prepared_spacing": [1.0, 1.0, 1.0]}, truth.copy(), truth[:, ::-1].copy(), truth)]
+    monkeypatch.setattr(crossval, "predict_validation", lambda *args: iter(entries))
+    manifest = {"label_values": [0, 1], "cases": [c for c, *_ in entries]}
+    record = judge([Judged((Path("model.pt"),), [])], manifest, [], Deciding(torch.device("cpu"), False, (1, 2),
+                                                                            postprocess=False), tmp_path)
+    assert seen and all(on_disk for on_disk, _ in seen)  # first without flips, then with
+    assert np.array_equal(seen[0][1], truth) and np.array_equal(seen[1][1], truth[:, ::-1])
+    assert list(tmp_path.iterdir()) == []
+    assert record["flips_dice"]["without"] == 1.0
 
 
 def test_test_time_flips_stay_unless_validation_refutes_them(monkeypatch):

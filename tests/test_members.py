@@ -69,8 +69,8 @@ def test_the_decision_judges_the_members_averaged(members_out, prep_dir):
     manifest = json.loads((prep_dir / "dataset.json").read_text())
     _, val_items = planning.split_items(manifest, prep_dir)
     cases = {c["name"]: c for c in manifest["cases"]}
-    got = crossval.predict_validation(crossval.Judged(tuple(paths), val_items[:1]), cases,
-                                      crossval.Deciding(torch.device("cpu"), False, (1, 2)))
+    got = list(crossval.predict_validation(crossval.Judged(tuple(paths), val_items[:1]), cases,
+                                           crossval.Deciding(torch.device("cpu"), False, (1, 2))))
     ckpts = [load_checkpoint(p) for p in paths]
     nets = [model_from_checkpoint(c, p).eval() for c, p in zip(ckpts, paths)]
     item = next(iter(crossval.make_dataset(val_items[:1], "val", ckpts[0]["label_values"],

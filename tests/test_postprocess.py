@@ -10,6 +10,7 @@ from evaluation.postprocess import (
     apply_rule,
     decide,
     object_sizes,
+    object_table,
     single_object,
     small_sizes,
     stack_units,
@@ -80,14 +81,14 @@ def test_one_object_per_unit_comes_from_the_training_masks():
     one[5] = 0
     specks = one.copy()
     specks[0, 15, 15] = 1  # one voxel of 257: under 1%
-    assert single_object([(one, 1.0), (specks, 1.0)], [1]) == [(1,)]
-    assert single_object([(_stack(), 1.0)], [1]) == []  # the blob: 4 of 260 voxels outside, 1.5%
+    assert single_object(object_table([(one, 1.0), (specks, 1.0)], [1])) == [(1,)]
+    assert single_object(object_table([(_stack(), 1.0)], [1])) == []  # the blob: 4 of 260 voxels outside, 1.5%
     two = one.copy()
     two[1:3, 12:16, 12:16] = 1  # a second object of 32 voxels
-    assert single_object([(one, 1.0), (two, 1.0)], [1]) == []
+    assert single_object(object_table([(one, 1.0), (two, 1.0)], [1])) == []
     labelled = one.copy()
     labelled[1:5, 2:4, 2:10] = 2  # two labels inside one tumour: one object of all foreground and of each label
-    assert single_object([(labelled, 1.0)], [1, 2]) == [(1, 2), (1,), (2,)]
+    assert single_object(object_table([(labelled, 1.0)], [1, 2])) == [(1, 2), (1,), (2,)]
 
 
 def test_the_largest_component_stands_where_the_training_masks_expect_one_object():
@@ -110,14 +111,14 @@ def test_the_largest_component_stands_where_the_training_masks_expect_one_object
 def test_small_size_comes_from_the_training_masks():
     """Up to the size where the smallest true components add up to 1% of the foreground; else half the smallest."""
     truths = [(_stack(), 1.0), (_stack(), 0.5)]  # objects of 256 and 4 voxels, at 1 and 0.5 mm³: 2, 4, 128, 256 mm³
-    assert small_sizes(truths, [1]) == {(1,): 2.0}  # 2 ≤ 3.9 (1% of 390), 2 + 4 > 3.9
+    assert small_sizes(object_table(truths, [1])) == {(1,): 2.0}  # 2 ≤ 3.9 (1% of 390), 2 + 4 > 3.9
     fragments = _stack()
     fragments[0, 15, ::2] = 1  # 8 single voxels, 8 mm³ of 268: together 3%, so 2.68 mm³ admits only two of them
-    assert small_sizes([(fragments, 1.0)], [1]) == {(1,): 1.0}
+    assert small_sizes(object_table([(fragments, 1.0)], [1])) == {(1,): 1.0}
     one = np.zeros((2, 4, 4), np.uint8)
     one[:, :2, :2] = 1
-    assert small_sizes([(one, 2.0)], [1]) == {(1,): 8.0}  # one object of 16 mm³: half of it
-    assert small_sizes([(np.zeros((2, 4, 4), np.uint8), 1.0)], [1]) == {}
+    assert small_sizes(object_table([(one, 2.0)], [1])) == {(1,): 8.0}  # one object of 16 mm³: half of it
+    assert small_sizes(object_table([(np.zeros((2, 4, 4), np.uint8), 1.0)], [1])) == {}
 
 
 def test_a_size_in_mm3_becomes_voxels_on_each_grid():
@@ -137,8 +138,8 @@ def test_prepared_slices_are_stacked_at_their_crop_boxes_in_slice_order():
     s1 = {"name": "p_1", "group": "p", "crop_box": [[0, 1], [2, 5], [1, 4]], "prepared_spacing": spacing}
     s3 = {"name": "p_3", "group": "p", "crop_box": [[0, 1], [0, 2], [0, 6]], "prepared_spacing": spacing}
     vol = {"name": "v", "group": "v", "crop_box": [[0, 2], [0, 2], [0, 2]], "prepared_spacing": [2.0, 1.0, 1.0]}
-    units = stack_units([(s3, np.full((1, 2, 6), 3), np.ones((1, 2, 6))), (vol, np.ones((2, 2, 2)), None),
-                         (s1, np.full((1, 3, 3), 1), np.zeros((1, 3, 3)))])
+    units = list(stack_units([(s3, np.full((1, 2, 6), 3), np.ones((1, 2, 6))), (vol, np.ones((2, 2, 2)), None),
+                         (s1, np.full((1, 3, 3), 1), np.zeros((1, 3, 3)))]))
     assert len(units) == 2  # the patient's stack first (where its first slice came), then the volume
     assert np.array_equal(units[1][0], np.ones((2, 2, 2))) and units[1][2] == 2.0
     pred, truth, mm3 = units[0]

@@ -101,7 +101,7 @@ def cross_validate(cfg: TrainConfig) -> dict | None:
     items = train_items + val_items
     judged = [Judged((p,), [i for i in items if fold_of[i["name"]] == k], k) for k, p in enumerate(checkpoints)]
     how = Deciding.as_inferred(resolve_device(cfg.device), cfg.amp, dict(cfg.regions), cfg.postprocess)
-    record = judge(judged, manifest, items, how)
+    record = judge(judged, manifest, items, how, out_dir)
     write_decision(record, checkpoints, out_dir)
     write_json({"folds": cfg.folds, "seed": cfg.seed, "checkpoints": [str(p.relative_to(out_dir)) for p in checkpoints],
                 "flips": record["flips"], "rules": record["rules"]}, out_dir / "cv.json")
