@@ -39,11 +39,12 @@ from training import options
 from training.checkpoints import DeferredInterrupt, check_output, make_checkpoint, resume_from, resume_hint
 from training.clock import Clock, cosine_lr
 from training.config import TrainConfig
-from training.data import make_datasets, make_loader, rank_share
-from training.distributed import agreed, init_distributed, sync_buffers
+from training.data import loader_workers, make_datasets, make_loader, rank_share
+from training.distributed import agreed, init_distributed, rank0, sync_buffers
 from training.ensembles import train_folds, train_members
 from training.optim import Learner, make_training, moving_average
 from training.outputs import log_epoch, plot_dice, write_metrics
+from training.planner import probe
 from training.planning import Run, plan_run
 from training.steps import train_steps, validate
 
@@ -85,6 +86,7 @@ class Session:
     scaler: torch.amp.GradScaler
     loss_fn: torch.nn.Module
     train_ds: Any
+    train_loader: Any
     val_loader: Any
     on_gpu: torch.device | None
     writer: SummaryWriter | None  # rank 0 alone writes
@@ -92,6 +94,7 @@ class Session:
     best: dict = dataclasses.field(default_factory=lambda: {"dice": -1.0, "epoch": 0})
     history: list[dict] = dataclasses.field(default_factory=list)
     stale: int = 0  # validations since the best one
+    validation: dict = dataclasses.field(default_factory=dict)  # a resumed run's Clock.every and Clock.overlap
     average: AveragedModel | None = None  # the weights' moving average (``--ema-epochs``)
 
     @property
@@ -108,29 +111,33 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     cfg = s.run.cfg
     # Time kept for the decision after the last epoch: a validation pass per flip combination.
     clock = Clock(cfg.time_limit, started - sum(float(row["seconds"]) for row in s.history),
-                  closing=float(len(flip_sets(FLIP_AXES))) if cfg.postprocess else 0.0)
+                  closing=float(len(flip_sets(FLIP_AXES))) if cfg.postprocess else 0.0, **s.validation)
     for epoch in range(s.start, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = cosine_lr(cfg.lr, epoch, cfg.epochs) if clock.limit is None else clock.lr(cfg.lr)
         loss = train_epoch(s, epoch, lr)
         clock.trained(time.perf_counter() - t0)
         last = epoch == cfg.epochs or agreed(clock.no_time_for_another())
-        validated = agreed(clock.validation_due()) if clock.limit else epoch % cfg.val_every == 0
+        validated = epoch % cfg.val_every == 0 if cfg.val_every else agreed(clock.validation_due(epoch))
         t1 = time.perf_counter()
-        per_label, per_region = validate(s.weights, s.val_loader, s.run.label_values, cfg, s.run.window, s.amp,
+        at = dataclasses.replace(cfg, overlap=clock.overlap or cfg.overlap)
+        per_label, per_region = validate(s.weights, s.val_loader, s.run.label_values, at, s.run.window, s.amp,
                                          s.run.pool_groups) if validated or last else ({}, {})
         clock.validated(time.perf_counter() - t1, bool(per_label))
+        if (validated or last) and not cfg.val_every:
+            clock.settle(cfg.overlap, 2 if s.run.window[0] == 1 else 3, *rank0(clock.val_s, clock.epoch_s))
         improved = record_epoch(s, epoch, loss, lr, per_label, per_region, time.perf_counter() - t0)
         # Every rank sees the same reduced Dice, so every rank stops at the same epoch.
         early = bool(cfg.patience) and s.stale >= cfg.patience
         if rank == 0:
-            save(s, epoch, improved, final=last or early, left=clock.left())
+            save(s, epoch, improved, final=last or early, clock=clock)
         if early:
             log.info("early stop: no better validation Dice for %d validations", s.stale)
         if last or early:
             break
     train_cases = [item["name"] for item in s.train_ds.data]
-    s.train_ds = s.val_loader = None  # the cached volumes go before the decision predicts whole volumes
+    # the cached volumes, and the workers that hold copies of them, go before the decision predicts whole volumes
+    s.train_ds = s.train_loader = s.val_loader = None
     gc.collect()
     # Folds decide together (cross_validate), and a seed ensemble's members too (train_members).
     if rank == 0 and cfg.postprocess and cfg.fold is None and cfg.members == 1:
@@ -151,24 +158,44 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Sess
     run = plan_run(cfg, device)
     out_dir = Path(run.cfg.output)
     amp = use_amp(run.cfg.amp, device)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run.plan, out_dir / "plan.json")
     model, optimizer, scaler, loss_fn = make_training(run, device, amp)
     train_items, val_items = rank_share(run, rank, world)
     average = moving_average(model, run.cfg.ema_epochs, math.ceil(len(train_items) / run.cfg.batch_size))
-    start, best, history = 1, {"dice": -1.0, "epoch": 0}, []
+    start, best, history, validation = 1, {"dice": -1.0, "epoch": 0}, [], {}
     if run.cfg.resume:
-        start, best, history = resume_from(out_dir / "last.pt", model, optimizer, scaler, run.margs, average)
+        start, best, history, validation = resume_from(out_dir / "last.pt", model, optimizer, scaler, run.margs,
+                                                       average)
     net = model
     if world > 1:
         net = DDP(model, device_ids=[device.index] if device.index is not None
                                                         else None)
     train_ds, val_ds, on_gpu = make_datasets(run, train_items, val_items, device)
+    run, workers = with_workers(run, train_ds, on_gpu, device, amp)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.plan, out_dir / "plan.json")
+    train_loader = make_loader(train_ds, run.cfg.batch_size, None, on_gpu, device, workers)
     val_loader = make_loader(val_ds, 1, None, on_gpu, device, shuffle=False)
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start) if rank == 0 else None
-    return Session(run, device, amp, rank, model, net, optimizer, scaler, loss_fn, train_ds, val_loader, on_gpu,
-                   writer, start, best, history, average=average)
+    return Session(run, device, amp, rank, model, net, optimizer, scaler, loss_fn, train_ds, train_loader,
+                   val_loader, on_gpu, writer, start, best, history, average=average, validation=validation)
+
+
+def with_workers(run: Run, train_ds, on_gpu: torch.device | None, device: torch.device, amp: bool
+                 ) -> tuple[Run, int]:
+    """The run with its loader workers in the plan record: ``--num-workers``, or measured against the probe's
+    step time (``loader_workers``; probed now where the plan did not)."""
+    cfg = run.cfg
+    if cfg.num_workers is not None or on_gpu is not None:
+        return run, cfg.num_workers or 0
+    step_s = run.plan.get("probe_step_s") or probe(run.margs, cfg.crop, cfg.batch_size * cfg.num_samples,
+                                                   run.in_channels, device, amp)
+    workers, batch_s = loader_workers(train_ds, cfg.batch_size, step_s, device)
+    log.info("loader: %.2f s to prepare a batch against %.2f s a step: %d worker process(es)", batch_s, step_s,
+             workers)
+    plan = {**run.plan, "settings": {**run.plan["settings"], "num_workers": workers},
+            "loader": {"batch_s": round(batch_s, 3), "step_s": round(step_s, 3), "workers": workers}}
+    return dataclasses.replace(run, plan=plan), workers
 
 
 def train_epoch(s: Session, epoch: int, lr: float) -> float:
@@ -176,11 +203,11 @@ def train_epoch(s: Session, epoch: int, lr: float) -> float:
     cfg = s.run.cfg
     # Seeding per epoch makes a resumed run draw the same crops as an uninterrupted one.
     seed = cfg.seed + epoch + 100_003 * s.rank
-    s.train_ds.transform.set_random_state(seed=seed)
-    loader = make_loader(s.train_ds, cfg.batch_size, seed, s.on_gpu, s.device, cfg.num_workers)
+    s.train_loader.sampler.seed = seed
     for group in s.optimizer.param_groups:
         group["lr"] = lr
-    loss = train_steps(Learner(s.net, s.optimizer, s.scaler, s.loss_fn, s.average), loader, s.device, s.amp)
+    loss = train_steps(Learner(s.net, s.optimizer, s.scaler, s.loss_fn, s.average), s.train_loader, s.device,
+                       s.amp)
     sync_buffers(s.model)
     if s.average is not None:  # its averaged batch-norm statistics, too, followed each rank's own
         sync_buffers(s.average.module)
@@ -204,9 +231,10 @@ def record_epoch(s: Session, epoch: int, loss: float, lr: float, per_label: dict
     return improved
 
 
-def save(s: Session, epoch: int, improved: bool, final: bool, left: float | None = None) -> None:
+def save(s: Session, epoch: int, improved: bool, final: bool, clock: Clock) -> None:
     """The epoch's files: ``best.pt`` when improved, ``model.pt`` when this epoch is the one ``--select`` keeps for
-    inference (the final one, or the best), ``last.pt``, ``metrics.csv``, ``dice.png``, the log line."""
+    inference (the final one, or the best), ``last.pt`` (with the validation schedule, ``clock``'s), ``metrics.csv``,
+    ``dice.png``, the log line."""
     out_dir = Path(s.run.cfg.output)
     ckpt = make_checkpoint(s.weights, s.run, epoch, s.best, s.history)
     with DeferredInterrupt():  # Ctrl-C waits until this epoch's files are all written
@@ -216,13 +244,14 @@ def save(s: Session, epoch: int, improved: bool, final: bool, left: float | None
         if keep:
             save_checkpoint({**ckpt, "selected": s.run.cfg.select}, out_dir / "model.pt")
             write_models_record(out_dir, [out_dir / "model.pt"], "model")
-        resume = {"optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict()}
+        resume = {"optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+                  "validation": {"every": clock.every, "overlap": clock.overlap}}
         if s.average is not None:  # model_state holds the average; training goes on from the raw weights
             resume |= {"train_state": s.model.state_dict(), "average_steps": int(s.average.n_averaged)}
         save_checkpoint({**ckpt, **resume}, out_dir / "last.pt")
         write_metrics(s.history, out_dir / "metrics.csv")
         plot_dice(s.history, out_dir / "dice.png", bool(s.run.cfg.train_on_val))
-    log_epoch(s.writer, s.history[-1], s.best, bool(s.run.cfg.train_on_val), left)
+    log_epoch(s.writer, s.history[-1], s.best, bool(s.run.cfg.train_on_val), clock.left())
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:

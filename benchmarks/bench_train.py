@@ -43,7 +43,7 @@ from dice import dice_per_class, mean_dice  # noqa: E402
 from model import probabilities, resolve_device, to_classes, use_amp  # noqa: E402
 from training.clock import cosine_lr  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.data import make_datasets, make_loader  # noqa: E402
+from training.data import EpochOrder, Seeded, make_datasets, make_loader  # noqa: E402
 from training.optim import Learner, make_training, moving_average  # noqa: E402
 from training.options import parse_args  # noqa: E402
 from training.planning import Run, plan_run  # noqa: E402
@@ -171,20 +171,21 @@ def time_epochs(epochs: int, run: Run, plain: dict, ours: dict, phase: Phases, d
     for epoch in range(1, epochs + 1):
         lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
         for name, way in (("plain", plain), ("ours", ours)):
-            way["train"].transform.set_random_state(seed=cfg.seed + epoch)
             for group in way["optimizer"].param_groups:
                 group["lr"] = lr
             phase(name)
             synchronize(device)
             t0 = time.perf_counter()
+            # both draw their crops in train.py's EpochOrder (the same crops, whatever the workers), plain MONAI's
+            # DataLoader and Dataset otherwise
+            order = EpochOrder(len(way["train"]), True, cfg.seed + epoch)
             if name == "plain":
-                generator = torch.Generator().manual_seed(cfg.seed + epoch)
-                loader = DataLoader(way["train"], batch_size=cfg.batch_size, shuffle=True,
-                                    num_workers=cfg.num_workers, generator=generator)
+                loader = DataLoader(Seeded(way["train"]), batch_size=cfg.batch_size, sampler=order,
+                                    num_workers=cfg.num_workers or 0)
                 loss = plain_epoch(way["model"], loader, way["loss"], way["optimizer"], device)
             else:
                 loader = make_loader(way["train"], cfg.batch_size, cfg.seed + epoch, way["on_gpu"], device,
-                                           cfg.num_workers)
+                                     cfg.num_workers or 0)
                 learner = Learner(way["model"], way["optimizer"], way["scaler"], way["loss"], way["average"])
                 loss = train_steps(learner, loader, device, way["amp"])
             synchronize(device)

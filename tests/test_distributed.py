@@ -93,5 +93,5 @@ def test_every_collective_tensor_lives_where_the_backend_moves_tensors(monkeypat
     monkeypatch.setattr(distributed, "distributed", lambda: True)
     monkeypatch.setattr(distributed, "collective_device", lambda: torch.device("meta"))
     monkeypatch.setattr(distributed.dist, "broadcast", lambda tensor, src: sent.append(tensor.device))
-    monkeypatch.setattr(torch.Tensor, "item", lambda self: 1.0)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: [1.0])
     assert distributed.agreed(True) is True and sent == [torch.device("meta")]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 
+import monai
 import nibabel as nib
 import numpy as np
 import pytest
@@ -337,6 +339,53 @@ def test_evaluate_case_by_hand():
     assert empty["dice_1"] == 0.0 and np.isnan(empty["hd95_mm_1"])
     flat = infer.evaluate_case(truth[:, :, 4:5], truth[:, :, 4:5], affine, [0, 1])
     assert flat["true_mm2_1"] == pytest.approx(100 * 0.25)  # a single slice reports an area
+
+
+def test_loader_workers_draw_the_same_crops_and_live_across_epochs(prep_dir, tmp_path, monkeypatch):
+    """A crop is a function of the epoch's seed and the case (``EpochOrder``), not of the process that draws it:
+    a run whose loader has a worker process, kept across its epochs, learns what a run without one does."""
+    made = []
+    real = training.data.DataLoader
+
+    def counted(*args, **kwargs):
+        made.append(kwargs.get("persistent_workers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.data, "DataLoader", counted)
+    argv = ["--data", str(prep_dir), "--epochs", "3", *TINY_NET]
+    assert train.main([*argv, "--output", str(tmp_path / "w0"), "--num-workers", "0"]) == 0
+    assert train.main([*argv, "--output", str(tmp_path / "w1"), "--num-workers", "1"]) == 0
+    assert made == [False, False, True, False]  # per run: one training loader for all epochs, one validation
+    plain, workers = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("w0", "w1"))
+    assert [r["train_loss"] for r in plain] == [r["train_loss"] for r in workers]
+    assert [r["val_dice"] for r in plain] == [r["val_dice"] for r in workers]
+
+
+class SlowItems(torch.utils.data.Dataset):
+    """Eight items that take ``seconds`` each to prepare."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.transform = seconds, monai.transforms.Compose([])
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> dict:
+        time.sleep(self.seconds)
+        return {"image": torch.zeros(1)}
+
+
+def test_loader_workers_are_measured_against_the_step(monkeypatch):
+    """None where the main process prepares a batch in a fraction of a step; on a GPU as many as keep its step
+    fed and two to spare, within the cores but one; on the CPU, which runs the step, within half the cores."""
+    monkeypatch.setattr(training.data, "machine", lambda device: {"cpu_cores": 8})
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert training.data.loader_workers(SlowItems(0.01), 2, 1.0, gpu)[0] == 0  # 0.02 s a batch, 1 s a step
+    workers, batch_s = training.data.loader_workers(SlowItems(0.05), 2, 0.05, gpu)  # ≈ 2 steps' worth
+    assert batch_s >= 0.1 and 4 <= workers <= 7
+    assert training.data.loader_workers(SlowItems(0.05), 2, 0.05, cpu)[0] == 4
+    monkeypatch.setattr(training.data, "machine", lambda device: {"cpu_cores": 1})
+    assert training.data.loader_workers(SlowItems(0.05), 2, 0.05, cpu)[0] == 0  # no core to spare
 
 
 def test_device_cache_path_draws_the_same_crops(prep_dir, tmp_path, monkeypatch):

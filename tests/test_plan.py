@@ -14,8 +14,11 @@ from conftest import TINY_NET
 
 import train
 from imaging.common import InputError
+from model import load_checkpoint
 from training import planner, planning
 from training.clock import Clock
+
+SCHEDULED = [a for k, a in enumerate(TINY_NET) if "--val-every" not in TINY_NET[max(k - 1, 0):k + 1]]
 
 FP_2D = {"dims": "2d", "median_shape": [1, 212, 181], "median_spacing": [1.0, 1.0, 1.0]}
 FP_3D = {"dims": "3d", "median_shape": [150, 200, 180], "median_spacing": [1.0, 0.8, 0.8]}
@@ -135,18 +138,39 @@ def test_bad_time_limits_are_refused(text):
 
 def test_the_clock_decays_validates_and_stops_within_the_budget():
     clock = Clock(100.0, time.perf_counter())
-    assert clock.lr(1.0) == pytest.approx(1.0, abs=1e-3) and clock.validation_due()  # the first measures its cost
+    assert clock.lr(1.0) == pytest.approx(1.0, abs=1e-3) and clock.validation_due(1)  # the first measures its cost
     clock.trained(5.0)
     clock.validated(2.0, True)
-    assert not clock.validation_due()  # 0 s of training since: a validation would cost more than a fifth
+    assert not clock.validation_due(1)  # 0 s of training since: a validation would cost more than a fifth
     clock.trained(5.0)
     clock.trained(3.0)
-    assert clock.validation_due()  # 8 s of training against 2 s of validation: a fifth of the time
+    assert clock.validation_due(1)  # 8 s of training against 2 s of validation: a fifth of the time
     clock.start -= 60  # 60 s later: cosine at 60%, and another epoch still fits
     assert clock.lr(1.0) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(0.6 * torch.pi)).item()), abs=1e-3)
     assert not clock.no_time_for_another()
     clock.start -= 34  # 94 s: two 2 s validations and another 3 s epoch (and its writing) would pass 100 s
     assert clock.no_time_for_another() and clock.left() == pytest.approx(6, abs=0.1)
+
+
+@pytest.mark.parametrize("val_s, dims, overlap, every", [
+    (2.0, 3, 0.75, 2),   # 2 s against 5 s an epoch: every 4 × 2 / 5 → 2 epochs keeps it a fifth of the time
+    (0.1, 3, 0.75, 1),
+    (40.0, 3, 0.5, 4),   # 8 epochs' worth: at overlap 0.5, 1/8 of the windows, 5 s, every 4 epochs
+    (40.0, 2, 0.5, 8),   # a 2D window slides in-plane only: 1/4 of the windows, 10 s
+])
+def test_validation_is_settled_from_its_measured_cost(val_s, dims, overlap, every):
+    clock = Clock(None, time.perf_counter())
+    assert clock.validation_due(1) and clock.validation_due(7)  # until the first validation measures
+    clock.trained(5.0)
+    clock.validated(val_s, True)
+    clock.settle(0.75, dims, clock.val_s, clock.epoch_s)
+    assert (clock.overlap, clock.every) == (overlap, every)
+    assert [e for e in range(2, 12) if clock.validation_due(e)] == [e for e in range(2, 12) if e % every == 0]
+    clock.settle(0.75, dims, 1000.0, 0.1)  # fixed once settled: a resumed run keeps last.pt's schedule
+    assert (clock.overlap, clock.every) == (overlap, every)
+    given = Clock(None, time.perf_counter())
+    given.settle(0.3, dims, val_s, 5.0)  # an --overlap at or under 0.5 is kept
+    assert given.overlap == 0.3
 
 
 def test_a_time_limited_run_ends_validated_with_a_decayed_rate(prep_dir, tmp_path, monkeypatch):
@@ -155,7 +179,7 @@ def test_a_time_limited_run_ends_validated_with_a_decayed_rate(prep_dir, tmp_pat
     ticks = itertools.count()
     monkeypatch.setattr(time, "perf_counter", lambda: 0.1 * next(ticks))
     out = tmp_path / "out"
-    assert train.main(["--data", str(prep_dir), "--output", str(out), "--time-limit", "30s", *TINY_NET]) == 0
+    assert train.main(["--data", str(prep_dir), "--output", str(out), "--time-limit", "30s", *SCHEDULED]) == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) > 2, rows
     assert rows[-1]["val_dice"] != ""  # the last epoch is validated, so the best checkpoint is chosen on it
@@ -164,11 +188,27 @@ def test_a_time_limited_run_ends_validated_with_a_decayed_rate(prep_dir, tmp_pat
     assert json.loads((out / "plan.json").read_text())["settings"]["time_limit"] == 30.0
 
 
+def test_a_run_validates_on_its_measured_schedule_and_a_resumed_one_keeps_it(prep_dir, tmp_path, monkeypatch):
+    """Without --val-every the first validation settles how often the others come (the clock ticks 0.1 s at
+    every reading, as above); last.pt keeps that schedule, and a resumed run validates the epochs it says."""
+    ticks = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.1 * next(ticks))
+    out = tmp_path / "out"
+    assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "3", *SCHEDULED]) == 0
+    schedule = load_checkpoint(out / "last.pt")["validation"]
+    assert schedule["every"] >= 1 and schedule["overlap"] in (0.75, 0.5)
+    assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "9", "--resume",
+                       *SCHEDULED]) == 0
+    assert load_checkpoint(out / "last.pt")["validation"] == schedule
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    validated = [int(r["epoch"]) for r in rows if r["val_dice"]]
+    every = schedule["every"]
+    assert validated == sorted({1, 3, 9} | {e for e in range(1, 10) if e % every == 0})
+
+
 @pytest.mark.parametrize("select", ["final", "best"])
 def test_model_pt_holds_the_selected_epoch(prep_dir, tmp_path, select):
     """model.pt, what infer.py uses by default, is the final epoch (learning rate decayed) or the best one."""
-    from model import load_checkpoint
-
     out = tmp_path / select
     assert train.main(["--data", str(prep_dir), "--output", str(out), "--epochs", "3", "--select", select,
                        *TINY_NET]) == 0

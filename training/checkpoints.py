@@ -97,9 +97,9 @@ def make_checkpoint(model: torch.nn.Module, run: Run, epoch: int, best: dict, hi
 
 
 def resume_from(path: Path, model, optimizer, scaler, margs: dict, average: AveragedModel | None = None
-                ) -> tuple[int, dict, list[dict]]:
+                ) -> tuple[int, dict, list[dict], dict]:
     """Restore model/optimizer/scaler (and the moving average) from ``last.pt``; returns (next epoch, best,
-    history)."""
+    history, the validation schedule: ``training.clock.Clock``'s ``every`` and ``overlap``)."""
     ckpt = load_checkpoint(path)
     if ckpt["model_args"] != margs:
         raise InputError(f"{path}: was trained with model {ckpt['model_args']}, not {margs}")
@@ -121,7 +121,8 @@ def resume_from(path: Path, model, optimizer, scaler, margs: dict, average: Aver
         raise InputError(f"{path}: optimizer state does not fit this run ({exc})") from None
     log.info("resuming after epoch %d (best Dice %.4f at epoch %d)", ckpt["epoch"], ckpt["best_dice"],
              ckpt["best_epoch"])
-    return ckpt["epoch"] + 1, {"dice": ckpt["best_dice"], "epoch": ckpt["best_epoch"]}, list(ckpt["history"])
+    return (ckpt["epoch"] + 1, {"dice": ckpt["best_dice"], "epoch": ckpt["best_epoch"]}, list(ckpt["history"]),
+            dict(ckpt.get("validation") or {}))
 
 
 def resume_hint(cfg: TrainConfig) -> str:

@@ -11,15 +11,20 @@ import time
 log = logging.getLogger("train")
 
 
-VALIDATION_SHARE = 0.2  # a --time-limit run validates when that keeps validation under this share of the time
+VALIDATION_SHARE = 0.2  # validation comes as often as keeps it under this share of the time (without --val-every)
+# A first validation that costs more than this many epochs of training would come every 16 epochs or less often at
+# that share: later ones slide their window at FAST_OVERLAP, which in 3D has (0.25 / 0.5)³ = 1/8 of 0.75's windows.
+SLOW_VALIDATION = 4.0
+FAST_OVERLAP = 0.5
 
 
 @dataclasses.dataclass
 class Clock:
-    """A ``--time-limit`` run's budget (seconds; None: no limit). The learning rate decays (cosine) with the share of
-    the budget spent, not with epochs; validation comes as often as keeps it under ``VALIDATION_SHARE`` of the time;
-    the run stops when another epoch and its validation would not fit, validating its last epoch, so that a run of
-    any length ends with a decayed learning rate and its best checkpoint chosen on validation."""
+    """A run's time: its ``--time-limit`` budget (seconds; None: no limit) and what validation costs. The learning
+    rate decays (cosine) with the share of the budget spent, not with epochs; validation is kept under
+    ``VALIDATION_SHARE`` of the time, with a smaller overlap where it is slow (``validation_due``, ``settle``); a
+    limited run stops when another epoch and its validation would not fit, validating its last epoch, so that a
+    run of any length ends with a decayed learning rate and its best checkpoint chosen on validation."""
 
     limit: float | None
     start: float  # ``time.perf_counter()`` when the run began (with --resume: earlier by the epochs before)
@@ -27,6 +32,8 @@ class Clock:
     val_s: float = 0.0  # the latest validation
     since_val: float = 0.0  # training seconds since the latest validation
     closing: float = 0.0  # validations' worth of time kept for after the last epoch (the postprocessing decision)
+    every: int | None = None  # a run without a limit validates every this many epochs (None: not measured yet)
+    overlap: float | None = None  # validation's sliding-window overlap, once settled (None: --overlap's)
 
     @property
     def spent(self) -> float:
@@ -44,10 +51,28 @@ class Clock:
         if done:
             self.val_s, self.since_val = seconds, 0.0
 
-    def validation_due(self) -> bool:
-        """The first validation (it measures its cost), then whenever training since the last one has taken
-        (1 - share) / share times a validation."""
+    def validation_due(self, epoch: int) -> bool:
+        """The first validation (it measures its cost); then, under a limit, whenever training since the last one
+        has taken (1 - share) / share times a validation; without one, every ``every`` epochs (``settle``)."""
+        if self.limit is None:
+            return self.every is None or epoch % self.every == 0
         return self.val_s == 0 or self.since_val * VALIDATION_SHARE >= (1 - VALIDATION_SHARE) * self.val_s
+
+    def settle(self, given: float, dims: int, val_s: float, epoch_s: float) -> None:
+        """After the first validation, which took ``val_s`` against ``epoch_s`` of training (rank 0's, so that
+        every rank settles alike): the overlap, ``given`` or ``FAST_OVERLAP`` where that validation was slow, and
+        the interval that keeps validation at that overlap (((1 - overlap) / (1 - given))^dims of the windows) under
+        ``VALIDATION_SHARE`` of the time. Fixed from then on and kept in last.pt, so that a resumed run validates
+        the epochs and at the overlap an uninterrupted one does."""
+        if self.overlap is not None:
+            return
+        self.overlap, cost = given, val_s
+        if val_s > SLOW_VALIDATION * epoch_s and given > FAST_OVERLAP:
+            self.overlap, cost = FAST_OVERLAP, val_s * ((1 - given) / (1 - FAST_OVERLAP)) ** dims
+        if self.limit is None:
+            self.every = max(1, math.ceil((1 - VALIDATION_SHARE) / VALIDATION_SHARE * cost / max(epoch_s, 1e-6)))
+        log.info("validation: %.1f s against %.1f s an epoch: %s at overlap %.2f", val_s, epoch_s,
+                 f"every {self.every} epochs" if self.every else "as the time limit allows", self.overlap)
 
     def no_time_for_another(self) -> bool:
         """Whether validating now, another epoch (with a tenth for writing its files), its validation and what

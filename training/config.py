@@ -27,7 +27,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     pos_weight: float = 1.0
-    val_every: int = 1
+    val_every: int | None = None  # None: as often as keeps validation a fifth of the time (training.clock)
     overlap: float = 0.75
     sw_batch_size: int | None = None  # None: model.default_sw_batch_size of the device
     patience: int = 0
@@ -38,7 +38,7 @@ class TrainConfig:
     overwrite: bool = False  # replace the run OUTPUT holds (without it or --resume, a run there is refused)
     cache_rate: float = 1.0
     cache_memory: float | None = None  # bytes of memory for cached volumes (None: half of what is available)
-    num_workers: int = 0
+    num_workers: int | None = None  # loader processes (None: measured, ``training.data.loader_workers``)
     widths: tuple[int, ...] | None = None  # UNet channels per level; plan (with strides)
     strides: tuple | None = None  # plan (with widths)
     num_res_units: int | None = None

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data import DataLoader, ThreadDataLoader, partition_dataset
+from monai.data import DataLoader, Dataset, ThreadDataLoader, partition_dataset
+from torch.utils.data import Sampler
 
 from dataset import AugmentParams, Caching, make_dataset
 from imaging.common import InputError
 from training.config import TrainConfig
+from training.planner import machine
 from training.planning import Run
 
 log = logging.getLogger("train")
@@ -102,15 +104,67 @@ def make_datasets(run: Run, train_items: list[dict], val_items: list[dict], devi
     return train_ds, val_ds, on_gpu
 
 
+class EpochOrder(Sampler):
+    """An epoch's items, shuffled or in order, each with the seed of its random transforms, all drawn from the
+    epoch's seed (``seed``, set before each epoch): a crop is a function of the epoch and the case, not of which
+    process draws it or what it drew before, so that loader workers live across epochs (``persistent_workers``)
+    and a resumed run draws the crops an uninterrupted one does."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(self.n, generator=generator).tolist() if self.shuffle else range(self.n)
+        seeds = torch.randint(2**31, (self.n,), generator=generator).tolist()
+        return iter([(i, seeds[i]) for i in order])
+
+
+class Seeded(Dataset):
+    """``dataset`` read by ``EpochOrder``'s ``(index, seed)`` keys: the item's random transforms seeded first."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        self.dataset.transform.set_random_state(seed=seed)
+        return self.dataset[index]
+
+
 def make_loader(ds, batch_size: int, seed: int | None, on_gpu: torch.device | None, device: torch.device,
                 num_workers: int = 0, shuffle: bool = True) -> DataLoader:
-    """Batches of ``ds``, shuffled by ``seed``. Volumes cached on the GPU cannot go to worker processes: a thread
-    prepares the next batch there instead (MONAI's ``ThreadDataLoader``); host batches are pinned for a GPU."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    """Batches of ``ds`` in ``EpochOrder`` (set its ``seed`` before each epoch: ``loader.sampler.seed``), its
+    workers kept across epochs. Volumes cached on the GPU cannot go to worker processes: a thread prepares the
+    next batch there instead (MONAI's ``ThreadDataLoader``); host batches are pinned for a GPU."""
+    order = EpochOrder(len(ds), shuffle, seed or 0)
     if on_gpu is not None:
-        return ThreadDataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                      pin_memory=device.type == "cuda")
+        return ThreadDataLoader(Seeded(ds), batch_size=batch_size, sampler=order, num_workers=0)
+    return DataLoader(Seeded(ds), batch_size=batch_size, sampler=order, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
+
+
+def loader_workers(ds, batch_size: int, step_s: float, device: torch.device) -> tuple[int, float]:
+    """Loader processes for ``ds`` and the seconds one batch takes to prepare in this process (timed on a few
+    items): none where the main process prepares a batch in under a fifth of a training step (``step_s``, the
+    planner's probe); else as many as keep the step fed, two to spare, up to the cores left to the step (on the
+    CPU, which the step itself runs on, half of them)."""
+    order, n = list(EpochOrder(len(ds), True, 0)), min(len(ds), 2 * batch_size)
+    t0 = time.perf_counter()
+    for key in order[:n]:
+        Seeded(ds)[key]
+    batch_s = (time.perf_counter() - t0) / max(n, 1) * batch_size
+    cores = machine(device)["cpu_cores"]
+    spare = cores // 2 if device.type == "cpu" else cores - 1
+    if batch_s < 0.2 * step_s or spare < 1:
+        return 0, batch_s
+    return min(spare, math.ceil(batch_s / max(step_s, 1e-3)) + 2, 16), batch_s
 
 
 def rank_share(run: Run, rank: int, world: int) -> tuple[list[dict], list[dict]]:

@@ -67,8 +67,13 @@ def collective_device() -> torch.device:
 
 def agreed(flag: bool) -> bool:
     """Rank 0's answer on every rank (time differs between processes; their decisions may not)."""
+    return bool(rank0(float(flag))[0])
+
+
+def rank0(*values: float) -> list[float]:
+    """Rank 0's ``values`` on every rank (alone: the values)."""
     if not distributed():
-        return flag
-    value = torch.tensor([float(flag)], device=collective_device())
-    dist.broadcast(value, src=0)
-    return bool(value.item())
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()

@@ -77,9 +77,9 @@ def check_ranges(a: argparse.Namespace, p: ArgumentParser) -> None:
     """Refuse numbers no run could use, before any work (settings left to the plan are checked when given)."""
     batch, samples = (1 if v is None else v for v in (a.batch_size, a.num_samples))
     crop = a.crop or [1]
-    if not 1 <= a.epochs <= 100_000 or min(batch, samples, a.val_every, *crop) < 1:
+    if not 1 <= a.epochs <= 100_000 or min(batch, samples, a.val_every or 1, *crop) < 1:
         p.error("--epochs (up to 100000), --batch-size, --num-samples, --val-every and --crop must be at least 1")
-    if batch * samples > 4096 or max(crop) > 1024 or a.num_workers < 0 or (
+    if batch * samples > 4096 or max(crop) > 1024 or (a.num_workers or 0) < 0 or (
             a.sw_batch_size is not None and a.sw_batch_size < 1):
         p.error("--batch-size × --num-samples above 4096, --crop above 1024, negative --num-workers or "
                 "--sw-batch-size below 1")
@@ -123,7 +123,9 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     p.add_argument("--dice-weight", type=float, default=d.dice_weight)
     p.add_argument("--bce-weight", type=float, default=d.bce_weight, help="BCE (binary) or CE (multi-class) weight")
     p.add_argument("--pos-weight", type=float, default=d.pos_weight, help="BCE pos_weight for binary targets")
-    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--val-every", type=int, default=d.val_every,
+                   help="validate every N epochs (default: as often as keeps validation a fifth of the time, its "
+                   "overlap at most 0.5 once a validation costs more than four epochs)")
     p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in validation")
     p.add_argument("--sw-batch-size", type=int, default=d.sw_batch_size,
                    help="validation windows per network pass (default: 2 on the CPU, 4 on a GPU)")
@@ -155,7 +157,8 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     p.add_argument("--cache-memory", type=memory_size, default=d.cache_memory, metavar="SIZE",
                    help="memory for cached volumes, e.g. 8G (default: half of what is available); data that needs "
                    "more is cached on disk in DATA/.cache/, the first volumes in memory too")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes")
+    p.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="data loader processes (default: as many as keep a step fed, measured at the start)")
     add_network_options(p)
     p.add_argument("--batch-dice", action=argparse.BooleanOptionalAction, default=None,
                    help="Dice loss pooled over the batch's crops (default: on for 2D slices, off for volumes)")
