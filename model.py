@@ -390,7 +390,7 @@ def flipped_probabilities(model: torch.nn.Module, image: torch.Tensor, sliding: 
     duplicate); a larger one is flipped one copy at a time, so that memory holds one copy of the volume and its
     probabilities, not eight."""
     dims = [[2 + a for a in combo] for combo in flip_sets(flips)]  # of (B, C, D, H, W)
-    one_window = math.prod(model_window(model, sliding.window, image.shape[2:])) >= math.prod(image.shape[2:])
+    one_window = all(s <= w for s, w in zip(image.shape[2:], model_window(model, sliding.window, image.shape[2:])))
     groups = [dims] if one_window else [[d] for d in dims]
     n = len(image)
     for group in groups:

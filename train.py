@@ -40,7 +40,7 @@ from training.checkpoints import DeferredInterrupt, check_output, make_checkpoin
 from training.clock import Clock, cosine_lr
 from training.config import TrainConfig
 from training.data import loader_workers, make_datasets, make_loader, rank_share
-from training.distributed import agreed, init_distributed, rank0, sync_buffers
+from training.distributed import agreed, distributed, init_distributed, rank0, sync_buffers
 from training.ensembles import train_folds, train_members
 from training.optim import Learner, make_training, moving_average
 from training.outputs import log_epoch, plot_dice, write_metrics
@@ -56,19 +56,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     "best_epoch", "epochs_run", "peak_rss_mb", "train_cases", "model"}`` (the cases this rank trained on, the
     trained network)."""
     rank, world, device = init_distributed(resolve_device(cfg.device))
-    if world > 1:
-        log.info("rank %d of %d", rank, world)
+    if distributed():
+        log.info("rank %d of %d (%s)", rank, world, dist.get_backend())
         if rank:
             log.setLevel(logging.WARNING)  # one copy of the log, rank 0's, for the rest of this process
     try:
         result = _train(cfg, rank, world, device)
-        if world > 1:
+        if distributed():
             # Rank 0 is still writing when the others finish: none may tear the group down under it (seen once:
             # the rank that left first aborted).
             dist.barrier()
         return result
     finally:
-        if world > 1:
+        if distributed():
             dist.destroy_process_group()
 
 
@@ -166,7 +166,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Sess
         start, best, history, validation = resume_from(out_dir / "last.pt", model, optimizer, scaler, run.margs,
                                                        average)
     net = model
-    if world > 1:
+    if distributed():
         net = DDP(model, device_ids=[device.index] if device.index is not None
                                                         else None)
     train_ds, val_ds, on_gpu = make_datasets(run, train_items, val_items, device)
@@ -177,8 +177,10 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Sess
     train_loader = make_loader(train_ds, run.cfg.batch_size, None, on_gpu, device, workers)
     val_loader = make_loader(val_ds, 1, None, on_gpu, device, shuffle=False)
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start) if rank == 0 else None
+    # validations since the best one, as an uninterrupted run counts them for --patience
+    stale = sum(1 for row in history if row["val_dice"] not in (None, "") and row["epoch"] > best["epoch"])
     return Session(run, device, amp, rank, model, net, optimizer, scaler, loss_fn, train_ds, train_loader,
-                   val_loader, on_gpu, writer, start, best, history, average=average, validation=validation)
+                   val_loader, on_gpu, writer, start, best, history, stale, validation, average)
 
 
 def with_workers(run: Run, train_ds, on_gpu: torch.device | None, device: torch.device, amp: bool
@@ -201,8 +203,9 @@ def with_workers(run: Run, train_ds, on_gpu: torch.device | None, device: torch.
 def train_epoch(s: Session, epoch: int, lr: float) -> float:
     """One epoch of training crops at learning rate ``lr``; returns the mean loss."""
     cfg = s.run.cfg
-    # Seeding per epoch makes a resumed run draw the same crops as an uninterrupted one.
-    seed = cfg.seed + epoch + 100_003 * s.rank
+    # Seeding per epoch makes a resumed run draw the same crops as an uninterrupted one; seeds a million apart, so
+    # that seed K + 1 (the next ensemble member) does not repeat seed K's next epoch.
+    seed = cfg.seed * 1_000_003 + epoch + 100_003 * s.rank
     s.train_loader.sampler.seed = seed
     for group in s.optimizer.param_groups:
         group["lr"] = lr

@@ -5,16 +5,21 @@ MSD layout, prepared, trained and segmented with the three commands as a user ru
 
 For each N: ``preprocess.py`` (seconds per case, peak resident memory), ``train.py --time-limit`` twice into fresh
 output folders with the given ``--cache-memory`` (the second reads the disk cache the first wrote: the set-up
-seconds of each, the probe's seconds per step, the peak resident memory against the budget), and ``infer.py`` on
+seconds of each, the probe's seconds per step, the peak resident memory against the budget), then once more for
+each ``--ratios`` R with ``--cache-memory`` at 1/R of the cached volumes' size (without the post-training decision:
+seconds per step and peak memory with all in memory, half, a quarter), and ``infer.py`` on
 ``imagesTs/`` (seconds per case). Each command is its own process, its peak memory read from the kernel when it
-ends. The prepared data's size is printed beside the budget: where it is larger, training reads from disk. Not a
+ends (the main process's: loader workers, where the plan starts any, are not counted). The prepared data's size
+is printed beside the budget: where it is larger, training reads from disk. Not a
 test: nothing here asserts; tests/test_benchmarks.py smoke-runs it on tiny volumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -26,6 +31,9 @@ import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from training.data import cached_bytes  # noqa: E402
+
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
 LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
 
@@ -82,6 +90,27 @@ def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
+def cached_mb(prep: Path) -> float:
+    """What train.py's cache holds of this prepared data with its defaults: every training volume, and the
+    validation volumes once more (they train too, and are cached in each chain)."""
+    manifest = json.loads((prep / "dataset.json").read_text())
+    cases = [c for c in manifest["cases"] if c.get("split") in ("train", "val")]
+    cases += [c for c in cases if c["split"] == "val"]
+    return cached_bytes(cases, int(manifest.get("in_channels", 1))) / 2**20
+
+
+def step_seconds(out: Path, prep: Path) -> float | None:
+    """Median seconds per training step of the run in ``out``: its epochs without a validation, over the steps an
+    epoch takes (its training volumes, validation's too by default, over the batch)."""
+    plan = json.loads((out / "plan.json").read_text())
+    manifest = json.loads((prep / "dataset.json").read_text())
+    cases = sum(c.get("split") in ("train", "val") for c in manifest["cases"])
+    steps = math.ceil(cases / plan["settings"]["batch_size"])
+    with (out / "metrics.csv").open() as f:
+        epochs = sorted(float(r["seconds"]) for r in csv.DictReader(f) if not r["val_dice"])
+    return round(epochs[len(epochs) // 2] / steps, 3) if epochs else None
+
+
 def scale(n: int, args: argparse.Namespace) -> dict:
     work = Path(args.work) / f"n{n}"
     raw = write_dataset(work / "raw", n, tuple(args.shape))
@@ -102,6 +131,15 @@ def scale(n: int, args: argparse.Namespace) -> dict:
                                    "cache_fill_s": float(cache[1]) if cache else None,
                                    "probe_step_s": float(probe[1]) if probe else None,
                                    "from_disk": cache is not None}
+    need = cached_mb(prep)
+    row["cached_mb"] = round(need, 1)
+    for ratio in args.ratios:  # the same data against budgets of 1/ratio of its cached size (1×: all of it fits)
+        budget = math.ceil(need * 2**20 / ratio) + (2**20 if ratio <= 1 else 0)  # a margin where all must fit
+        out = work / f"out_ratio{ratio:g}"
+        done = run("train.py", "--data", str(prep), "--output", str(out), "--overwrite", "--device", args.device,
+                   "--time-limit", args.time_limit, "--cache-memory", str(budget), "--no-postprocess")
+        row[f"train_ratio{ratio:g}"] = {"cache_memory_mb": round(budget / 2**20), "peak_rss_mb": done["peak_rss_mb"],
+                                       "step_s": step_seconds(out, prep), "from_disk": "(filled in" in done["log"]}
     masks = work / "masks"
     done = run("infer.py", str(raw / "imagesTs"), "--checkpoint", str(work / "out_second"), "--out", str(masks),
                "--overwrite", "--device", args.device)
@@ -119,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=2, help="preprocess.py's --workers")
     p.add_argument("--work", required=True, help="where the data, prepared data and outputs go")
+    p.add_argument("--ratios", type=float, nargs="*", default=[1, 2, 4],
+                   help="also train (without the decision) with --cache-memory at 1/R of the cached size, for each R")
     p.add_argument("--json", help="write the rows here too")
     args = p.parse_args(argv)
     rows = []

@@ -22,11 +22,12 @@ import training.optim  # noqa: E402
 
 # 320×320 in-plane so that the downsampling to 256 really happens; depth 8 so that crops are padded.
 SYNTH_SHAPE = ["8", "320", "320"]
-# The tiny network (train.py's arguments): three levels of 4, 8, 16 channels; validated after every epoch (by
-# default how often, and at what overlap, follows from the machine's timings: tests/test_plan.py tests that).
+# The tiny network (train.py's arguments): three levels of 4, 8, 16 channels; validated after every epoch and
+# without loader processes (by default both follow from the machine's timings: tests/test_plan.py and
+# tests/test_pipeline.py test that).
 TINY_WIDTHS = ["--widths", "4", "8", "16", "--strides", "2", "2"]
 TINY_NET = [*TINY_WIDTHS, "--num-res-units", "1", "--crop", "8", "64", "64", "--num-samples", "2", "--batch-size", "2",
-            "--val-every", "1", "--device", "cpu"]
+            "--val-every", "1", "--num-workers", "0", "--device", "cpu"]
 
 
 @contextlib.contextmanager

@@ -94,10 +94,11 @@ def test_bench_train_smoke(prep_dir, trained, tmp_path, capsys):
 
 def test_gpu_script_smoke(tmp_path):
     """benchmarks/gpu.sh (what a lent GPU runs) end to end with the CPU standing in and tiny sizes: it makes its
-    data, runs both benchmarks and leaves their summaries and a checkpoint in $OUT."""
+    data, runs both benchmarks, a one-process torchrun job (gloo here, NCCL on a GPU) and serve.py under load, and
+    leaves their summaries and a checkpoint in $OUT, each step's status in steps.txt."""
     env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "data"), "DEVICE": "cpu",
            "PYTHON": sys.executable, "TESTS": "0", "CASES": "3", "SHAPE": "8 64 64", "TRAIN_EPOCHS": "1",
-           "BENCH_EPOCHS": "1", "REPEATS": "1", "NET": " ".join(TINY_NET[:-2])}
+           "BENCH_EPOCHS": "1", "REPEATS": "1", "NET": " ".join(TINY_NET[:-2]), "BUDGET_S": "1800", "CAP_SCALE": "5"}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, encoding="utf-8", timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -112,6 +113,24 @@ def test_gpu_script_smoke(tmp_path):
     assert_infer_summary_printed(infer_summary, (out / "bench_infer.txt").read_text())
     assert (out / "train" / "best.pt").is_file() and not (out / "train" / "last.pt").exists()
     assert "no GPU" in (out / "machine.txt").read_text()
+    steps = (out / "steps.txt").read_text()
+    for name in ("preprocess", "bench_train", "train", "bench_infer", "torchrun", "bench_serve"):
+        assert re.search(rf"^{name}: exit 0 in \d+ s", steps, re.M), steps
+    assert "rank 0 of 1 (gloo)" in (out / "torchrun.txt").read_text()
+    serve = json.loads((out / "bench_serve.json").read_text())
+    assert [(r["clients"], r["status"]) for r in serve["rounds"]] == [(1, {"200": 4}), (4, {"200": 4})]
+
+
+def test_gpu_script_stops_at_its_budget(tmp_path):
+    """A step that would overrun the budget is stopped, the steps after it are not run, and the script fails
+    naming them."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "data"), "DEVICE": "cpu",
+           "PYTHON": sys.executable, "TESTS": "0", "CASES": "3", "SHAPE": "8 64 64", "BUDGET_S": "6"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, encoding="utf-8", timeout=300)
+    assert done.returncode == 1
+    steps = (tmp_path / "out" / "steps.txt").read_text()
+    assert "bench_serve: not run, the budget is spent" in steps and "failed:" in done.stderr
 
 
 def test_holdout_scores_patients_the_run_never_saw(tmp_path):
@@ -171,8 +190,11 @@ def test_bench_scale_smoke(tmp_path, capsys):
 
     out = tmp_path / "scale.json"
     assert bench_scale.main(["--cases", "2", "--shape", "40", "40", "8", "--time-limit", "20s", "--cache-memory",
-                             "1K", "--workers", "1", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+                             "1K", "--workers", "1", "--work", str(tmp_path / "work"), "--json", str(out),
+                             "--ratios", "1", "4"]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["cases"] == 2 and row["train_first"]["from_disk"] and row["train_second"]["from_disk"]
+    # 1×: every volume fits the budget, in memory; 4×: a quarter of it, the rest read from the disk cache
+    assert not row["train_ratio1"]["from_disk"] and row["train_ratio4"]["from_disk"]
     assert row["prepared_mb"] > 0 and len(list((tmp_path / "work" / "n2" / "masks").glob("*_mask.nii.gz"))) == 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row

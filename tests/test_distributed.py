@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import ROOT, TINY_NET
@@ -64,15 +65,18 @@ def test_two_ranks_train_one_model_and_rank_0_writes(prep_dir, tmp_path):
     assert (Path(outputs[0]) / "metrics.csv").read_text().count("\n") == 3
 
 
-def test_torchrun_runs_train_py_unchanged(prep_dir, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_torchrun_runs_train_py_unchanged(prep_dir, tmp_path, ranks):
+    """Two ranks, or one: a one-process job joins too, so that its collectives run as several ranks' do (on a GPU:
+    NCCL, which benchmarks/gpu.sh checks with one GPU)."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "train.py",
            "--data", str(prep_dir), "--output", str(out), "--epochs", "1", *TINY_NET]
     # A rank that aborts prints where (Python and C++ stacks), so that a failure here can be told apart.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "rank 1 of 2" in proc.stderr and "rank 0 of 2" in proc.stderr
+    assert all(f"rank {k} of {ranks} (gloo)" in proc.stderr for k in range(ranks))
     assert load_checkpoint(out / "best.pt")["epoch"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "dice.png", "last.pt", "metrics.csv", "model.pt",
                                                      "models.json", "plan.json", "postprocessing.json", "tensorboard"]

@@ -160,17 +160,23 @@ def test_the_clock_decays_validates_and_stops_within_the_budget():
 ])
 def test_validation_is_settled_from_its_measured_cost(val_s, dims, overlap, every):
     clock = Clock(None, time.perf_counter())
-    assert clock.validation_due(1) and clock.validation_due(7)  # until the first validation measures
-    clock.trained(5.0)
-    clock.validated(val_s, True)
-    clock.settle(0.75, dims, clock.val_s, clock.epoch_s)
+    for _ in range(2):  # the first validation measures warm-up too: the second settles
+        assert clock.validation_due(1) and clock.validation_due(7) and clock.every is None
+        clock.trained(5.0)
+        clock.validated(val_s, True)
+        clock.settle(0.75, dims, clock.val_s, clock.epoch_s)
     assert (clock.overlap, clock.every) == (overlap, every)
     assert [e for e in range(2, 12) if clock.validation_due(e)] == [e for e in range(2, 12) if e % every == 0]
     clock.settle(0.75, dims, 1000.0, 0.1)  # fixed once settled: a resumed run keeps last.pt's schedule
     assert (clock.overlap, clock.every) == (overlap, every)
-    given = Clock(None, time.perf_counter())
+    given = Clock(None, time.perf_counter(), validations=2)
     given.settle(0.3, dims, val_s, 5.0)  # an --overlap at or under 0.5 is kept
     assert given.overlap == 0.3
+    # a run resumed without the --time-limit it had (last.pt: an overlap, no interval) settles its interval on
+    # its first validation, made at that overlap: 4 × 2 s / 5 s → every 2 epochs
+    unlimited = Clock(None, time.perf_counter(), overlap=overlap)
+    unlimited.settle(0.75, dims, 2.0, 5.0)
+    assert (unlimited.overlap, unlimited.every) == (overlap, 2)
 
 
 def test_a_time_limited_run_ends_validated_with_a_decayed_rate(prep_dir, tmp_path, monkeypatch):
@@ -203,7 +209,7 @@ def test_a_run_validates_on_its_measured_schedule_and_a_resumed_one_keeps_it(pre
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     validated = [int(r["epoch"]) for r in rows if r["val_dice"]]
     every = schedule["every"]
-    assert validated == sorted({1, 3, 9} | {e for e in range(1, 10) if e % every == 0})
+    assert validated == sorted({1, 2, 3, 9} | {e for e in range(1, 10) if e % every == 0})
 
 
 @pytest.mark.parametrize("select", ["final", "best"])

@@ -34,6 +34,7 @@ class Clock:
     closing: float = 0.0  # validations' worth of time kept for after the last epoch (the postprocessing decision)
     every: int | None = None  # a run without a limit validates every this many epochs (None: not measured yet)
     overlap: float | None = None  # validation's sliding-window overlap, once settled (None: --overlap's)
+    validations: int = 0  # this process's validations so far
 
     @property
     def spent(self) -> float:
@@ -49,26 +50,30 @@ class Clock:
 
     def validated(self, seconds: float, done: bool) -> None:
         if done:
-            self.val_s, self.since_val = seconds, 0.0
+            self.val_s, self.since_val, self.validations = seconds, 0.0, self.validations + 1
 
     def validation_due(self, epoch: int) -> bool:
-        """The first validation (it measures its cost); then, under a limit, whenever training since the last one
-        has taken (1 - share) / share times a validation; without one, every ``every`` epochs (``settle``)."""
+        """The first two validations (they measure the cost); then, under a limit, whenever training since the last
+        one has taken (1 - share) / share times a validation; without one, every ``every`` epochs (``settle``)."""
         if self.limit is None:
             return self.every is None or epoch % self.every == 0
         return self.val_s == 0 or self.since_val * VALIDATION_SHARE >= (1 - VALIDATION_SHARE) * self.val_s
 
     def settle(self, given: float, dims: int, val_s: float, epoch_s: float) -> None:
-        """After the first validation, which took ``val_s`` against ``epoch_s`` of training (rank 0's, so that
-        every rank settles alike): the overlap, ``given`` or ``FAST_OVERLAP`` where that validation was slow, and
-        the interval that keeps validation at that overlap (((1 - overlap) / (1 - given))^dims of the windows) under
-        ``VALIDATION_SHARE`` of the time. Fixed from then on and kept in last.pt, so that a resumed run validates
-        the epochs and at the overlap an uninterrupted one does."""
-        if self.overlap is not None:
+        """After the second validation, which took ``val_s`` against ``epoch_s`` of training (rank 0's, so that
+        every rank settles alike; the first epoch and validation also pay for warming up: workers, kernels): the
+        overlap, ``given`` or ``FAST_OVERLAP`` where that validation was slow, and the interval that keeps
+        validation at that overlap (((1 - overlap) / (1 - given))^dims of the windows) under ``VALIDATION_SHARE`` of
+        the time. Fixed from then on and kept in last.pt, so that a resumed run validates the epochs and at the
+        overlap an uninterrupted one does (a run resumed without the limit it had settles its interval then)."""
+        if (self.overlap is not None and (self.every is not None or self.limit is not None)) or (
+                self.overlap is None and self.validations < 2):
             return
-        self.overlap, cost = given, val_s
-        if val_s > SLOW_VALIDATION * epoch_s and given > FAST_OVERLAP:
-            self.overlap, cost = FAST_OVERLAP, val_s * ((1 - given) / (1 - FAST_OVERLAP)) ** dims
+        cost = val_s
+        if self.overlap is None:
+            self.overlap = given
+            if val_s > SLOW_VALIDATION * epoch_s and given > FAST_OVERLAP:
+                self.overlap, cost = FAST_OVERLAP, val_s * ((1 - given) / (1 - FAST_OVERLAP)) ** dims
         if self.limit is None:
             self.every = max(1, math.ceil((1 - VALIDATION_SHARE) / VALIDATION_SHARE * cost / max(epoch_s, 1e-6)))
         log.info("validation: %.1f s against %.1f s an epoch: %s at overlap %.2f", val_s, epoch_s,

@@ -154,13 +154,13 @@ def loader_workers(ds, batch_size: int, step_s: float, device: torch.device) -> 
     """Loader processes for ``ds`` and the seconds one batch takes to prepare in this process (timed on a few
     items): none where the main process prepares a batch in under a fifth of a training step (``step_s``, the
     planner's probe); else as many as keep the step fed, two to spare, up to the cores left to the step (on the
-    CPU, which the step itself runs on, half of them)."""
+    CPU, which the step itself runs on, half of them; under torchrun, this rank's share of the machine's)."""
     order, n = list(EpochOrder(len(ds), True, 0)), min(len(ds), 2 * batch_size)
     t0 = time.perf_counter()
     for key in order[:n]:
         Seeded(ds)[key]
     batch_s = (time.perf_counter() - t0) / max(n, 1) * batch_size
-    cores = machine(device)["cpu_cores"]
+    cores = machine(device)["cpu_cores"] // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks share them
     spare = cores // 2 if device.type == "cpu" else cores - 1
     if batch_s < 0.2 * step_s or spare < 1:
         return 0, batch_s

@@ -12,8 +12,8 @@ log = logging.getLogger("train")
 
 
 def distributed() -> bool:
-    """Whether this process is one of several in a torchrun job."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether this process has joined a torchrun job (of one process or more: ``init_distributed``)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def torchrun_world() -> int:
@@ -22,11 +22,22 @@ def torchrun_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (a job of one process too), known before the job is joined."""
+    return torchrun_world() > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def torchrun_rank() -> int:
+    """This process's rank in its torchrun job (``RANK``), known before it joins and after it leaves; 0 without."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """Join the job torchrun describes in the environment (WORLD_SIZE > 1): NCCL with one GPU per local rank,
-    gloo on the CPU. Returns (rank, world size, device); (0, 1, device) without torchrun."""
-    world = torchrun_world()
-    if world <= 1:
+    """Join the job torchrun describes in the environment: NCCL with one GPU per local rank, gloo on the CPU. A
+    job of one process joins too (``torchrun --nproc_per_node 1``), so that every collective runs on one GPU as
+    it does on several (``benchmarks/gpu.sh``). Returns (rank, world size, device); (0, 1, device) without
+    torchrun."""
+    if not under_torchrun():
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

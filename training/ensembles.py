@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from evaluation.crossval import Deciding, Judged, assign_folds, decide_run, judge, report, write_decision
 from imaging.cases import load_manifest
 from imaging.common import InputError, write_json
@@ -21,7 +19,7 @@ from model import (
 )
 from training.clock import budget_share
 from training.config import TrainConfig
-from training.distributed import distributed, torchrun_world
+from training.distributed import torchrun_rank, under_torchrun
 from training.planning import plan_run, split_items
 
 log = logging.getLogger("train")
@@ -34,7 +32,7 @@ def train_members(cfg: TrainConfig, train: Callable[[TrainConfig], dict[str, Any
     takes from ``OUTPUT``). ``OUTPUT/plan.json`` is the whole run's plan (``--plan`` re-runs it)."""
     if cfg.members == 1:
         return {0: train(cfg)}
-    if torchrun_world() > 1:
+    if under_torchrun():
         raise InputError("--members under torchrun: one network per torchrun job (--seed to vary it)")
     start, device, out = time.perf_counter(), resolve_device(cfg.device), Path(cfg.output)
     run = plan_run(cfg, device)
@@ -72,7 +70,7 @@ def train_folds(cfg: TrainConfig, train: Callable[[TrainConfig], dict[str, Any]]
     if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
         raise InputError(f"--fold {cfg.fold}: folds are numbered 0 to {cfg.folds - 1}")
     todo = list(range(cfg.folds)) if cfg.fold is None else [cfg.fold]
-    if len(todo) > 1 and torchrun_world() > 1:  # known before the job is joined, unlike distributed()
+    if len(todo) > 1 and under_torchrun():  # known before the job is joined, unlike distributed()
         raise InputError("--fold all under torchrun: start one torchrun job per fold (--fold K)")
     start, results = time.perf_counter(), {}
     for i, k in enumerate(todo):
@@ -80,7 +78,7 @@ def train_folds(cfg: TrainConfig, train: Callable[[TrainConfig], dict[str, Any]]
         limit = budget_share(cfg.time_limit, start, len(todo) - i)
         results[k] = train(dataclasses.replace(cfg, fold=k, output=str(out), time_limit=limit,
                                                resume=cfg.resume and (out / "last.pt").is_file()))
-    if not distributed() or dist.get_rank() == 0:
+    if torchrun_rank() == 0:  # each train() has left its job by now: the rank is the environment's
         cross_validate(cfg)
     return results
 
