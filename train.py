@@ -142,7 +142,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     # Folds decide together (cross_validate), and a seed ensemble's members too (train_members).
     if rank == 0 and cfg.postprocess and cfg.fold is None and cfg.members == 1:
         decide_run(Path(cfg.output), s.run.manifest, s.run.train_items, s.run.val_items,
-                   Deciding.as_inferred(s.device, cfg.amp, dict(cfg.regions)))
+                   deciding_in_time(s, clock))
     if s.writer is not None:
         s.writer.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -150,6 +150,22 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
              " MB on the GPU" if device.type == "cuda" else "")
     return {"best_dice": s.best["dice"], "best_epoch": s.best["epoch"], "epochs_run": len(s.history),
             "peak_rss_mb": peak_mb, "train_cases": train_cases, "model": s.weights}
+
+
+def deciding_in_time(s: Session, clock: Clock) -> Deciding:
+    """The post-training decision as inference will run: test-time flips tried only where their passes over the
+    validation cases fit what is left of ``--time-limit`` (each pass at inference's overlap, from the latest
+    validation's time); else postprocessing alone, decided on one plain pass."""
+    cfg = s.run.cfg
+    how = Deciding.as_inferred(s.device, cfg.amp, dict(cfg.regions))
+    passes = len(flip_sets(how.flips))
+    need = clock.passes_s(passes, cfg.overlap, 2 if s.run.window[0] == 1 else 3)
+    left = clock.left()
+    if left is not None and passes > 1 and need > left:
+        log.info("decision: test-time flips not tried: their %d passes over the validation cases (about %.0f s) do "
+                 "not fit the %.0f s left of --time-limit", passes, need, left)
+        how = dataclasses.replace(how, flips=())
+    return how
 
 
 def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Session:

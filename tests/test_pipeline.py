@@ -403,7 +403,8 @@ def test_device_cache_path_draws_the_same_crops(prep_dir, tmp_path, monkeypatch)
     loader = training.data.make_loader([0], 1, 0, torch.device("cpu"), torch.device("cpu"))
     assert isinstance(loader, training.data.ThreadDataLoader)
     assert train.main([*argv, "--output", str(tmp_path / "device")]) == 0
-    assert calls == [4]
+    splits = [c["split"] for c in json.loads((prep_dir / "dataset.json").read_text())["cases"]]
+    assert calls == [splits.count("train") + 2 * splits.count("val")]  # validation cases train too: two copies
     host, device = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("host", "device"))
     assert [r["train_loss"] for r in host] == [r["train_loss"] for r in device]
     assert [r["val_dice"] for r in host] == [r["val_dice"] for r in device]

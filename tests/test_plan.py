@@ -179,6 +179,26 @@ def test_validation_is_settled_from_its_measured_cost(val_s, dims, overlap, ever
     assert (unlimited.overlap, unlimited.every) == (overlap, 2)
 
 
+def test_the_decision_tries_flips_only_where_their_passes_fit_the_time_left():
+    from types import SimpleNamespace
+
+    from dataset import FLIP_AXES
+    from model import flip_sets
+    from training.config import TrainConfig
+
+    run = SimpleNamespace(run=SimpleNamespace(cfg=TrainConfig(overlap=0.75), window=(8, 64, 64)),
+                          device=torch.device("cpu"))
+    # 4 s validations at overlap 0.5: a pass at inference's 0.75 has 8× the windows, 32 s; one per combination
+    # of the flipped axes (4), 128 s
+    assert len(flip_sets(FLIP_AXES)) == 4
+    clock = Clock(100.0, time.perf_counter(), val_s=4.0, overlap=0.5)
+    assert clock.passes_s(4, 0.75, 3) == pytest.approx(128.0)
+    assert train.deciding_in_time(run, clock).flips == ()  # 128 s against 100 s left: postprocessing alone
+    clock.overlap = 0.75
+    assert train.deciding_in_time(run, clock).flips == FLIP_AXES  # 4 × 4 s fits
+    assert train.deciding_in_time(run, Clock(None, time.perf_counter(), val_s=1e4)).flips == FLIP_AXES  # no limit
+
+
 def test_a_time_limited_run_ends_validated_with_a_decayed_rate(prep_dir, tmp_path, monkeypatch):
     """The run's clock made the machine's speed alone: every reading of ``time.perf_counter`` is 0.1 s later than
     the one before, so that setup, epochs and validations cost the same on a slow CPU as on a fast one."""

@@ -79,6 +79,11 @@ class Clock:
         log.info("validation: %.1f s against %.1f s an epoch: %s at overlap %.2f", val_s, epoch_s,
                  f"every {self.every} epochs" if self.every else "as the time limit allows", self.overlap)
 
+    def passes_s(self, passes: int, given: float, dims: int) -> float:
+        """Seconds of ``passes`` predictions of the validation cases at overlap ``given`` (inference's), from the
+        latest validation's, made at ``overlap``: ((1 - overlap) / (1 - given))^dims as many windows each."""
+        return passes * self.val_s * ((1 - (self.overlap or given)) / (1 - given)) ** dims
+
     def no_time_for_another(self) -> bool:
         """Whether validating now, another epoch (with a tenth for writing its files), its validation and what
         comes after the last (``closing``) would overrun the budget, measured from the latest of each."""

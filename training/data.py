@@ -96,8 +96,9 @@ def make_datasets(run: Run, train_items: list[dict], val_items: list[dict], devi
                  len(train_ds.memory), len(train_items), train_ds.memory_bytes / 2**20, folder,
                  time.perf_counter() - t0)
         return train_ds, val_ds, None
-    names = dict.fromkeys(i["name"] for i in train_items + val_items)
-    on_gpu = cache_device(device, [records[n] for n in names], run.in_channels, cfg.cache_rate)
+    # each chain caches its own copy: a validation case that trains too, or a case repeated for a rank, counts twice
+    on_gpu = cache_device(device, [records[i["name"]] for i in train_items + val_items], run.in_channels,
+                          cfg.cache_rate)
     cache = Caching(cfg.cache_rate, on_gpu)
     train_ds = make_dataset(train_items, "train", run.label_values, aug, run.in_channels, run.params, cache)
     val_ds = make_dataset(val_items, "val", run.label_values, aug, run.in_channels, run.params, cache)
