@@ -99,15 +99,18 @@ def cached_mb(prep: Path) -> float:
     return cached_bytes(cases, int(manifest.get("in_channels", 1))) / 2**20
 
 
-def step_seconds(out: Path, prep: Path) -> float | None:
-    """Median seconds per training step of the run in ``out``: its epochs without a validation, over the steps an
-    epoch takes (its training volumes, validation's too by default, over the batch)."""
+def step_seconds(out: Path, prep: Path, log: str) -> float | None:
+    """Median seconds per training step of the run in ``out``: its epochs without a validation, or where every
+    epoch validated, the training time of the one its log names ("validation: V s against E s an epoch"), over the
+    steps an epoch takes (its training volumes, validation's too by default, over the batch)."""
     plan = json.loads((out / "plan.json").read_text())
     manifest = json.loads((prep / "dataset.json").read_text())
     cases = sum(c.get("split") in ("train", "val") for c in manifest["cases"])
     steps = math.ceil(cases / plan["settings"]["batch_size"])
     with (out / "metrics.csv").open() as f:
         epochs = sorted(float(r["seconds"]) for r in csv.DictReader(f) if not r["val_dice"])
+    if not epochs:
+        epochs = [float(e) for e in re.findall(r"validation: [\d.]+ s against ([\d.]+) s an epoch", log)]
     return round(epochs[len(epochs) // 2] / steps, 3) if epochs else None
 
 
@@ -139,7 +142,8 @@ def scale(n: int, args: argparse.Namespace) -> dict:
         done = run("train.py", "--data", str(prep), "--output", str(out), "--overwrite", "--device", args.device,
                    "--time-limit", args.time_limit, "--cache-memory", str(budget), "--no-postprocess")
         row[f"train_ratio{ratio:g}"] = {"cache_memory_mb": round(budget / 2**20), "peak_rss_mb": done["peak_rss_mb"],
-                                       "step_s": step_seconds(out, prep), "from_disk": "(filled in" in done["log"]}
+                                       "step_s": step_seconds(out, prep, done["log"]),
+                                       "from_disk": "(filled in" in done["log"]}
     masks = work / "masks"
     done = run("infer.py", str(raw / "imagesTs"), "--checkpoint", str(work / "out_second"), "--out", str(masks),
                "--overwrite", "--device", args.device)
